@@ -1,0 +1,715 @@
+"""Low-rank and other structured baselines, each sized to a parameter budget.
+
+Every method takes the matrix and a budget (stored numbers: non-zeros plus
+dense factor entries, not bytes), never spends more than the budget, and
+returns an :class:`~sfa_cli.approximation.Approximation` like the Chord fit,
+so ``compare`` and the reports treat them all alike. A method that cannot run
+at this n or budget raises :class:`NotApplicable` with a one-line reason.
+
+Example
+-------
+>>> import numpy as np
+>>> from sfa_cli.metrics import relative_error
+>>> A = np.random.default_rng(0).standard_normal((64, 64))
+>>> approx = truncated_svd(A, 1000)          # rank floor(1000 / (2 * 64)) = 7
+>>> approx
+<LowRank tsvd n=64 rank=7 params=896 float64>
+>>> approx.params <= 1000
+True
+>>> round(relative_error(A, approx), 3) < 1.0
+True
+
+Methods
+-------
+``truncated_svd``   best rank-r approximation, r = floor(budget / 2n) (LAPACK, or ARPACK above n = 4096)
+``randomized_svd``  the same rank by ``torch.svd_lowrank`` (Halko, Martinsson, Tropp 2011)
+``top_k``           the ``budget`` largest-magnitude entries
+``monarch``         closed-form projection onto Monarch matrices (Dao et al. 2022)
+``lowrank_plus_sparse``  rank-r part plus the largest entries of the rest, by alternation
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.linalg
+import scipy.sparse as sp
+import torch
+
+from sfa_cli import approximation as _approximation
+from sfa_cli.approximation import Approximation, info_fields
+from sfa_cli.errors import SfaError
+from sfa_cli.metrics import column_block, frobenius_norm
+
+__all__ = [
+    "NotApplicable",
+    "LowRank",
+    "SparseMatrix",
+    "SumApproximation",
+    "Monarch",
+    "truncated_svd",
+    "tsvd_at_rank",
+    "randomized_svd",
+    "top_k",
+    "monarch",
+    "monarch_blocks",
+    "lowrank_plus_sparse",
+]
+
+#: Largest n for which the truncated SVD is an exact LAPACK SVD of the dense matrix.
+EXACT_SVD_LIMIT = 4096
+#: Largest n for which lowrank+sparse takes a full LAPACK SVD at every alternation;
+#: above it a seeded randomized SVD of rank r (a full SVD at n = 2048 takes ~4 s on one
+#: core, and the method takes up to len(splits) * alternations of them).
+ALTERNATION_EXACT_LIMIT = 1024
+#: Extra columns of the randomized range finder beyond the rank asked for.
+OVERSAMPLING = 10
+#: Entries per dense block when streaming over columns (32 MiB of float64).
+_BLOCK_ENTRIES = 1 << 22
+
+
+class NotApplicable(SfaError):
+    """A method cannot run at this n or budget; the message says why in one line."""
+
+
+# -- approximation classes ---------------------------------------------------------
+class LowRank(Approximation):
+    """A_hat = left @ right, a rank-r matrix with the singular values folded into ``left``.
+
+    Parameters
+    ----------
+    left : ndarray of shape (n, r)
+    right : ndarray of shape (r, n)
+    method : str
+        The method that produced it (``tsvd``, ``rsvd``, ...).
+    info : dict, optional
+        Facts stored with the file.
+    """
+
+    kind = "low_rank"
+
+    def __init__(self, left, right, *, method: str, info: dict | None = None):
+        left, right = np.asarray(left), np.asarray(right)
+        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0] or left.shape[0] != right.shape[1]:
+            raise SfaError(f"a low-rank pair needs shapes (n, r) and (r, n); got {left.shape} and {right.shape}")
+        dtype = np.result_type(left.dtype, right.dtype)
+        super().__init__(left.shape[0], dtype, method, info)
+        # C order, so that a saved and reloaded copy multiplies bit for bit alike
+        self.left = np.ascontiguousarray(left, dtype=dtype)
+        self.right = np.ascontiguousarray(right, dtype=dtype)
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+    @property
+    def params(self) -> int:
+        return int(self.left.size + self.right.size)
+
+    def _matmul(self, X):
+        return self.left @ (self.right @ X)
+
+    def _rmatmul(self, X):
+        return self.right.T @ (self.left.T @ X)
+
+    def _to_dense(self):
+        return self.left @ self.right
+
+    def _meta(self) -> dict:
+        return {"rank": self.rank}
+
+    def _arrays(self) -> dict:
+        return {"left": self.left, "right": self.right}
+
+    @classmethod
+    def _from_arrays(cls, arrays, meta):
+        info = {k: v for k, v in info_fields(meta).items() if k != "rank"}
+        return cls(arrays["left"], arrays["right"], method=meta.get("method", "tsvd"), info=info)
+
+    def __repr__(self) -> str:
+        return f"<LowRank {self.method} n={self.n} rank={self.rank} params={self.params} {self.dtype.name}>"
+
+
+class SparseMatrix(Approximation):
+    """A_hat = S, one sparse matrix stored as CSR; params = its stored entries.
+
+    Parameters
+    ----------
+    S : sparse matrix or ndarray of shape (n, n)
+    method : str
+        The method that produced it (``topk``, ...).
+    info : dict, optional
+        Facts stored with the file.
+    """
+
+    kind = "sparse"
+
+    def __init__(self, S, *, method: str, info: dict | None = None):
+        S = sp.csr_matrix(S)
+        if S.shape[0] != S.shape[1]:
+            raise SfaError(f"a sparse approximation must be square; got {S.shape}")
+        S.sum_duplicates()
+        S.sort_indices()
+        super().__init__(S.shape[0], S.dtype, method, info)
+        self.matrix = S
+
+    @property
+    def params(self) -> int:
+        return int(self.matrix.nnz)
+
+    def _matmul(self, X):
+        return np.asarray(self.matrix @ X)
+
+    def _rmatmul(self, X):
+        return np.asarray(self.matrix.T @ X)
+
+    def _to_dense(self):
+        return self.matrix.toarray()
+
+    def _meta(self) -> dict:
+        return {"nnz": self.params}
+
+    def _arrays(self) -> dict:
+        return {"indptr": self.matrix.indptr, "indices": self.matrix.indices, "data": self.matrix.data}
+
+    @classmethod
+    def _from_arrays(cls, arrays, meta):
+        n = int(meta["n"])
+        S = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=(n, n))
+        info = {k: v for k, v in info_fields(meta).items() if k != "nnz"}
+        return cls(S, method=meta.get("method", "topk"), info=info)
+
+
+class SumApproximation(Approximation):
+    """A_hat = sum of several approximations of the same n (e.g. low rank plus sparse).
+
+    Parameters
+    ----------
+    parts : list of Approximation
+        All of the same n; params is the sum of theirs.
+    method : str
+        The method that produced the sum (``lowrank+sparse``, ...).
+    info : dict, optional
+        Facts stored with the file.
+
+    Notes
+    -----
+    In a file, part i's arrays are stored under the prefix ``part{i}.`` and its
+    meta record in ``meta["parts"][i]``.
+    """
+
+    kind = "sum"
+
+    def __init__(self, parts, *, method: str, info: dict | None = None):
+        parts = list(parts)
+        if not parts:
+            raise SfaError("a sum approximation needs at least one part")
+        n = parts[0].n
+        for i, p in enumerate(parts):
+            if not isinstance(p, Approximation):
+                raise SfaError(f"part {i} of a sum is a {type(p).__name__}, not an Approximation")
+            if p.n != n:
+                raise SfaError(f"part {i} of a sum has n={p.n}; part 0 has n={n}")
+        super().__init__(n, np.result_type(*(p.dtype for p in parts)), method, info)
+        self.parts = parts
+
+    @property
+    def params(self) -> int:
+        return int(sum(p.params for p in self.parts))
+
+    def _matmul(self, X):
+        return sum(np.asarray(p._matmul(X), dtype=np.result_type(X.dtype, self.dtype)) for p in self.parts)
+
+    def _rmatmul(self, X):
+        return sum(np.asarray(p._rmatmul(X), dtype=np.result_type(X.dtype, self.dtype)) for p in self.parts)
+
+    def _to_dense(self):
+        return sum(np.asarray(p._to_dense(), dtype=self.dtype) for p in self.parts)
+
+    def _meta(self) -> dict:
+        return {"parts": [p.meta() for p in self.parts]}
+
+    def _arrays(self) -> dict:
+        return {f"part{i}.{key}": a for i, p in enumerate(self.parts) for key, a in p._arrays().items()}
+
+    @classmethod
+    def _from_arrays(cls, arrays, meta):
+        parts = []
+        for i, part_meta in enumerate(meta["parts"]):
+            part_cls = _approximation._KINDS[part_meta["kind"]]
+            prefix = f"part{i}."
+            sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            parts.append(part_cls._from_arrays(sub, part_meta))
+        info = {k: v for k, v in info_fields(meta).items() if k != "parts"}
+        return cls(parts, method=meta.get("method", "sum"), info=info)
+
+    def __repr__(self) -> str:
+        inner = " + ".join(type(p).__name__ for p in self.parts)
+        return f"<SumApproximation {self.method} n={self.n} ({inner}) params={self.params} {self.dtype.name}>"
+
+
+class Monarch(Approximation):
+    """A Monarch matrix (Dao et al. 2022) stored as one rank-1 factor pair per block slice.
+
+    With n = s0 * s1, i = i0 * s1 + i1 and j = j0 * s1 + j1 (i0, j0 < s0; i1, j1 < s1),
+
+        A_hat[i, j] = u[i1, j0, i0] * v[i1, j0, j1],
+
+    which is the product of a block-diagonal matrix of s0 blocks of s1 x s1
+    (entries v, acting on j1 for each j0), a permutation, and a block-diagonal
+    matrix of s1 blocks of s0 x s0 (entries u, acting on j0 for each i1).
+
+    Parameters
+    ----------
+    u : ndarray of shape (s1, s0, s0)
+        u[i1, j0, :] is the left vector (over i0) of slice (i1, j0).
+    v : ndarray of shape (s1, s0, s1)
+        v[i1, j0, :] is the right vector (over j1) of slice (i1, j0).
+    method : str, default="monarch"
+    info : dict, optional
+        Facts stored with the file.
+    """
+
+    kind = "monarch"
+
+    def __init__(self, u, v, *, method: str = "monarch", info: dict | None = None):
+        u, v = np.asarray(u), np.asarray(v)
+        if u.ndim != 3 or v.ndim != 3 or u.shape[:2] != v.shape[:2] or u.shape[1] != u.shape[2] or v.shape[0] != v.shape[2]:
+            raise SfaError(f"Monarch factors need shapes (s1, s0, s0) and (s1, s0, s1); got {u.shape} and {v.shape}")
+        s1, s0 = u.shape[0], u.shape[1]
+        dtype = np.result_type(u.dtype, v.dtype)
+        super().__init__(s0 * s1, dtype, method, info)
+        self.s0, self.s1 = int(s0), int(s1)
+        self.u = np.ascontiguousarray(u, dtype=dtype)
+        self.v = np.ascontiguousarray(v, dtype=dtype)
+
+    @property
+    def params(self) -> int:
+        return int(self.u.size + self.v.size)
+
+    def _matmul(self, X):
+        s0, s1, k = self.s0, self.s1, X.shape[1]
+        X3 = X.reshape(s0, s1, k)  # [j0, j1, :]
+        Z = np.matmul(self.v.transpose(1, 0, 2), X3)  # [j0, i1, :] = sum_j1 v[i1, j0, j1] X[j0, j1]
+        Y = np.matmul(self.u.transpose(0, 2, 1), Z.transpose(1, 0, 2))  # [i1, i0, :]
+        return Y.transpose(1, 0, 2).reshape(self.n, k)
+
+    def _rmatmul(self, X):
+        s0, s1, k = self.s0, self.s1, X.shape[1]
+        X3 = X.reshape(s0, s1, k).transpose(1, 0, 2)  # [i1, i0, :]
+        Z = np.matmul(self.u, X3)  # [i1, j0, :] = sum_i0 u[i1, j0, i0] X[i0, i1]
+        Y = np.matmul(self.v.transpose(1, 2, 0), Z.transpose(1, 0, 2))  # [j0, j1, :]
+        return Y.reshape(self.n, k)
+
+    def _to_dense(self):
+        return np.einsum("bai,baj->ibaj", self.u, self.v).reshape(self.n, self.n)
+
+    def _meta(self) -> dict:
+        return {"blocks": [self.s0, self.s1]}
+
+    def _arrays(self) -> dict:
+        return {"u": self.u, "v": self.v}
+
+    @classmethod
+    def _from_arrays(cls, arrays, meta):
+        info = {k: v for k, v in info_fields(meta).items() if k != "blocks"}
+        return cls(arrays["u"], arrays["v"], method=meta.get("method", "monarch"), info=info)
+
+    def __repr__(self) -> str:
+        return f"<Monarch n={self.n} blocks={self.s0}x{self.s1} params={self.params} {self.dtype.name}>"
+
+
+# -- methods ---------------------------------------------------------------------
+def truncated_svd(A, budget: int, *, seed: int = 0) -> LowRank:
+    """Best rank-r approximation with r = floor(budget / 2n), capped at n.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    budget : int
+        Parameters allowed; the result stores 2 n r <= budget numbers.
+    seed : int, default=0
+        Start vector of ARPACK (used above n = 4096 only).
+
+    Returns
+    -------
+    LowRank
+        method ``tsvd``.
+
+    Raises
+    ------
+    NotApplicable
+        When budget < 2n (not even rank 1 fits).
+    """
+    A = _as_matrix(A)
+    n, budget = A.shape[0], _check_budget(budget)
+    return tsvd_at_rank(A, _rank_for(n, budget), seed=seed)
+
+
+def tsvd_at_rank(A, rank: int, *, seed: int = 0) -> LowRank:
+    """Best rank-``rank`` approximation (Eckart-Young) of A.
+
+    An exact LAPACK SVD of the dense matrix up to n = 4096; above that
+    ``scipy.sparse.linalg.svds`` (ARPACK), which keeps a sparse A sparse.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    rank : int
+        At least 1; capped at n.
+    seed : int, default=0
+        Start vector of ARPACK.
+
+    Returns
+    -------
+    LowRank
+        left (n, rank) with the singular values folded in, right (rank, n); method ``tsvd``.
+    """
+    A = _as_matrix(A)
+    n = A.shape[0]
+    if int(rank) != rank or rank < 1:
+        raise SfaError(f"the truncated-SVD rank must be a positive integer; got {rank!r}")
+    r = min(int(rank), n)
+    if n <= EXACT_SVD_LIMIT or r >= n - 1:
+        U, s, Vt = _full_svd(_dense(A))
+    else:
+        from scipy.sparse.linalg import svds
+
+        U, s, Vt = svds(A, k=r, rng=np.random.default_rng(seed))
+        order = np.argsort(s)[::-1]
+        U, s, Vt = U[:, order], s[order], Vt[order]
+    info = {"note": "exact: rank n"} if r == n else {}
+    return LowRank(U[:, :r] * s[:r], Vt[:r], method="tsvd", info=info)
+
+
+def randomized_svd(A, budget: int, *, seed: int = 0, n_iter: int = 4) -> LowRank:
+    """Rank r = floor(budget / 2n) approximation by ``torch.svd_lowrank`` (randomized range finder).
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+        A sparse A with n > 1024 is passed to torch as a sparse tensor, never densified.
+    budget : int
+        Parameters allowed; the result stores 2 n r <= budget numbers.
+    seed : int, default=0
+        Seeds torch inside ``torch.random.fork_rng``; the global torch state is untouched.
+    n_iter : int, default=4
+        Power (subspace) iterations.
+
+    Returns
+    -------
+    LowRank
+        method ``rsvd``.
+
+    Raises
+    ------
+    NotApplicable
+        When budget < 2n.
+    """
+    A = _as_matrix(A)
+    n, budget = A.shape[0], _check_budget(budget)
+    if int(n_iter) != n_iter or n_iter < 0:
+        raise SfaError(f"n_iter must be a non-negative integer; got {n_iter!r}")
+    r = _rank_for(n, budget)
+    left, right = _randomized_low_rank(A, r, seed=seed, n_iter=int(n_iter))
+    return LowRank(left, right, method="rsvd", info={"n_iter": int(n_iter), "oversampling": OVERSAMPLING})
+
+
+def top_k(A, budget: int, *, seed: int = 0) -> SparseMatrix:
+    """Keep the ``budget`` largest-magnitude entries of A.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    budget : int
+        Entries kept (ties broken arbitrarily).
+    seed : int, default=0
+        Unused (the method is deterministic); accepted like every method's.
+
+    Returns
+    -------
+    SparseMatrix
+        method ``topk``; A itself, with the note ``exact: nnz <= budget``, when A
+        has no more non-zeros than the budget.
+    """
+    A = _as_matrix(A)
+    n, budget = A.shape[0], _check_budget(budget)
+    if sp.issparse(A):
+        S = A.copy()
+        S.sum_duplicates()
+        S.eliminate_zeros()
+        if S.nnz <= budget:
+            return SparseMatrix(S, method="topk", info={"note": "exact: nnz <= budget"})
+        keep = np.argpartition(np.abs(S.data), S.nnz - budget)[S.nnz - budget:]
+        rows = np.repeat(np.arange(n), np.diff(S.indptr))[keep]
+        cols, vals = S.indices[keep], S.data[keep]
+    else:
+        flat = A.ravel()
+        if np.count_nonzero(flat) <= budget:
+            return SparseMatrix(sp.csr_matrix(A), method="topk", info={"note": "exact: nnz <= budget"})
+        keep = np.argpartition(np.abs(flat), flat.size - budget)[flat.size - budget:]
+        rows, cols = np.divmod(keep, n)
+        vals = flat[keep]
+    return SparseMatrix(sp.csr_matrix((vals, (rows, cols)), shape=(n, n)), method="topk")
+
+
+def monarch_blocks(n: int) -> tuple[int, int]:
+    """(s0, s1) with n = s0 * s1 and s1 the largest divisor of n not above sqrt(n)."""
+    s1 = next(d for d in range(math.isqrt(n), 0, -1) if n % d == 0)
+    return n // s1, s1
+
+
+def monarch(A, budget: int, *, seed: int = 0) -> Monarch:
+    """Closed-form projection of A onto Monarch matrices (Dao et al. 2022).
+
+    With n = s0 * s1 (see :func:`monarch_blocks`), A viewed as the tensor
+    A[i0, i1, j0, j1] splits into s1 * s0 independent s0 x s1 slices
+    A[:, i1, j0, :]; a Monarch matrix is rank 1 on each, so the Frobenius-nearest
+    one takes each slice's best rank-1 approximation (batched SVDs over the
+    slices, a block of columns at a time so that a sparse A is never densified
+    whole). Stores n (s0 + s1) numbers.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    budget : int
+        Must be at least n (s0 + s1).
+    seed : int, default=0
+        Unused (the projection is deterministic); accepted like every method's.
+
+    Returns
+    -------
+    Monarch
+
+    Raises
+    ------
+    NotApplicable
+        When n is prime (no block structure) or n (s0 + s1) > budget.
+    """
+    A = _as_matrix(A)
+    n, budget = A.shape[0], _check_budget(budget)
+    s0, s1 = monarch_blocks(n)
+    if s1 == 1:
+        why = " (n is prime)" if n > 1 else ""
+        raise NotApplicable(f"Monarch needs n = s0 * s1 with 1 < s1 <= sqrt(n); n={n} has no such divisor{why}")
+    need = n * (s0 + s1)
+    if need > budget:
+        raise NotApplicable(f"Monarch with {s0} x {s1} blocks needs n*(s0+s1) = {need} parameters > budget {budget}")
+    dtype = _work_dtype(A)
+    u = np.empty((s1, s0, s0), dtype=dtype)
+    v = np.empty((s1, s0, s1), dtype=dtype)
+    chunk = max(1, _BLOCK_ENTRIES // (n * s1))  # values of j0 per batch
+    for start in range(0, s0, chunk):
+        stop = min(s0, start + chunk)
+        block = column_block(A, np.arange(start * s1, stop * s1))  # [i0*s1+i1, (j0-start)*s1+j1]
+        slices = block.reshape(s0, s1, stop - start, s1).transpose(1, 2, 0, 3)  # [i1, j0, i0, j1]
+        U, s, Vt = np.linalg.svd(slices, full_matrices=False)
+        u[:, start:stop] = U[..., :, 0] * s[..., :1]
+        v[:, start:stop] = Vt[..., 0, :]
+    return Monarch(u, v, method="monarch")
+
+
+def lowrank_plus_sparse(
+    A,
+    budget: int,
+    *,
+    seed: int = 0,
+    splits=(0.1, 0.25, 0.5, 0.75, 0.9),
+    alternations: int = 5,
+) -> SumApproximation:
+    """A rank-r part plus the k largest entries of the rest, the best of several budget splits.
+
+    For each split f: r = floor(f * budget / 2n) and k = budget - 2nr; starting
+    from S = 0, alternate L = best rank-r approximation of A - S and S = the k
+    largest-magnitude entries of A - L. Each step minimises the error over one
+    part, so the error never increases. The split with the smallest relative
+    error wins. The two ends, f = 0 (the k = budget largest entries alone) and
+    f = 1 (the truncated-SVD rank plus the leftover entries), are always tried
+    as well, so the result is never worse than :func:`top_k` or
+    :func:`truncated_svd` at the same budget.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    budget : int
+        Parameters allowed: 2 n r + nnz(S) <= budget.
+    seed : int, default=0
+        Seeds the randomized SVD used above n = 1024.
+    splits : sequence of float, default=(0.1, 0.25, 0.5, 0.75, 0.9)
+        Fractions of the budget given to the low-rank part, each in [0, 1].
+    alternations : int, default=5
+        L/S alternations per split.
+
+    Returns
+    -------
+    SumApproximation
+        A :class:`LowRank` (rank 0 when the sparse part alone wins) plus a
+        :class:`SparseMatrix`, method ``lowrank+sparse``; info records ``split``,
+        ``rank``, ``nnz`` and ``rel_error``.
+
+    Notes
+    -----
+    Up to n = 1024 every L-step is a full LAPACK SVD (the first one, of A, is
+    shared by all splits); above that it is a seeded ``torch.svd_lowrank`` of
+    rank r, and the S-step streams over column blocks, so a sparse A is never
+    densified.
+    """
+    A = _as_matrix(A)
+    n, budget = A.shape[0], _check_budget(budget)
+    splits = [float(f) for f in splits]
+    if any(not 0 <= f <= 1 for f in splits):
+        raise SfaError(f"splits must be fractions in [0, 1]; got {splits}")
+    if int(alternations) != alternations or alternations < 1:
+        raise SfaError(f"alternations must be a positive integer; got {alternations!r}")
+    plans, ranks = [], set()
+    for f in sorted({0.0, 1.0, *splits}):
+        r = min(int(f * budget) // (2 * n), n)
+        if r not in ranks:
+            ranks.add(r)
+            plans.append((f, r, budget - 2 * n * r))
+    norm = frobenius_norm(A)
+    if norm == 0.0:
+        raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    exact = n <= ALTERNATION_EXACT_LIMIT
+    if exact:
+        A = _dense(A)
+        first = _full_svd(A) if len(plans) > 1 else None  # the first L-step (S = 0) is shared by all splits
+    dtype = _work_dtype(A)
+    best = None
+    for f, r, k in plans:
+        S = None
+        for _ in range(int(alternations) if r > 0 else 1):  # with r = 0 there is nothing to alternate with
+            if r == 0:
+                left, right = np.zeros((n, 0), dtype), np.zeros((0, n), dtype)
+            elif exact:
+                U, s, Vt = first if S is None else _full_svd(_minus_sparse(A, S))
+                left, right = U[:, :r] * s[:r], Vt[:r]
+            else:
+                left, right = _randomized_low_rank(A if S is None else _minus_sparse(A, S), r, seed=seed, n_iter=4)
+            S, residual_sq = _largest_of_difference(A, left, right, k)
+        error = math.sqrt(residual_sq) / norm
+        if best is None or error < best[0]:
+            best = (error, f, r, left, right, S)
+    error, f, r, left, right, S = best
+    S.eliminate_zeros()
+    info = {
+        "split": f,
+        "rank": r,
+        "nnz": int(S.nnz),
+        "alternations": int(alternations),
+        "rel_error": error,
+        "note": f"rank {r} + {S.nnz} entries (split {f:g})",
+    }
+    parts = [LowRank(left, right, method="lowrank"), SparseMatrix(S, method="sparse")]
+    return SumApproximation(parts, method="lowrank+sparse", info=info)
+
+
+# -- helpers -----------------------------------------------------------------------
+def _as_matrix(A):
+    """A as a real float ndarray or CSR matrix of shape (n, n), checked."""
+    if sp.issparse(A):
+        A = sp.csr_matrix(A)
+        if not np.issubdtype(A.dtype, np.floating):
+            A = A.astype(np.float64)
+    else:
+        A = np.asarray(A)
+        if not np.issubdtype(A.dtype, np.floating):
+            A = A.astype(np.float64)
+    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
+        raise SfaError(f"baselines need a non-empty square matrix; got shape {A.shape}")
+    return A
+
+
+def _check_budget(budget) -> int:
+    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
+        raise SfaError(f"the budget must be a positive integer number of parameters; got {budget!r}")
+    return int(budget)
+
+
+def _rank_for(n: int, budget: int) -> int:
+    r = budget // (2 * n)
+    if r < 1:
+        raise NotApplicable(f"a rank-1 approximation needs 2n = {2 * n} parameters > budget {budget}")
+    return min(r, n)
+
+
+def _work_dtype(A) -> np.dtype:
+    return np.dtype(np.float32) if A.dtype == np.float32 else np.dtype(np.float64)
+
+
+def _dense(A) -> np.ndarray:
+    return A.toarray() if sp.issparse(A) else np.asarray(A)
+
+
+def _full_svd(D: np.ndarray):
+    try:
+        return scipy.linalg.svd(D, full_matrices=False, lapack_driver="gesdd", check_finite=False)
+    except np.linalg.LinAlgError:  # gesdd occasionally fails to converge; gesvd is slower but robust
+        return scipy.linalg.svd(D, full_matrices=False, lapack_driver="gesvd", check_finite=False)
+
+
+def _minus_sparse(A, S: sp.csr_matrix):
+    """A - S, dense when A is dense (a copy), CSR when A is sparse."""
+    if sp.issparse(A):
+        return (A - S).tocsr()
+    D = np.array(A, copy=True)
+    coo = S.tocoo()
+    D[coo.row, coo.col] -= coo.data
+    return D
+
+
+def _randomized_low_rank(A, r: int, *, seed: int, n_iter: int):
+    """(left, right) of a rank-r approximation by torch.svd_lowrank, seeded without touching global state."""
+    n = A.shape[0]
+    if sp.issparse(A) and n > ALTERNATION_EXACT_LIMIT:
+        coo = A.tocoo()
+        T = torch.sparse_coo_tensor(
+            np.vstack([coo.row, coo.col]), coo.data, (n, n), check_invariants=False
+        ).coalesce()
+    else:
+        T = torch.from_numpy(np.ascontiguousarray(_dense(A)))
+    q = min(n, r + OVERSAMPLING)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        U, s, V = torch.svd_lowrank(T, q=q, niter=n_iter)
+    U, s, V = U[:, :r].numpy(), s[:r].numpy(), V[:, :r].numpy()
+    return U * s, np.ascontiguousarray(V.T)
+
+
+def _largest_of_difference(A, left: np.ndarray, right: np.ndarray, k: int):
+    """The k largest-magnitude entries of A - left @ right as CSR, and the squared norm of the rest."""
+    n = A.shape[0]
+    if not sp.issparse(A) and n <= ALTERNATION_EXACT_LIMIT:
+        D = (A - left @ right).ravel()
+        keep = _largest(D, k)
+        vals = D[keep]
+        D[keep] = 0.0
+        rest = float(np.dot(D, D))
+    else:  # column blocks, so that neither A - L nor a dense A is formed whole
+        width = max(1, _BLOCK_ENTRIES // n)
+        keep = np.empty(0, dtype=np.int64)
+        vals = np.empty(0, dtype=left.dtype)
+        total = 0.0
+        for start in range(0, n, width):
+            cols = np.arange(start, min(n, start + width))
+            D = column_block(A, cols) - left @ right[:, cols]
+            total += float(np.sum(D * D))
+            flat = D.ravel()  # index row * len(cols) + c
+            top = _largest(flat, k)
+            rows, c = np.divmod(top, len(cols))
+            keep = np.concatenate([keep, rows * n + cols[c]])
+            vals = np.concatenate([vals, flat[top]])
+            sel = _largest(vals, k)
+            keep, vals = keep[sel], vals[sel]
+        rest = max(total - float(np.dot(vals, vals)), 0.0)
+    rows, cols = np.divmod(keep, n)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(n, n)), rest
+
+
+def _largest(x: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k largest-magnitude entries of a 1-D array (all of them when k >= its size)."""
+    if k >= x.size:
+        return np.arange(x.size)
+    if k <= 0:
+        return np.arange(0)
+    return np.argpartition(np.abs(x), x.size - k)[x.size - k:]

@@ -1,0 +1,11 @@
+"""The one exception type for problems a user can fix."""
+
+__all__ = ["SfaError"]
+
+
+class SfaError(Exception):
+    """A user-facing problem: bad input file, impossible option, size guard.
+
+    The message is complete and fit to show as one line, and names the file
+    when there is one. The CLI prints it as ``Error: <message>`` and exits 1.
+    """

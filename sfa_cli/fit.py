@@ -1,0 +1,374 @@
+"""The fitting engine: minimise 0.5 ||A - W(1)...W(M)||_F^2 over the pattern's entries.
+
+The objective is evaluated on the structured kernels of :mod:`sfa_cli.kernels`
+(no n x n x n products, no dense factors), in torch on CPU or CUDA. A is
+scaled to unit Frobenius norm for the optimisation (the objective is then
+half the squared relative error, so tolerances do not depend on A's scale);
+the scale is put back into the factors at the end, spread evenly over them.
+
+Example
+-------
+>>> import numpy as np
+>>> from sfa_cli.fit import fit
+>>> A = np.random.default_rng(0).standard_normal((32, 32))
+>>> result = fit(A, max_iter=50, seed=0)
+>>> result.rel_error < 0.9, result.approximation.num_factors
+(True, 5)
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from sfa_cli.errors import SfaError
+from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
+from sfa_cli.kernels import chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.patterns import PATTERNS, Pattern
+
+__all__ = ["fit", "FitResult", "FitStep", "OPTIMIZERS", "DENSE_FIT_LIMIT", "make_pattern"]
+
+OPTIMIZERS = ("lbfgs", "adam")
+#: Largest n for which a sparse input is densified for the fit.
+DENSE_FIT_LIMIT = 8192
+#: Defaults, chosen from scripts/bench_fit.py measurements (see docs/performance.md).
+DEFAULTS = {"max_iter": 1000, "tol": 1e-6, "window": 20, "history_size": 50, "adam_lr": 0.01}
+
+
+@dataclass(frozen=True)
+class FitStep:
+    """What the progress callback receives after each objective evaluation."""
+
+    iteration: int
+    evaluations: int
+    seconds: float
+    rel_error: float
+    best_rel_error: float
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The outcome of :func:`fit`.
+
+    Attributes
+    ----------
+    approximation : SparseFactors
+        The best factors found (the scale of A included).
+    rel_error : float
+        ||A - A_hat||_F / ||A||_F of ``approximation``.
+    history : list of dict
+        One entry per evaluation: iteration, evaluations, seconds, rel_error.
+    stopped_because : str
+        ``max_iter``, ``time_limit``, ``tol``, ``exact``, ``callback`` or ``interrupted``.
+    """
+
+    approximation: SparseFactors
+    rel_error: float
+    initial_rel_error: float
+    iterations: int
+    evaluations: int
+    seconds: float
+    device: str
+    dtype: str
+    optimizer: str
+    stopped_because: str
+    history: list = field(repr=False, default_factory=list)
+
+    @property
+    def interrupted(self) -> bool:
+        return self.stopped_because == "interrupted"
+
+    @property
+    def converged(self) -> bool:
+        return self.stopped_because in ("tol", "exact")
+
+    def to_dict(self, history: bool = False) -> dict:
+        out = {
+            "n": self.approximation.n,
+            "factors": self.approximation.num_factors,
+            "params": self.approximation.params,
+            "compression": self.approximation.n**2 / self.approximation.params,
+            "rel_error": self.rel_error,
+            "initial_rel_error": self.initial_rel_error,
+            "iterations": self.iterations,
+            "evaluations": self.evaluations,
+            "seconds": self.seconds,
+            "device": self.device,
+            "dtype": self.dtype,
+            "optimizer": self.optimizer,
+            "stopped_because": self.stopped_because,
+            "interrupted": self.interrupted,
+            "pattern": self.approximation.pattern,
+        }
+        if history:
+            out["history"] = list(self.history)
+        return out
+
+
+class _Stop(Exception):
+    """Raised inside the objective to end the optimiser's step early."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def make_pattern(n: int, pattern: str | Pattern = "chord", **options) -> Pattern:
+    """A Pattern object from a name and its options (``None`` options are left at defaults)."""
+    if isinstance(pattern, Pattern):
+        if pattern.n != n:
+            raise SfaError(f"the pattern is for n={pattern.n} but the matrix has n={n}")
+        return pattern
+    if pattern not in PATTERNS:
+        raise SfaError(f"unknown pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
+    if pattern == "butterfly":
+        extra = {k: v for k, v in options.items() if v not in (None, False) and k not in ("factors", "self_link")}
+        if extra or options.get("self_link") is False:
+            raise SfaError(f"the butterfly pattern takes no options but the number of factors; got {sorted(extra) or ['no self link']}")
+        return PATTERNS[pattern](n, factors=options.get("factors"))
+    return PATTERNS[pattern](n, **{k: v for k, v in options.items() if v is not None})
+
+
+def _dense_target(A, device, dtype) -> torch.Tensor:
+    n = A.shape[0]
+    if sp.issparse(A):
+        if n > DENSE_FIT_LIMIT:
+            raise SfaError(
+                f"the sparse matrix has n={n}; the full-batch fit densifies it, which sfa allows up to "
+                f"n={DENSE_FIT_LIMIT} ({DENSE_FIT_LIMIT**2 * 4 / 2**30:.2f} GiB in float32)"
+            )
+        A = A.toarray()
+    return torch.as_tensor(np.asarray(A), device=device).to(dtype)
+
+
+def fit(
+    A,
+    *,
+    pattern: str | Pattern = "chord",
+    factors: int | None = None,
+    base: int | None = None,
+    symmetric: bool | None = None,
+    self_link: bool | None = None,
+    permute: int | None = None,
+    optimizer: str = "lbfgs",
+    lr: float | None = None,
+    max_iter: int = DEFAULTS["max_iter"],
+    time_limit: float | None = None,
+    tol: float = DEFAULTS["tol"],
+    window: int = DEFAULTS["window"],
+    history_size: int = DEFAULTS["history_size"],
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    init: SparseFactors | None = None,
+    callback=None,
+) -> FitResult:
+    """Fit sparse factors W(1)...W(M) with a fixed pattern to a square matrix.
+
+    Parameters
+    ----------
+    A : ndarray or scipy sparse matrix of shape (n, n)
+        The target; a sparse A is densified when n <= DENSE_FIT_LIMIT.
+    pattern : {"chord", "butterfly"} or Pattern, default="chord"
+    factors, base, symmetric, self_link, permute
+        Pattern options (see :func:`sfa_cli.patterns.chord_pattern`).
+    optimizer : {"lbfgs", "adam"}, default="lbfgs"
+        L-BFGS with a strong-Wolfe line search, or Adam.
+    lr : float, optional
+        Step size: 1 for L-BFGS (the line search scales it), 0.01 for Adam.
+    max_iter : int, default=1000
+        Optimiser iterations (L-BFGS iterations may use several evaluations).
+    time_limit : float or None
+        Seconds; the fit stops at the first evaluation past it.
+    tol : float, default=1e-6
+        Stop when the best relative error improved by less than this fraction
+        over the last ``window`` iterations.
+    seed : int, default=0
+        Seed of the initial noise; the same seed gives the same factors on the
+        same device (bitwise on CPU).
+    device : {"auto", "cpu", "cuda"}, default="auto"
+    dtype : {"float32", "float64"}, default="float32"
+    init : SparseFactors, optional
+        Warm start (must have the pattern's structure); the initial noise is not used.
+    callback : callable, optional
+        ``callback(step: FitStep)`` after every evaluation; returning True stops the fit.
+
+    Returns
+    -------
+    FitResult
+        An interrupt (Ctrl-C) ends the fit early and returns the best factors
+        so far with ``stopped_because == "interrupted"``.
+    """
+    if optimizer not in OPTIMIZERS:
+        raise SfaError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    if max_iter < 1:
+        raise SfaError(f"max_iter must be >= 1; got {max_iter}")
+    if time_limit is not None and time_limit <= 0:
+        raise SfaError(f"time_limit must be positive; got {time_limit}")
+    dev, tdtype = resolve_device(device), resolve_dtype(dtype)
+    n = A.shape[0]
+    pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
+    structs, _ = pattern_structures(pat, dev)
+
+    target = _dense_target(A, dev, tdtype)
+    scale = float(torch.linalg.norm(target.double()))
+    if scale == 0.0:
+        raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    target = target / scale
+    blocks = column_blocks(n, block_columns(n))
+
+    if init is not None:
+        if init.n != n or init.num_factors != pat.factors:
+            raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, {pat.factors}")
+        start = [v.to(device=dev, dtype=tdtype) for v in init.torch_chain(dtype=torch.float64)[1]]
+        # Remove the scale of A from the warm start, evenly over the factors.
+        start = [v / scale ** (1.0 / pat.factors) for v in start]
+    else:
+        start = [v.to(dev) for v in initial_values(structs, seed=seed, dtype=tdtype)]
+    params = [v.clone().requires_grad_(True) for v in start]
+
+    run = _Run(params, callback, time_limit, max_iter, tol, window)
+
+    def objective():
+        run.optimizer.zero_grad(set_to_none=False)
+        loss = blockwise_loss_and_grad(structs, params, target, blocks)
+        run.record(loss)
+        return loss
+
+    if optimizer == "lbfgs":
+        run.optimizer = torch.optim.LBFGS(
+            params, lr=lr or 1.0, max_iter=max_iter + 1, max_eval=25 * (max_iter + 1), history_size=history_size,
+            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
+        )
+    else:
+        run.optimizer = torch.optim.Adam(params, lr=lr or DEFAULTS["adam_lr"])
+    run.stopped_because = _optimise(run, objective)
+
+    values = [(v.detach().double() * scale ** (1.0 / pat.factors)).cpu().numpy() for v in run.best]
+    np_dtype = np.float32 if tdtype == torch.float32 else np.float64
+    approx = SparseFactors.from_pattern(pat, [v.astype(np_dtype) for v in values])
+    return FitResult(
+        approximation=approx,
+        rel_error=run.best_rel,
+        initial_rel_error=run.history[0]["rel_error"] if run.history else float("nan"),
+        iterations=run.iteration,
+        evaluations=run.evaluations,
+        seconds=time.perf_counter() - run.t0,
+        device=str(dev),
+        dtype=str(tdtype).replace("torch.", ""),
+        optimizer=optimizer,
+        stopped_because=run.stopped_because,
+        history=run.history,
+    )
+
+
+def block_columns(n: int) -> int:
+    """Columns per block: about 2^19 elements of n x b, so a block's chain stays in cache."""
+    return int(min(n, max(64, (1 << 19) // n)))
+
+
+def column_blocks(n: int, b: int) -> list[slice]:
+    return [slice(j, min(j + b, n)) for j in range(0, n, b)]
+
+
+def unit_columns(n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
+    """E_J: the columns J of the identity, shape (n, |J|)."""
+    width = cols.stop - cols.start
+    E = like.new_zeros((n, width))
+    E[torch.arange(cols.start, cols.stop, device=like.device), torch.arange(width, device=like.device)] = 1
+    return E
+
+
+def blockwise_loss_and_grad(structs, params, target: torch.Tensor, blocks) -> float:
+    """0.5 ||target - W(1)...W(M)||_F^2, accumulating its gradient into params' .grad.
+
+    The sum over column blocks J of 0.5 ||target[:, J] - W(1)...W(M) E_J||^2: each
+    block's chain lives in cache and only M blocks of n x b are kept for backward.
+    """
+    total = 0.0
+    for cols in blocks:
+        residual = chain_matmul(structs, params, unit_columns(target.shape[0], cols, target)) - target[:, cols]
+        loss = 0.5 * (residual * residual).sum()
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+class _Run:
+    """Book-keeping shared by the optimiser loop and the objective; stopping rules live here."""
+
+    def __init__(self, params, callback, time_limit, max_iter, tol, window):
+        self.params = params
+        self.callback = callback
+        self.time_limit = time_limit
+        self.max_iter, self.tol, self.window = max_iter, tol, window
+        self.optimizer = None
+        self.t0 = time.perf_counter()
+        self.iteration = 0
+        self.evaluations = 0
+        self.history: list[dict] = []
+        self.best = [p.detach().clone() for p in params]
+        self.best_rel = math.inf
+        self.best_at: list[float] = []  # best relative error when each iteration ended
+        self.stopped_because = ""
+
+    def _current_iteration(self) -> int:
+        if isinstance(self.optimizer, torch.optim.LBFGS):
+            # L-BFGS counts an iteration when it starts; evaluations belong to it.
+            return max(self.optimizer.state[self.params[0]].get("n_iter", 1) - 1, 0)
+        return self.iteration
+
+    def record(self, loss: float) -> None:
+        """Called by the objective after every evaluation; raises _Stop when a rule fires."""
+        iteration = self._current_iteration()
+        while self.iteration < iteration:  # iterations that ended since the last call
+            self.best_at.append(self.best_rel)
+            self.iteration += 1
+            self._check_progress()
+        self.evaluations += 1
+        rel = math.sqrt(max(2.0 * loss, 0.0))
+        seconds = time.perf_counter() - self.t0
+        if rel < self.best_rel:
+            self.best_rel = rel
+            for b, p in zip(self.best, self.params):
+                b.copy_(p.detach())
+        self.history.append({"iteration": iteration, "evaluations": self.evaluations, "seconds": seconds, "rel_error": rel})
+        if not math.isfinite(rel):
+            raise _Stop("diverged")
+        if self.callback is not None and self.callback(FitStep(iteration, self.evaluations, seconds, rel, self.best_rel)):
+            raise _Stop("callback")
+        if self.best_rel <= 1e-7:
+            raise _Stop("exact")
+        if self.time_limit is not None and seconds >= self.time_limit:
+            raise _Stop("time_limit")
+
+    def _check_progress(self) -> None:
+        if self.iteration >= self.max_iter:
+            raise _Stop("max_iter")
+        k = self.window
+        if len(self.best_at) > k and self.best_at[-1 - k] - self.best_at[-1] <= self.tol * self.best_at[-1 - k]:
+            raise _Stop("tol")
+
+
+def _optimise(run: _Run, objective) -> str:
+    """Step the optimiser until a stopping rule fires; returns the rule's name."""
+    try:
+        if isinstance(run.optimizer, torch.optim.LBFGS):
+            # One call runs every iteration; the objective raises _Stop to end it.
+            run.optimizer.step(objective)
+            # L-BFGS returns early only when the gradient vanishes or the line search stalls.
+            run.record(float(objective()))
+            return "tol"
+        while True:
+            run.optimizer.step(objective)
+            run.iteration += 1
+            run.best_at.append(run.best_rel)
+            run._check_progress()
+    except _Stop as stop:
+        return stop.reason
+    except KeyboardInterrupt:
+        return "interrupted"

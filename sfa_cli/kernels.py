@@ -1,0 +1,310 @@
+"""The one kernel for chains of sparse factors, on CPU and CUDA.
+
+Every factor W is an n x n sparse matrix with a fixed structure and a 1-D
+tensor of values in CSR order (column indices sorted within each row). Three
+products are all that fitting, applying and the attention layer need:
+
+* ``W @ X`` and ``W^T @ X``      sparse-dense products, cost nnz * b;
+* ``(G @ X^T)`` on W's pattern     a sampled dense-dense product, cost nnz * b
+  (the gradient of the values; never an n x n x n product or a dense factor).
+
+:class:`SparseMatmul` wraps them as one autograd function, so a chain
+``W(1) ... W(M) X`` is a plain loop and autograd keeps exactly the right
+partial products the analytic gradient needs.
+
+Two implementations share that interface, chosen per factor:
+
+* a *circulant* path for patterns whose row i holds columns (i + o_k) mod n for
+  fixed offsets o_k (the Chord pattern, and the butterfly after relabelling is
+  not needed): ``W @ X`` is K in-place multiply-adds of shifted row slices of X,
+  with no index arrays, any dtype, any batch shape;
+* a general *CSR* path (torch.sparse CSR products and
+  :func:`torch.sparse.sampled_addmm`) for every other pattern, with a gather
+  fallback for dtypes the CSR kernels lack (bfloat16 on CPU).
+
+The sampled product always uses ``sampled_addmm`` for float32/float64, which
+was the fastest in scripts/bench_fit.py measurements. A leading batch
+dimension (one set of values per sample, as in the attention layer) is
+supported by both paths.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["FactorStructure", "SparseMatmul", "sparse_matmul", "chain_matmul", "resolve_device", "resolve_dtype"]
+
+# torch warns once per process that CSR support is "beta"; it is what we rely on.
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+_CSR_DTYPES = {torch.float32, torch.float64}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """Map ``auto|cpu|cuda|cuda:K`` to a torch device (``auto`` picks CUDA when present)."""
+    from sfa_cli.errors import SfaError
+
+    if isinstance(device, torch.device):
+        return device
+    name = str(device).lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SfaError(f"device {device!r} was requested but CUDA is not available (torch {torch.__version__})")
+        return torch.device(name)
+    raise SfaError(f"device must be one of auto, cpu, cuda; got {device!r}")
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """Map ``float32|float64`` (or a torch dtype) to a torch dtype."""
+    from sfa_cli.errors import SfaError
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype)]
+    except KeyError:
+        raise SfaError(f"dtype must be one of float32, float64; got {dtype!r}") from None
+
+
+def _circulant_offsets(indptr: np.ndarray, indices: np.ndarray, n: int):
+    """(offsets, ell) when row i has columns (i + offsets) mod n, else (None, None).
+
+    ``ell[i * k + j]`` is the CSR position of row i's entry at offset ``offsets[j]``.
+    """
+    counts = np.diff(indptr)
+    if n == 0 or counts.min() != counts.max() or counts[0] == 0:
+        return None, None
+    k = int(counts[0])
+    diff = (indices.reshape(n, k) - np.arange(n)[:, None]) % n
+    order = np.argsort(diff, axis=1, kind="stable")
+    sorted_diff = np.take_along_axis(diff, order, axis=1)
+    if not (sorted_diff == sorted_diff[0]).all():
+        return None, None
+    ell = (order + (np.arange(n) * k)[:, None]).reshape(-1)
+    return tuple(int(o) for o in sorted_diff[0]), ell
+
+
+@dataclass(frozen=True)
+class FactorStructure:
+    """The structure of one factor (and of its transpose), on one device.
+
+    Attributes
+    ----------
+    n : int
+    crow, col : LongTensor of shape (n + 1,), (nnz,)
+        CSR structure of W, column indices sorted within each row.
+    crow_t, col_t : LongTensor
+        CSR structure of W^T.
+    perm_t : LongTensor of shape (nnz,)
+        ``values[perm_t]`` are the values of W^T in its CSR order.
+    rows : LongTensor of shape (nnz,)
+        Row index of every stored entry.
+    offsets : tuple of int or None
+        Set when the pattern is circulant: row i holds columns (i + o) mod n.
+    ell, ell_inv : LongTensor of shape (nnz,) or None
+        ``values[ell]`` viewed as (n, k) gives the value at (i, offsets[j]);
+        ``ell_inv`` maps back.
+    """
+
+    n: int
+    crow: torch.Tensor
+    col: torch.Tensor
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    perm_t: torch.Tensor
+    rows: torch.Tensor
+    offsets: tuple | None = None
+    ell: torch.Tensor | None = None
+    ell_inv: torch.Tensor | None = None
+
+    @property
+    def nnz(self) -> int:
+        return int(self.col.numel())
+
+    @classmethod
+    def from_csr(cls, indptr: np.ndarray, indices: np.ndarray, n: int, device="cpu") -> "FactorStructure":
+        """Build from numpy CSR arrays (indices sorted within rows)."""
+        indptr = np.asarray(indptr, dtype=np.int64)
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+        perm_t = np.lexsort((rows, indices))  # entries by column, then row
+        crow_t = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(indices, minlength=n), out=crow_t[1:])
+        offsets, ell = _circulant_offsets(indptr, indices, n)
+        ell_inv = None if ell is None else np.argsort(ell)
+
+        def as_t(a):
+            return None if a is None else torch.from_numpy(np.array(a, dtype=np.int64)).to(device)
+
+        return cls(n, as_t(indptr), as_t(indices), as_t(crow_t), as_t(rows[perm_t]), as_t(perm_t), as_t(rows),
+                   offsets, as_t(ell), as_t(ell_inv))
+
+    @classmethod
+    def from_table(cls, table: np.ndarray, device="cpu") -> tuple["FactorStructure", np.ndarray]:
+        """Build from an (n, k) table of column indices (distinct within a row).
+
+        Returns the structure and ``order``: CSR position -> flat table position,
+        so ``values_csr = values_table.reshape(-1)[order]``.
+        """
+        n, k = table.shape
+        order = np.argsort(table, axis=1, kind="stable")
+        sorted_cols = np.take_along_axis(table, order, axis=1)
+        flat_order = (order + (np.arange(n) * k)[:, None]).reshape(-1)
+        indptr = np.arange(0, n * k + 1, k, dtype=np.int64)
+        return cls.from_csr(indptr, sorted_cols.reshape(-1), n, device), flat_order
+
+
+# -- circulant path --------------------------------------------------------------------
+def _circulant_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+    n = s.n
+    V = values.index_select(-1, s.ell).unflatten(-1, (n, len(s.offsets)))
+    shape = torch.broadcast_shapes(V.shape[:-2], X.shape[:-2]) + (n, X.shape[-1])
+    Y = X.new_empty(shape, dtype=torch.promote_types(X.dtype, V.dtype))
+    for j, o in enumerate(s.offsets):
+        v = V[..., j].unsqueeze(-1)
+        # transpose: Y[i + o] += V[i, j] X[i];  else: Y[i] += V[i, j] X[i + o]
+        # (each as two slices because of the wrap-around; the first offset writes, the rest add)
+        head, tail = (slice(o, None), slice(None, o)) if transpose else (slice(None, n - o), slice(n - o, None))
+        src_head, src_tail = (slice(None, n - o), slice(n - o, None)) if transpose else (slice(o, None), slice(None, o))
+        v_head, v_tail = (slice(None, n - o), slice(n - o, None))
+        for dst, src, vs in ((head, src_head, v_head), (tail, src_tail, v_tail)):
+            if o == 0 and dst is tail:  # no wrap-around for the self link
+                continue
+            if j == 0:
+                torch.mul(v[..., vs, :], X[..., src, :], out=Y[..., dst, :])
+            else:
+                Y[..., dst, :].addcmul_(v[..., vs, :], X[..., src, :])
+    return Y
+
+
+def _circulant_sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """out[..., e] = <G[row e], X[col e]> in CSR order, for dtypes without sampled_addmm."""
+    n = s.n
+    out = G.new_empty(torch.broadcast_shapes(G.shape[:-2], X.shape[:-2]) + (n, len(s.offsets)))
+    for j, o in enumerate(s.offsets):
+        out[..., : n - o, j] = (G[..., : n - o, :] * X[..., o:, :]).sum(-1)
+        if o:
+            out[..., n - o :, j] = (G[..., n - o :, :] * X[..., :o, :]).sum(-1)
+    return out.flatten(-2).index_select(-1, s.ell_inv)
+
+
+# -- CSR path -----------------------------------------------------------------------
+def _csr(crow, col, values, size):
+    return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
+
+
+def _block_diag(crow: torch.Tensor, col: torch.Tensor, n: int, batch: int):
+    """CSR structure of a block-diagonal matrix with `batch` copies of (crow, col)."""
+    nnz = col.numel()
+    offs = torch.arange(batch, device=col.device)
+    crow_b = torch.cat([crow.new_zeros(1), (crow[1:].unsqueeze(0) + (offs * nnz).unsqueeze(1)).reshape(-1)])
+    col_b = (col.unsqueeze(0) + (offs * n).unsqueeze(1)).reshape(-1)
+    return crow_b, col_b
+
+
+def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+    n = s.n
+    if transpose:
+        crow, col, values, rows = s.crow_t, s.col_t, values.index_select(-1, s.perm_t), s.col.index_select(0, s.perm_t)
+    else:
+        crow, col, rows = s.crow, s.col, s.rows
+    if X.dtype not in _CSR_DTYPES:  # gather fallback: Y[r] += v * X[c]
+        Xc = X.index_select(-2, col) * values.unsqueeze(-1)
+        return Xc.new_zeros(Xc.shape[:-2] + (n, Xc.shape[-1])).index_add_(-2, rows, Xc)
+    if values.dim() == 2:  # one factor per sample: one block-diagonal product
+        batch, b = values.shape[0], X.shape[-1]
+        cb, colb = _block_diag(crow, col, n, batch)
+        Xf = X.reshape(batch * n, b) if X.dim() == 3 else X.repeat(batch, 1)
+        return (_csr(cb, colb, values.reshape(-1), (batch * n, batch * n)) @ Xf).reshape(batch, n, b)
+    if X.dim() == 3:  # shared factor, batched right-hand side
+        batch, _, b = X.shape
+        Y = _csr(crow, col, values, (n, n)) @ X.transpose(0, 1).reshape(n, batch * b)
+        return Y.reshape(n, batch, b).transpose(0, 1)
+    return _csr(crow, col, values, (n, n)) @ X
+
+
+def _sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor, batched: bool) -> torch.Tensor:
+    """Values of (G @ X^T) on W's pattern, CSR order; summed over a batch the values do not have."""
+    n = s.n
+    if G.dtype in _CSR_DTYPES:
+        if G.dim() == 3 and batched:
+            batch, _, b = G.shape
+            cb, colb = _block_diag(s.crow, s.col, n, batch)
+            mask = _csr(cb, colb, G.new_ones(batch * s.nnz), (batch * n, batch * n))
+            return torch.sparse.sampled_addmm(mask, G.reshape(batch * n, b), X.reshape(batch * n, b).T,
+                                              beta=0.0).values().reshape(batch, -1)
+        if G.dim() == 3:  # shared values: the batch sum is one wide product
+            batch, _, b = G.shape
+            G = G.transpose(0, 1).reshape(n, batch * b)
+            X = X.transpose(0, 1).reshape(n, batch * b)
+        mask = _csr(s.crow, s.col, G.new_ones(s.nnz), (n, n))
+        return torch.sparse.sampled_addmm(mask, G.contiguous(), X.T, beta=0.0).values()
+    if s.offsets is not None:
+        out = _circulant_sampled(s, G, X)
+    else:
+        out = (G.index_select(-2, s.rows) * X.index_select(-2, s.col)).sum(-1)
+    return out if batched or out.dim() == 1 else out.sum(0)
+
+
+def _apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+    # CSR products were as fast or faster for float32/64 in column blocks (scripts/bench_fit.py);
+    # the shifted slices serve the other dtypes (bfloat16) without index arrays.
+    if s.offsets is not None and X.dtype not in _CSR_DTYPES:
+        return _circulant_apply(s, values, X, transpose)
+    return _csr_apply(s, values, X, transpose)
+
+
+class SparseMatmul(torch.autograd.Function):
+    """Y = W X (or W^T X) for a factor with a fixed structure and differentiable values."""
+
+    @staticmethod
+    def forward(ctx, values, X, struct: FactorStructure, transpose: bool):
+        ctx.struct, ctx.transpose = struct, transpose
+        ctx.save_for_backward(values, X)
+        return _apply(struct, values, X, transpose)
+
+    @staticmethod
+    def backward(ctx, G):
+        values, X = ctx.saved_tensors
+        s, transpose = ctx.struct, ctx.transpose
+        G = G.contiguous()
+        grad_values = grad_X = None
+        if ctx.needs_input_grad[0]:
+            # d<G, W X>/dW = G X^T; d<G, W^T X>/dW = X G^T, both on W's pattern
+            a, b = (X, G) if transpose else (G, X)
+            grad_values = _sampled(s, a, b, batched=values.dim() == 2)
+        if ctx.needs_input_grad[1]:
+            grad_X = _apply(s, values, G, not transpose)
+            if grad_X.dim() > X.dim():
+                grad_X = grad_X.sum(0)
+        return grad_values, grad_X, None, None
+
+
+def sparse_matmul(struct: FactorStructure, values: torch.Tensor, X: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """W @ X (or W^T @ X) for one factor; differentiable in values and X.
+
+    values : tensor of shape (nnz,) or (batch, nnz), in CSR order.
+    X : tensor of shape (n, b) or (batch, n, b).
+    """
+    return SparseMatmul.apply(values, X, struct, transpose)
+
+
+def chain_matmul(structs, values, X: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
+    """W(1) W(2) ... W(M) X, or its transpose W(M)^T ... W(1)^T X.
+
+    structs : sequence of M FactorStructure (factor 0 is the leftmost, W(1)).
+    values : sequence of M tensors of shape (nnz_m,) or (batch, nnz_m).
+    X : tensor of shape (n, b) or (batch, n, b).
+    """
+    order = range(len(structs)) if transpose else reversed(range(len(structs)))
+    for m in order:
+        X = sparse_matmul(structs[m], values[m], X, transpose=transpose)
+    return X
