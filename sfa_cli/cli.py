@@ -6,16 +6,27 @@ errors go to stderr, so ``sfa compare m.mtx --json | jq`` works.
 from __future__ import annotations
 
 import json
-import sys
+from pathlib import Path
 
 import click
+import numpy as np
 from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from sfa_cli._version import __version__
+from sfa_cli.approximation import DENSE_LIMIT, load_approximation
+from sfa_cli.baselines import tsvd_at_rank
+from sfa_cli.compare import METHODS, compare
 from sfa_cli.errors import SfaError
+from sfa_cli.fit import DEFAULTS, OPTIMIZERS, default_max_iter, fit
 from sfa_cli.info import matrix_info
-from sfa_cli.io import load_matrix
-from sfa_cli.report import info_notes, info_table
+from sfa_cli.io import atomic_output, check_writable, load_array, load_matrix, save_matrix
+from sfa_cli.metrics import relative_error
+from sfa_cli.patterns import PATTERNS
+from sfa_cli.report import (
+    compare_rows, compare_table, fit_table, info_notes, info_tables, key_value_table, plot_comparisons,
+    require_matplotlib, save_approximations, write_csv, write_json,
+)
 
 # stdout for results, stderr for progress, logs and errors.
 out = Console(highlight=False, soft_wrap=True)
@@ -89,8 +100,8 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool) -> None:
     MATRIX is a .npz, .npy, .mtx, .mtx.gz, .h5/.hdf5 or .mat file; add :KEY to
     pick one array of a file holding several (file.npz:A, file.h5:/group/A).
     The budget rows give the Chord factorization's size (M factors with L+1
-    non-zeros per row) and the truncated-SVD rank with the same parameter
-    count, and the share of ||A||_F^2 that rank keeps. A file that cannot be
+    nonzeros per row), the truncated-SVD rank with the same parameter count,
+    and the share of ||A||_F^2 that rank keeps. A file that cannot be
     read gets one error line; the others are still shown, and the exit code
     is 1.
 
@@ -113,11 +124,329 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool) -> None:
         if infos or len(matrices) > 1:
             emit_json(infos if len(matrices) > 1 else infos[0])
     elif infos:
-        out.print(info_table(infos))
+        for table in info_tables(infos):
+            out.print(table)
         for note in info_notes(infos):
             out.print(note, markup=False)
     if failed:
         ctx.exit(1)
+
+
+# -- options shared by `fit` and `compare` -------------------------------------------
+def _stack(*decorators):
+    def apply(f):
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+pattern_size_options = _stack(
+    click.option("--factors", type=click.IntRange(min=1), default=None, metavar="M",
+                 help="Number of factors M.  [default: ceil(log_base N)]"),
+    click.option("--base", type=click.IntRange(min=2), default=None,
+                 help="Chord offsets are powers of this base.  [default: 2]"),
+)
+
+pattern_variant_options = _stack(
+    click.option("--symmetric", is_flag=True, help="Chord offsets +b^k and -b^k."),
+    click.option("--no-self-link", is_flag=True, help="Chord pattern without the diagonal."),
+    click.option("--permute", type=int, default=None, metavar="SEED",
+                 help="Relabel the nodes by a random permutation drawn from SEED."),
+)
+
+optimizer_options = _stack(
+    click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="lbfgs", show_default=True,
+                 help="L-BFGS with a strong-Wolfe line search, or Adam."),
+    click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
+                 help="Step size.  [default: 1 for lbfgs, 0.01 for adam]"),
+    click.option("--max-iter", type=click.IntRange(min=1), default=None,
+                 help="Optimiser iterations.  [default: 5000 up to N = 256, then 5000*256/N, at least 500]"),
+    click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+                 help="Stop fitting after this many seconds (per fit)."),
+    click.option("--tol", type=click.FloatRange(min=0), default=DEFAULTS["tol"], show_default=True,
+                 help=f"Stop when the error improved by less than this fraction over {DEFAULTS['window']} iterations."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial factors (and of randomized methods)."),
+    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                 help="Where to fit: auto picks CUDA when available."),
+    click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
+)
+
+
+def _fit_options(kw: dict) -> dict:
+    """The keyword arguments of sfa_cli.fit.fit named by the shared CLI options."""
+    return {
+        "optimizer": kw["optimizer"], "lr": kw["lr"], "max_iter": kw["max_iter"], "time_limit": kw["time_limit"],
+        "tol": kw["tol"], "device": kw["device"], "dtype": kw["dtype"],
+    }
+
+
+def _pattern_options(kw: dict) -> dict:
+    """Pattern keyword arguments of fit; None leaves a pattern's default."""
+    return {
+        "factors": kw.get("factors"), "base": kw.get("base"), "symmetric": kw["symmetric"] or None,
+        "self_link": False if kw["no_self_link"] else None, "permute": kw["permute"],
+    }
+
+
+class _FitProgress:
+    """A rich progress line on stderr fed by the fit callback."""
+
+    def __init__(self, label: str, max_iter: int, enabled: bool):
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), TextColumn("it {task.completed:>5.0f}/{task.total:.0f}"),
+            TextColumn("rel.err {task.fields[err]}"), TimeElapsedColumn(), console=err, transient=True,
+            disable=not (enabled and err.is_terminal),
+        )
+        self.task = self.progress.add_task(label, total=max_iter, err="-")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def __call__(self, step) -> bool:
+        self.progress.update(self.task, completed=step.iteration, err=f"{step.best_rel_error:.4g}")
+        return False
+
+
+FIT_EXAMPLE = """
+\b
+Example:
+    sfa fit data/lesmis.mtx -o lesmis.npz
+    sfa fit graph.mtx -o F.h5 --time-limit 60 --device cuda --json
+    sfa fit A.npz -o F.npz --pattern butterfly --report fit.json
+"""
+
+
+@cli.command("fit", epilog=FIT_EXAMPLE)
+@click.argument("matrix")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Factor file to write (.npz or .h5).")
+@click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write a JSON report with the history.")
+@click.option("--pattern", type=click.Choice(list(PATTERNS)), default="chord", show_default=True, help="Sparsity pattern.")
+@pattern_size_options
+@pattern_variant_options
+@optimizer_options
+@click.option("--no-baseline", is_flag=True, help="Skip the equal-budget truncated SVD.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, force, **kw):
+    """Fit sparse factors W(1)...W(M) to MATRIX and save them.
+
+    Minimises ||A - W(1)...W(M)||_F over the non-zeros of a fixed pattern
+    (Chord by default: M = ceil(log2 N) factors with floor(log2 N)+1 non-zeros
+    per row). Ctrl-C stops the fit and still writes the best factors so far
+    (exit code 130).
+    """
+    check_writable(output, force)
+    if report:
+        check_writable(report, force)
+    A = load_matrix(matrix)
+    total = kw["max_iter"] or default_max_iter(A.shape[0])
+    with _FitProgress(Path(matrix).name, total, enabled=not quiet) as progress:
+        result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw), **_fit_options(kw))
+    approx = result.approximation
+    rel_error = relative_error(A, approx)  # float64, from the factors as saved
+    summary = {"path": matrix, "output": output, **result.to_dict(), "rel_error": rel_error,
+               "fit_rel_error": result.rel_error}
+    if not no_baseline:
+        rank = max(1, approx.params // (2 * approx.n))
+        summary["tsvd_rank"] = rank
+        summary["tsvd_rel_error"] = relative_error(A, tsvd_at_rank(A, rank))
+    approx.info.update({"rel_error": rel_error, "input": str(matrix), "stopped_because": result.stopped_because})
+    approx.save(output)
+    if report:
+        write_json(report, {**summary, "history": result.history})
+    if as_json:
+        emit_json(summary)
+    else:
+        out.print(fit_table(summary))
+    if result.interrupted:
+        err.print(f"interrupted: the best factors so far were written to {output}")
+        raise click.exceptions.Exit(130)
+
+
+EVAL_EXAMPLE = """
+\b
+Example:
+    sfa eval lesmis.npz data/lesmis.mtx
+    sfa eval F.h5 other_matrix.mtx --json
+"""
+
+
+@cli.command("eval", epilog=EVAL_EXAMPLE)
+@click.argument("factors")
+@click.argument("matrix")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def eval_command(factors, matrix, as_json):
+    """Relative error of saved FACTORS (any sfa approximation file) on MATRIX."""
+    approx = load_approximation(factors)
+    A = load_matrix(matrix)
+    if A.shape[0] != approx.n:
+        raise SfaError(f"{factors}: the approximation is {approx.n} x {approx.n} but {matrix} is {A.shape[0]} x {A.shape[0]}")
+    row = {"factors": factors, "path": matrix, "n": approx.n, "method": approx.method, "params": approx.params,
+           "compression": approx.n**2 / approx.params, "rel_error": relative_error(A, approx)}
+    if as_json:
+        emit_json(row)
+    else:
+        out.print(key_value_table(row, title="sfa eval"))
+
+
+APPLY_EXAMPLE = """
+\b
+Example:
+    sfa apply lesmis.npz x.npy -o y.npy
+    sfa apply lesmis.npz X.npy -o Y.npy --transpose
+"""
+
+
+@cli.command("apply", epilog=APPLY_EXAMPLE)
+@click.argument("factors")
+@click.argument("x", metavar="X.npy")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Where to write Y (.npy).")
+@click.option("--transpose", is_flag=True, help="Compute A_hat^T X instead.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def apply_command(factors, x, output, transpose, force):
+    """Y = W(1)...W(M) X for a vector or block X stored as .npy."""
+    check_writable(output, force)
+    approx = load_approximation(factors)
+    X = load_array(x)
+    Y = approx.rmatmul(X) if transpose else approx.matmul(X)
+    with atomic_output(output) as tmp:
+        np.save(tmp, Y)
+
+
+RECONSTRUCT_EXAMPLE = """
+\b
+Example:
+    sfa reconstruct lesmis.npz -o lesmis_dense.npz
+"""
+
+
+@cli.command("reconstruct", epilog=RECONSTRUCT_EXAMPLE)
+@click.argument("factors")
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Dense matrix to write (.npz, .npy, .mtx or .h5).")
+@click.option("--max-n", type=click.IntRange(min=2), default=DENSE_LIMIT, show_default=True,
+              help="Refuse to form matrices larger than this.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+def reconstruct_command(factors, output, max_n, force):
+    """Form the dense matrix A_hat of saved FACTORS (size-guarded)."""
+    check_writable(output, force)
+    approx = load_approximation(factors)
+    save_matrix(output, approx.to_dense(max_n=max_n))
+
+
+COMPARE_EXAMPLE = """
+\b
+Example:
+    sfa compare data/lesmis.mtx
+    sfa compare *.mtx --methods chord,tsvd,topk --json > results.json
+    sfa compare A.npz --budget 0.05 --csv results.csv --plot errors.png
+    sfa compare A.npz --sweep 0.01,0.02,0.05,0.1 --plot sweep.png
+"""
+
+
+def _budget_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers; got {value!r}") from None
+
+
+def _budget_value(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a parameter count or a fraction of N^2; got {value!r}") from None
+
+
+def _method_list(ctx, param, value):
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in names if v not in METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
+@cli.command("compare", epilog=COMPARE_EXAMPLE)
+@click.argument("matrices", nargs=-1, required=True, metavar="MATRIX...")
+@click.option("--methods", callback=_method_list, default=None,
+              help=f"Comma-separated methods.  [default: all: {','.join(METHODS)}]")
+@click.option("--budget", callback=_budget_value, default=None, metavar="PARAMS",
+              help="Parameter budget: a count, or a fraction of N^2 below 1.  [default: the Chord budget M*N*(L+1)]")
+@click.option("--sweep", callback=_budget_list, default=None, metavar="B1,B2,...",
+              help="Several budgets: the error-versus-parameters curve of every method.")
+@pattern_variant_options
+@optimizer_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: an object per matrix (a list for several).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help="Write one row per (matrix, budget, method).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw the errors (or sweep curves); needs matplotlib (pip install 'sfa[plot]').")
+@click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Keep every method's approximation here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@click.option("--force", is_flag=True, help="Overwrite existing output files.")
+def compare_command(matrices, methods, budget, sweep, as_json, csv_path, plot_path, save_dir, quiet, force, **kw):
+    """Compare every method at the same parameter budget on each MATRIX.
+
+    Methods: chord (the paper's sparse factorization), butterfly, tsvd
+    (truncated SVD), rsvd (randomized SVD), topk (largest entries), monarch,
+    lowrank+sparse. A bad file gets a one-line error and the others still
+    run; the exit code is 1 if any file failed.
+    """
+    for path in (csv_path, plot_path):
+        if path:
+            check_writable(path, force)
+    if plot_path:
+        require_matplotlib()
+    fit_options = {**_fit_options(kw), **{k: v for k, v in _pattern_options(kw).items() if k not in ("factors", "base")}}
+    done, failed = [], 0
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=err, transient=True, disable=quiet or not err.is_terminal) as progress:
+        task = progress.add_task("", total=None)
+        for path in matrices:
+            try:
+                A = load_matrix(path)
+                comparison = compare(
+                    A, methods=methods, budget=budget, sweep=sweep, seed=kw["seed"], fit_options=fit_options,
+                    keep=save_dir is not None,
+                    callback=lambda m, b, p=path: progress.update(task, description=f"{p}: {m} (budget {b})"),
+                )
+            except SfaError as exc:
+                if _debug(click.get_current_context()):
+                    raise
+                failed += 1
+                progress.console.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
+                continue
+            done.append((path, comparison))
+            if save_dir:
+                save_approximations(save_dir, path, comparison, force)
+            if not as_json:
+                progress.stop()
+                out.print(compare_table(path, comparison))
+                out.print(comparison.verdict(), markup=False)
+                progress.start()
+    payload = [{"path": p, **c.to_dict()} for p, c in done]
+    if as_json:
+        emit_json(payload[0] if len(matrices) == 1 and payload else payload)
+    if csv_path:
+        write_csv(csv_path, compare_rows(done))
+    if plot_path and done:
+        plot_comparisons(plot_path, done)
+    if failed:
+        raise click.exceptions.Exit(1)
 
 
 def main() -> None:

@@ -23,40 +23,41 @@ from sfa_cli.approximation import Approximation
 from sfa_cli.errors import SfaError
 from sfa_cli.fit import fit
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import _ceil_log, _floor_log, chord_budget
+from sfa_cli.patterns import _ceil_log, chord_budget, chord_offsets
 
 __all__ = ["compare", "resolve_budget", "chord_at_budget", "METHODS", "MethodResult", "Comparison"]
 
 
-def chord_at_budget(n: int, budget: int) -> tuple[dict, str]:
+def chord_at_budget(n: int, budget: int, *, symmetric: bool = False, self_link: bool = True) -> tuple[dict, str]:
     """Chord pattern options that fit in ``budget`` parameters, and a note saying which.
 
     The paper's pattern (base 2, ceil(log2 n) factors) when it fits; otherwise
     the smallest base whose full-reach pattern fits; otherwise fewer base-2 factors.
     """
-    default = chord_budget(n)
-    if default["params"] <= budget:
-        return {"base": 2, "factors": default["factors"]}, ""
+
+    def row_nnz(base):
+        return len(chord_offsets(n, base, symmetric=symmetric, self_link=self_link))
+
+    full = _ceil_log(n, 2) * n * row_nnz(2)
+    if full <= budget:
+        return {"base": 2, "factors": _ceil_log(n, 2)}, ""
     for base in range(3, n + 1):
-        M, K = _ceil_log(n, base), _floor_log(n, base) + 1
-        if M * n * K <= budget:
-            return {"base": base, "factors": M}, (
-                f"base {base}, {M} factors: the base-2 pattern needs {default['params']} > budget"
-            )
+        M = _ceil_log(n, base)
+        if M * n * row_nnz(base) <= budget:
+            return {"base": base, "factors": M}, f"base {base}, {M} factors: the base-2 pattern needs {full} > budget"
         if M == 1:
             break
-    K = default["nnz_per_row"]
-    M = budget // (n * K)
+    M = budget // (n * row_nnz(2))
     if M < 1:
-        raise baselines.NotApplicable(f"one Chord factor needs {n * K} parameters > budget {budget}")
-    return {"base": 2, "factors": M}, (
-        f"{M} of {default['factors']} factors: the full pattern needs {default['params']} > budget"
-    )
+        raise baselines.NotApplicable(f"one Chord factor needs {n * row_nnz(2)} parameters > budget {budget}")
+    return {"base": 2, "factors": M}, f"{M} of {_ceil_log(n, 2)} factors: the full pattern needs {full} > budget"
 
 
 def _chord(A, budget, *, seed=0, fit_options=None, **_):
-    options, note = chord_at_budget(A.shape[0], budget)
-    result = fit(A, pattern="chord", seed=seed, **options, **(fit_options or {}))
+    fit_options = dict(fit_options or {})
+    variant = {k: fit_options[k] for k in ("symmetric", "self_link") if fit_options.get(k) is not None}
+    options, note = chord_at_budget(A.shape[0], budget, **variant)
+    result = fit(A, pattern="chord", seed=seed, **options, **fit_options)
     if result.interrupted:
         raise KeyboardInterrupt
     return result.approximation, note

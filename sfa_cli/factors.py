@@ -29,7 +29,7 @@ import torch
 
 from sfa_cli.approximation import Approximation, info_fields
 from sfa_cli.errors import SfaError
-from sfa_cli.kernels import FactorStructure, chain_matmul
+from sfa_cli.kernels import FactorStructure
 from sfa_cli.patterns import Pattern
 
 __all__ = ["SparseFactors", "pattern_structures"]
@@ -126,12 +126,13 @@ class SparseFactors(Approximation):
         return self._torch_cache[key]
 
     def _apply(self, X: np.ndarray, transpose: bool) -> np.ndarray:
-        structs, values = self.torch_chain()
-        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=np.result_type(X.dtype, self.dtype)))
-        if Xt.dtype != values[0].dtype:
-            structs, values = self.torch_chain(dtype=Xt.dtype)
-        with torch.no_grad():
-            return chain_matmul(structs, values, Xt, transpose=transpose).numpy()
+        # numpy in, numpy out: scipy's compiled CSR products; for a vector they were 3.7x
+        # faster than torch's CSR kernel at n = 4096 (scripts/bench_fit.py, section d).
+        # Torch tensors (any device, with gradients) go through `torch_chain` + kernels.chain_matmul.
+        Y = X
+        for W in (self.factors if transpose else reversed(self.factors)):
+            Y = (W.T @ Y) if transpose else (W @ Y)
+        return np.asarray(Y)
 
     def _matmul(self, X):
         return self._apply(X, transpose=False)

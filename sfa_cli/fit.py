@@ -36,7 +36,17 @@ OPTIMIZERS = ("lbfgs", "adam")
 #: Largest n for which a sparse input is densified for the fit.
 DENSE_FIT_LIMIT = 8192
 #: Defaults, chosen from scripts/bench_fit.py measurements (see docs/performance.md).
-DEFAULTS = {"max_iter": 1000, "tol": 1e-6, "window": 20, "history_size": 50, "adam_lr": 0.01}
+DEFAULTS = {"max_iter": None, "tol": 1e-5, "window": 50, "history_size": 20, "adam_lr": 0.01}
+
+
+def default_max_iter(n: int) -> int:
+    """Iterations when max_iter is not given: 5000 up to n = 256, then 5000 * 256 / n, at least 500.
+
+    An evaluation costs about n^2 (log2 n)^2, so this keeps the default fit of a
+    large matrix within minutes while small matrices get the many iterations
+    their long plateaus need.
+    """
+    return int(min(5000, max(500, round(5000 * 256 / n))))
 
 
 @dataclass(frozen=True)
@@ -156,7 +166,7 @@ def fit(
     permute: int | None = None,
     optimizer: str = "lbfgs",
     lr: float | None = None,
-    max_iter: int = DEFAULTS["max_iter"],
+    max_iter: int | None = DEFAULTS["max_iter"],
     time_limit: float | None = None,
     tol: float = DEFAULTS["tol"],
     window: int = DEFAULTS["window"],
@@ -180,13 +190,14 @@ def fit(
         L-BFGS with a strong-Wolfe line search, or Adam.
     lr : float, optional
         Step size: 1 for L-BFGS (the line search scales it), 0.01 for Adam.
-    max_iter : int, default=1000
-        Optimiser iterations (L-BFGS iterations may use several evaluations).
+    max_iter : int or None, default=None
+        Optimiser iterations (L-BFGS iterations may use several evaluations);
+        None picks :func:`default_max_iter` (5000 for n <= 256, 500 at n = 4096).
     time_limit : float or None
         Seconds; the fit stops at the first evaluation past it.
-    tol : float, default=1e-6
+    tol : float, default=1e-5
         Stop when the best relative error improved by less than this fraction
-        over the last ``window`` iterations.
+        over the last ``window`` (default 50) iterations.
     seed : int, default=0
         Seed of the initial noise; the same seed gives the same factors on the
         same device (bitwise on CPU).
@@ -205,12 +216,13 @@ def fit(
     """
     if optimizer not in OPTIMIZERS:
         raise SfaError(f"unknown optimizer {optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
+    n = A.shape[0]
+    max_iter = default_max_iter(n) if max_iter is None else int(max_iter)
     if max_iter < 1:
         raise SfaError(f"max_iter must be >= 1; got {max_iter}")
     if time_limit is not None and time_limit <= 0:
         raise SfaError(f"time_limit must be positive; got {time_limit}")
     dev, tdtype = resolve_device(device), resolve_dtype(dtype)
-    n = A.shape[0]
     pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
     structs, _ = pattern_structures(pat, dev)
 

@@ -26,6 +26,7 @@ import os
 import secrets
 import struct
 import sys
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "SUPPORTED_EXTENSIONS",
     "split_spec",
     "load_matrix",
+    "load_array",
     "as_square_matrix",
     "atomic_output",
     "check_writable",
@@ -50,10 +52,12 @@ __all__ = [
 
 SUPPORTED_EXTENSIONS = (".npz", ".npy", ".mtx", ".mtx.gz", ".h5", ".hdf5", ".mat")
 
-# What the third-party readers raise on a truncated, corrupt or foreign file.
+# What the third-party readers raise on a truncated, corrupt or foreign file
+# (numpy parses a .npy header with tokenize and ast).
 _READ_ERRORS = (
-    OSError, EOFError, ValueError, KeyError, IndexError, TypeError, RuntimeError,
-    NotImplementedError, zipfile.BadZipFile, zlib.error, struct.error, MatReadError,
+    OSError, EOFError, ValueError, KeyError, IndexError, TypeError, RuntimeError, OverflowError,
+    NotImplementedError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
+    zlib.error, struct.error, MatReadError,
 )
 
 _MATLAB_NUMERIC = frozenset(
@@ -158,6 +162,31 @@ def load_matrix(spec):
     return as_square_matrix(raw, name=path)
 
 
+def load_array(path) -> np.ndarray:
+    """A vector or block of vectors from a ``.npy`` file, as float64 (or float32).
+
+    Used by ``sfa apply``; the array need not be square, but must be 1-D or
+    2-D, real and finite.
+    """
+    path = str(path)
+    if not os.path.exists(path):
+        raise SfaError(f"{path}: no such file")
+    if not path.lower().endswith(".npy"):
+        raise SfaError(f"{path}: vectors are read from .npy files")
+    try:
+        X = _read_npy(path, None)
+    except _READ_ERRORS as exc:
+        raise SfaError(f"{path}: cannot read as .npy: {_short_reason(exc)}") from exc
+    if X.ndim not in (1, 2) or X.size == 0:
+        raise SfaError(f"{path}: expected a vector or a 2-D block; got shape {X.shape}")
+    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool) or np.iscomplexobj(X):
+        raise SfaError(f"{path}: expected real numbers; got dtype {X.dtype}")
+    X = X.astype(_float_dtype(X.dtype), copy=False)
+    if not np.isfinite(X).all():
+        raise SfaError(f"{path}: {int((~np.isfinite(X)).sum())} NaN or Inf entries")
+    return X
+
+
 def _short_reason(exc: BaseException) -> str:
     """First line of an exception message, shortened; the type name if empty."""
     lines = str(exc).strip().splitlines()
@@ -212,14 +241,31 @@ def _pick(path: str, key: str | None, contents: dict, candidates: list[str]) -> 
     )
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+
+
+def _check_magic(path: str, magics: tuple[bytes, ...], what: str) -> None:
+    """Raise ValueError unless the file starts with one of `magics`.
+
+    Without this, np.load takes any other file for a pickle and says so.
+    """
+    with open(path, "rb") as fh:
+        head = fh.read(max(len(m) for m in magics))
+    if not any(head.startswith(m) for m in magics):
+        raise ValueError(f"not {what} (unexpected first bytes {head[:6]!r})")
+
+
 def _read_npy(path: str, key: str | None):
     """A ``.npy`` array (pickled object arrays refused, never unpickled)."""
     _no_key(path, key, "a .npy")
+    _check_magic(path, (_NPY_MAGIC,), "a .npy file")
     return np.load(path, allow_pickle=False)
 
 
 def _read_npz(path: str, key: str | None):
     """An array of a ``numpy.savez`` file, or a ``scipy.sparse.save_npz`` matrix."""
+    _check_magic(path, _ZIP_MAGIC + (_NPY_MAGIC,), "a zip archive")
     loaded = np.load(path, allow_pickle=False)
     if isinstance(loaded, np.ndarray):  # a .npy file under a .npz name
         _no_key(path, key, "a .npy")
@@ -279,7 +325,7 @@ def _csr_group_shape(group) -> tuple:
 def _read_csr_group(group):
     """CSR (or CSC, when the group says so or its indptr fits the columns) matrix."""
     shape = _csr_group_shape(group)
-    arrays = (group["data"][()], group["indices"][()], group["indptr"][()])
+    arrays = (_h5_values(group["data"][()]), group["indices"][()], group["indptr"][()])
     encoding = (_attr_str(group, "encoding-type") or _attr_str(group, "h5sparse_format")).lower()
     columns_major = encoding.startswith("csc") or (
         len(arrays[2]) - 1 == shape[1] != shape[0]
@@ -305,10 +351,12 @@ def _h5_contents(group, contents: dict, candidates: list) -> None:
 def _read_h5(path: str, key: str | None):
     """A 2-D dataset or a sparse group of an HDF5 file (``file.h5:/path`` selects)."""
     with h5py.File(path, "r") as f:
-        if key is not None and isinstance(f.get(key), (h5py.Dataset, h5py.Group)):
-            return _read_h5_node(path, f[key])
+        node = None if key is None else f.get(key)
+        if isinstance(node, (h5py.Dataset, h5py.Group)):
+            return _read_h5_node(path, node)
         contents, candidates = {}, []
         _h5_contents(f, contents, candidates)
+        # No key: the only candidate. A key naming nothing: _pick lists the contents.
         name = _pick(path, None if key is None else "/" + key.lstrip("/"), contents, candidates)
         return _read_h5_node(path, f[name])
 
@@ -338,13 +386,52 @@ def _read_mat(path: str, key: str | None):
     ]
     name = _pick(path, key, contents, candidates)
     _check_matlab_class(path, name, classes[name])
+    if scipy.io.matlab.matfile_version(path)[0] == 1:
+        _check_mat5_elements(path)
     return scipy.io.loadmat(path, variable_names=[name])[name]
+
+
+# Data types a MATLAB v5 element tag may name (miINT8 .. miUTF32; 8, 10, 11 are reserved).
+_MAT5_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 15, 16, 17, 18})
+_MAT5_MATRIX, _MAT5_COMPRESSED = 14, 15
+
+
+def _check_mat5_elements(path: str) -> None:
+    """Raise ValueError if a MATLAB v5 file holds an element tag with an invalid type.
+
+    scipy's reader looks the type code up in a C array without a bounds
+    check, so one corrupt tag crashes the interpreter instead of raising.
+    """
+    with open(path, "rb") as fh:
+        data = fh.read()
+    order = "<" if data[126:128] == b"IM" else ">"
+    _check_mat5_tags(data, 128, order)
+
+
+def _check_mat5_tags(buf: bytes, pos: int, order: str) -> None:
+    """Walk the tagged elements of `buf` from `pos`, into matrices and compressed blocks."""
+    while pos + 8 <= len(buf):
+        mdtype, count = struct.unpack_from(order + "II", buf, pos)
+        if mdtype >> 16:  # small data element: tag and up to 4 bytes in 8 bytes
+            mdtype, count, size = mdtype & 0xFFFF, mdtype >> 16, 8
+        else:
+            size = 8 + count + (0 if mdtype == _MAT5_COMPRESSED else -count % 8)
+        if mdtype not in _MAT5_TYPES:
+            raise ValueError(f"invalid element type {mdtype}")
+        body = buf[pos + 8: pos + 8 + count]
+        if mdtype == _MAT5_COMPRESSED:
+            _check_mat5_tags(zlib.decompress(body), 0, order)
+        elif mdtype == _MAT5_MATRIX:
+            _check_mat5_tags(body, 0, order)
+        pos += size
 
 
 def _check_matlab_class(path: str, name: str, cls: str) -> None:
     """Reject a chosen MATLAB variable that is not numeric (char, cell, struct...)."""
     if cls not in _MATLAB_NUMERIC:
-        raise SfaError(f"{path}: variable '{name}' is a MATLAB {cls or 'object'}, not a numeric matrix")
+        raise SfaError(
+            f"{path}: variable '{name}' is a MATLAB {cls or 'object'}, not a numeric matrix"
+        )
 
 
 def _is_matlab_matrix(shape) -> bool:
@@ -386,17 +473,21 @@ def _read_mat73_variable(node, shape: tuple):
         jc = node["jc"][()]
         ir = node["ir"][()] if "ir" in node else np.zeros(0, np.int64)
         data = node["data"][()] if "data" in node else np.zeros(0)
-        return sp.csc_matrix((_mat73_values(data), ir, jc), shape=shape)
+        return sp.csc_matrix((_h5_values(data), ir, jc), shape=shape)
     if node.attrs.get("MATLAB_empty", 0):
         return np.zeros(shape)
-    return _mat73_values(node[()]).T
+    return _h5_values(node[()]).T
 
 
-def _mat73_values(values: np.ndarray) -> np.ndarray:
-    """MATLAB stores complex data as a compound of 'real' and 'imag'."""
+def _h5_values(values: np.ndarray) -> np.ndarray:
+    """Stored HDF5 values in a dtype numpy and scipy.sparse take.
+
+    MATLAB stores complex data as a compound of 'real' and 'imag' (made
+    complex here, so validation can reject it); scipy.sparse has no float16.
+    """
     if values.dtype.names and {"real", "imag"} <= set(values.dtype.names):
         return values["real"] + 1j * values["imag"]
-    return values
+    return values.astype(np.float32) if values.dtype == np.float16 else values
 
 
 _READERS = {
@@ -447,6 +538,7 @@ def as_square_matrix(obj, name: str = "A"):
 def _to_array_or_sparse(obj, name: str):
     """An ndarray or canonical CSR from any supported input, without densifying."""
     if sp.issparse(obj):
+        _check_sparse_structure(obj, name)
         return _canonical_csr(obj)
     torch = sys.modules.get("torch")  # no tensor can exist unless torch is imported
     if torch is not None and isinstance(obj, torch.Tensor):
@@ -457,11 +549,36 @@ def _to_array_or_sparse(obj, name: str):
         raise SfaError(f"{name}: cannot convert to an array: {_short_reason(exc)}") from exc
 
 
+def _check_sparse_structure(obj, name: str) -> None:
+    """Reject a compressed sparse matrix (CSR, CSC, BSR) with inconsistent index arrays.
+
+    scipy's constructors check little (and ``check_format(full_check=True)``
+    misses a negative last ``indptr``); index arrays read from a corrupt file
+    can point out of bounds, and converting such a matrix crashes the
+    interpreter inside scipy's C++ code.
+    """
+    if obj.format not in ("csr", "csc", "bsr"):
+        return  # COO checks its indices on construction; the others are built safely
+    rows, cols = obj.shape
+    block_rows, block_cols = obj.blocksize if obj.format == "bsr" else (1, 1)
+    major, minor = (cols, rows) if obj.format == "csc" else (rows // block_rows, cols // block_cols)
+    indptr, indices = np.asarray(obj.indptr), np.asarray(obj.indices)
+    valid = (
+        len(indptr) == major + 1
+        and indptr[0] == 0
+        and indptr[-1] == len(indices) == len(obj.data)
+        and bool(np.all(np.diff(indptr) >= 0))
+        and (indices.size == 0 or (indices.min() >= 0 and indices.max() < minor))
+    )
+    if not valid:
+        raise SfaError(f"{name}: invalid sparse matrix (index arrays out of range or inconsistent)")
+
+
 def _canonical_csr(obj) -> sp.csr_matrix:
     """CSR matrix with sorted indices and summed duplicates (input left untouched)."""
     csr = sp.csr_matrix(obj)
     if not csr.has_canonical_format:
-        csr = csr.copy() if csr is obj else csr
+        csr = csr.copy()  # its arrays may be the caller's, and sum_duplicates works in place
         csr.sum_duplicates()
     return csr
 
@@ -596,15 +713,20 @@ def save_matrix(path, A) -> None:
     """
     ext = _extension(path)
     if ext is None:
-        raise SfaError(f"{path}: unknown file type; sfa writes {', '.join(SUPPORTED_EXTENSIONS)}")
+        raise SfaError(
+            f"{path}: unknown file type; sfa writes {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
     A = _canonical_csr(A) if sp.issparse(A) else np.asarray(A)
     if ext == ".npy" and sp.issparse(A):
-        raise SfaError(f"{path}: .npy holds dense arrays only; use .npz, .mtx or .h5 for a sparse matrix")
+        raise SfaError(
+            f"{path}: .npy holds dense arrays only; use .npz, .mtx or .h5 for a sparse matrix"
+        )
     with atomic_output(path) as tmp:
         _WRITERS[ext](tmp, A)
 
 
 def _write_npz(tmp: Path, A) -> None:
+    """Dense: ``numpy.savez`` with key ``A``; sparse: ``scipy.sparse.save_npz``."""
     if sp.issparse(A):
         sp.save_npz(tmp, A)
     else:
@@ -612,6 +734,7 @@ def _write_npz(tmp: Path, A) -> None:
 
 
 def _write_mtx(tmp: Path, A) -> None:
+    """Matrix Market (coordinate for sparse, array for dense), gzipped for ``.gz``."""
     if tmp.name.lower().endswith(".gz"):
         with gzip.open(tmp, "wb") as fh:
             scipy.io.mmwrite(fh, A)
@@ -620,6 +743,7 @@ def _write_mtx(tmp: Path, A) -> None:
 
 
 def _write_h5(tmp: Path, A) -> None:
+    """Dataset ``A``, or a CSR group ``A`` that :func:`load_matrix` and anndata read."""
     with h5py.File(tmp, "w") as f:
         if not sp.issparse(A):
             f.create_dataset("A", data=A)

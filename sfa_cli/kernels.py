@@ -210,6 +210,12 @@ def _block_diag(crow: torch.Tensor, col: torch.Tensor, n: int, batch: int):
     return crow_b, col_b
 
 
+def _spmm(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """W @ X into a fresh tensor: addmm with beta=0 and out= skips the zero-fill and copies of ``W @ X``."""
+    out = X.new_empty((W.shape[0], X.shape[1]))
+    return torch.addmm(out, W, X, beta=0.0, out=out)
+
+
 def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
     n = s.n
     if transpose:
@@ -223,12 +229,12 @@ def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transp
         batch, b = values.shape[0], X.shape[-1]
         cb, colb = _block_diag(crow, col, n, batch)
         Xf = X.reshape(batch * n, b) if X.dim() == 3 else X.repeat(batch, 1)
-        return (_csr(cb, colb, values.reshape(-1), (batch * n, batch * n)) @ Xf).reshape(batch, n, b)
+        return _spmm(_csr(cb, colb, values.reshape(-1), (batch * n, batch * n)), Xf).reshape(batch, n, b)
     if X.dim() == 3:  # shared factor, batched right-hand side
         batch, _, b = X.shape
-        Y = _csr(crow, col, values, (n, n)) @ X.transpose(0, 1).reshape(n, batch * b)
+        Y = _spmm(_csr(crow, col, values, (n, n)), X.transpose(0, 1).reshape(n, batch * b))
         return Y.reshape(n, batch, b).transpose(0, 1)
-    return _csr(crow, col, values, (n, n)) @ X
+    return _spmm(_csr(crow, col, values, (n, n)), X.contiguous())
 
 
 def _sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor, batched: bool) -> torch.Tensor:

@@ -4,7 +4,7 @@ import pytest
 import scipy.sparse as sp
 
 from sfa_cli.errors import SfaError
-from sfa_cli.fit import DEFAULTS, fit
+from sfa_cli.fit import DEFAULTS, default_max_iter, fit
 from sfa_cli.metrics import relative_error
 
 
@@ -92,7 +92,8 @@ def test_documented_defaults():
     import inspect
 
     sig = inspect.signature(fit)
-    assert sig.parameters["max_iter"].default == DEFAULTS["max_iter"]
+    assert sig.parameters["max_iter"].default is None and default_max_iter(64) == 5000
+    assert default_max_iter(1024) == 1250 and default_max_iter(4096) == 500 and default_max_iter(10**6) == 500
     assert sig.parameters["tol"].default == DEFAULTS["tol"]
     assert sig.parameters["dtype"].default == "float32" and sig.parameters["device"].default == "auto"
 

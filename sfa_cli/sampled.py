@@ -1,0 +1,734 @@
+"""The sampled fit: fit sparse factors to a matrix too large to densify.
+
+0.5 ||A - P||_F^2 with P = W(1)...W(M) is a sum over columns, so each step
+takes a block of columns J, computes P[:, J] = W(1)...W(M) E_J with M sparse
+products (cost O(n (L+1) |J|) each, never an n x n array), compares it with
+A[:, J] taken from the CSC matrix, and follows the gradient of that block,
+scaled by n / |J| so that it is an unbiased estimate of the full gradient.
+An epoch visits every column once, in a seeded random order. Adam with a
+cosine-decaying step size does the updates.
+
+The exact relative error needs every column of P, so the error is
+*estimated* from a seeded uniform sample of columns, with a confidence
+interval (:func:`estimate_relative_error`); ``exact_error=True`` streams over
+all columns at the end. The same sample (same ``seed``) serves every method,
+so ``eval`` and ``compare`` measure them on the same columns.
+
+Several processes (``torchrun``) split every step's column block between them
+and sum their gradients with ``torch.distributed`` before each update, so all
+ranks make the same updates and the result does not depend on the number of
+processes (up to floating-point summation order).
+
+Example
+-------
+>>> import scipy.sparse as sp
+>>> from sfa_cli.sampled import fit_sampled
+>>> A = sp.random(512, 512, density=0.01, random_state=0, format="csr")
+>>> r = fit_sampled(A, epochs=2, batch_columns=128, device="cpu", error_sample=256)
+>>> r.rel_error_is_estimate, len(r.rel_error_ci), r.epochs
+(True, 2, 2)
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from sfa_cli.errors import SfaError
+from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
+from sfa_cli.fit import DENSE_FIT_LIMIT, FitResult, FitStep, make_pattern
+from sfa_cli.kernels import chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
+from sfa_cli.patterns import Pattern
+
+__all__ = [
+    "fit_sampled",
+    "SampledFitResult",
+    "SampledFitStep",
+    "estimate_relative_error",
+    "sample_columns",
+    "init_distributed",
+    "SAMPLED_DEFAULTS",
+    "SAMPLED_FIT_ABOVE",
+]
+
+#: Defaults, chosen from scripts/bench_scale.py measurements (see docs/scale.md).
+SAMPLED_DEFAULTS = {
+    "batch_columns": 256,
+    "epochs": 10,
+    "lr": 0.01,
+    "final_lr_fraction": 0.05,
+    "error_sample": 1024,
+    "confidence": 0.95,
+}
+#: A sparse input with n above this is fitted by the sampled fit (the full fit would densify it).
+SAMPLED_FIT_ABOVE = DENSE_FIT_LIMIT
+#: A right-hand block of P[:, J] stays in the sparse "relative" form while its support
+#: is at most this fraction of n (scripts/bench_scale.py: 0.15 was the fastest at n = 65536).
+SPARSE_START_FRACTION = 0.15
+#: Bytes of working memory one chunk of columns may use (forward activations and gradients).
+CHUNK_BYTES = 1 << 30
+#: Columns per chunk at most: about where the sparse products reach their best time per column.
+CHUNK_COLUMNS = 64
+
+
+# -- results ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class SampledFitStep(FitStep):
+    """What the callback receives after each step, and once more at the end of each epoch.
+
+    ``rel_error`` is the running estimate from this epoch's training blocks (the
+    parameters move while it is gathered); at an epoch end (``epoch_end``) it is
+    the sample estimate of the current factors, with ``rel_error_ci``.
+    """
+
+    epoch: int = 0
+    epochs: int = 0
+    step_in_epoch: int = 0
+    steps_per_epoch: int = 0
+    epoch_end: bool = False
+    rel_error_ci: tuple | None = None
+
+
+@dataclass(frozen=True)
+class SampledFitResult(FitResult):
+    """The outcome of :func:`fit_sampled`: a :class:`FitResult` with the facts of a sampled fit.
+
+    Attributes (besides FitResult's)
+    --------------------------------
+    rel_error : float
+        The estimate from the error sample, or the exact error with ``exact_error=True``.
+    rel_error_estimate : float
+        The sample estimate of the returned factors' relative error.
+    rel_error_ci : tuple of float
+        Its confidence interval (low, high); ``(e, e)`` when exact.
+    rel_error_is_estimate : bool
+        False when ``rel_error`` is exact (``exact_error=True``, or the sample was every column).
+    epochs : int
+        Epochs completed (a partial last epoch is not counted).
+    batch_columns : int
+        Columns per step, over all processes together.
+    peak_memory_bytes : int
+        Peak resident memory of this process (host), in bytes.
+    peak_device_memory_bytes : int or None
+        Peak torch allocation on the CUDA device, when fitting on one.
+    """
+
+    rel_error_estimate: float = float("nan")
+    rel_error_ci: tuple = (float("nan"), float("nan"))
+    rel_error_is_estimate: bool = True
+    confidence: float = SAMPLED_DEFAULTS["confidence"]
+    error_sample: int = 0
+    epochs: int = 0
+    steps_per_epoch: int = 0
+    batch_columns: int = 0
+    lr: float = 0.0
+    processes: int = 1
+    peak_memory_bytes: int = 0
+    peak_device_memory_bytes: int | None = None
+    exact_rel_error: float | None = None
+
+    def to_dict(self, history: bool = False) -> dict:
+        out = super().to_dict(history=history)
+        out.update(
+            {
+                "sampled": True,
+                "rel_error_estimate": self.rel_error_estimate,
+                "rel_error_ci": list(self.rel_error_ci),
+                "rel_error_is_estimate": self.rel_error_is_estimate,
+                "confidence": self.confidence,
+                "error_sample": self.error_sample,
+                "exact_rel_error": self.exact_rel_error,
+                "epochs": self.epochs,
+                "steps_per_epoch": self.steps_per_epoch,
+                "batch_columns": self.batch_columns,
+                "lr": self.lr,
+                "processes": self.processes,
+                "peak_memory_bytes": self.peak_memory_bytes,
+                "peak_device_memory_bytes": self.peak_device_memory_bytes,
+            }
+        )
+        return out
+
+
+# -- distributed ----------------------------------------------------------------------
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment; returns (rank, world_size).
+
+    Without torchrun (no ``WORLD_SIZE`` > 1 in the environment) nothing is
+    initialised and the answer is ``(0, 1)``. The backend is NCCL when the
+    device is CUDA (each process on ``cuda:LOCAL_RANK``) and gloo on the CPU.
+    Call it once, before :func:`fit_sampled`; the group is destroyed at exit.
+    """
+    import atexit
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    if not dist.is_available():
+        raise SfaError(f"torchrun started {os.environ['WORLD_SIZE']} processes but this torch has no torch.distributed")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    atexit.register(_destroy_group)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _share(items: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's contiguous share of ``items`` (shares differ in size by at most one)."""
+    k = len(items)
+    return items[rank * k // world : (rank + 1) * k // world]
+
+
+def _all_reduce(t: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(t)
+    return t
+
+
+# -- columns of A ------------------------------------------------------------------
+class _Columns:
+    """Blocks A[:, J] as dense tensors, from a sparse matrix (held as CSC) or a dense array."""
+
+    def __init__(self, A):
+        if sp.issparse(A):
+            self.A = sp.csc_matrix(A)
+            data = self.A.data.astype(np.float64)
+            counts = np.diff(self.A.indptr)
+            self.sq_norms = np.bincount(np.repeat(np.arange(self.A.shape[1]), counts), weights=data * data,
+                                        minlength=self.A.shape[1])
+        else:
+            self.A = np.asarray(A)
+            n = self.A.shape[1]
+            self.sq_norms = np.concatenate([
+                np.einsum("ij,ij->j", B, B) for B in
+                (self.A[:, j : j + 1024].astype(np.float64) for j in range(0, n, 1024))
+            ]) if n else np.zeros(0)
+        self.n = self.A.shape[0]
+
+    def numpy(self, cols: np.ndarray) -> np.ndarray:
+        block = self.A[:, cols]
+        return block.toarray() if sp.issparse(block) else np.asarray(block)
+
+    def torch(self, cols: np.ndarray, device, dtype, scale: float) -> torch.Tensor:
+        block = torch.from_numpy(np.ascontiguousarray(self.numpy(cols)))
+        return (block.to(device=device, dtype=dtype) / scale) if scale != 1.0 else block.to(device=device, dtype=dtype)
+
+
+def _check_square(A) -> int:
+    shape = getattr(A, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != shape[1] or shape[0] < 2:
+        raise SfaError(f"the sampled fit needs a square matrix with n >= 2; got shape {shape}")
+    return int(shape[0])
+
+
+# -- P[:, J] without forming P ---------------------------------------------------------
+@dataclass(frozen=True)
+class _Level:
+    factor: int          # which factor this level applies
+    support: torch.Tensor  # S_h: sorted offsets s; the block holds rows (J_c - s) mod n
+    source: torch.Tensor   # (|S_h| * K,) row of S_{h-1} that feeds (s, k); |S_{h-1}| for none
+
+
+class _ColumnChain:
+    """P[:, J] = W(1)...W(M) E_J for any columns J, differentiable in the factor values.
+
+    The rightmost factors act on a very sparse block: for a circulant pattern
+    (row i holds columns i + o_k), column c of W(m)...W(M) E_J is non-zero only
+    on rows J_c - S_h with S_h the sums of h offsets, the same set for every
+    column. Those factors are applied in that compact form (|S_h| rows instead
+    of n) until S_h covers ``SPARSE_START_FRACTION`` of n; for the Chord
+    pattern at n = 65536 this skips about a third of the work. The remaining
+    factors use :func:`sfa_cli.kernels.chain_matmul`.
+    """
+
+    def __init__(self, structs, n: int, device, max_fraction: float = SPARSE_START_FRACTION):
+        self.structs, self.n, self.device = list(structs), n, device
+        self.levels: list[_Level] = []
+        support = np.zeros(1, dtype=np.int64)
+        for m in reversed(range(len(self.structs))):
+            s = self.structs[m]
+            if s.offsets is None:
+                break
+            offsets = np.asarray(s.offsets, dtype=np.int64)
+            grown = np.unique((support[:, None] + offsets[None, :]) % n)
+            if len(grown) > max_fraction * n:
+                break
+            wanted = (grown[:, None] - offsets[None, :]) % n
+            at = np.minimum(np.searchsorted(support, wanted), len(support) - 1)
+            source = np.where(support[at] == wanted, at, len(support))
+            self.levels.append(_Level(m, torch.from_numpy(grown).to(device),
+                                      torch.from_numpy(source.reshape(-1)).to(device)))
+            support = grown
+        self.dense_factors = len(self.structs) - len(self.levels)
+
+    def __call__(self, values, J: torch.Tensor) -> torch.Tensor:
+        n, b = self.n, J.numel()
+        like = values[0]
+        if not self.levels:
+            E = like.new_zeros((n, b))
+            E[J, torch.arange(b, device=J.device)] = 1
+            return chain_matmul(self.structs, values, E)
+        X = like.new_ones((1, b))
+        rows = None
+        for level in self.levels:
+            s = self.structs[level.factor]
+            k = len(s.offsets)
+            V = values[level.factor].index_select(0, s.ell).view(n, k)  # V[i, j]: entry (i, i + o_j)
+            rows = (J.unsqueeze(0) - level.support.unsqueeze(1)).remainder(n)  # (|S|, b)
+            Vg = V.index_select(0, rows.reshape(-1)).view(-1, b, k)
+            Xg = torch.cat([X, X.new_zeros((1, b))]).index_select(0, level.source).view(-1, k, b)
+            X = torch.einsum("rbk,rkb->rb", Vg, Xg)
+        dense = X.new_zeros((n, b)).scatter(0, rows, X)
+        return chain_matmul(self.structs[: self.dense_factors], values[: self.dense_factors], dense)
+
+    def peak_rows(self) -> int:
+        return int(self.levels[-1].support.numel()) if self.levels else 0
+
+
+def _chunks(cols: np.ndarray, size: int):
+    for i in range(0, len(cols), size):
+        yield cols[i : i + size]
+
+
+def _squared_residuals(chain, values, columns: _Columns, cols: np.ndarray, scale, chunk, device, dtype) -> np.ndarray:
+    """||A[:, j] / scale - P[:, j]||^2 for each j in cols, in float64."""
+    out = np.empty(len(cols), dtype=np.float64)
+    with torch.no_grad():
+        i = 0
+        for c in _chunks(cols, chunk):
+            J = torch.from_numpy(c).to(device)
+            R = chain(values, J) - columns.torch(c, device, dtype, scale)
+            out[i : i + len(c)] = (R * R).sum(0, dtype=torch.float64).cpu().numpy()
+            i += len(c)
+    return out
+
+
+# -- error estimates ---------------------------------------------------------------
+def sample_columns(n: int, sample: int, seed: int = 0) -> np.ndarray:
+    """The seeded uniform sample of ``min(sample, n)`` distinct columns, sorted.
+
+    The same (n, sample, seed) gives the same columns everywhere, so every
+    method measured with the same seed is measured on the same sample.
+    """
+    sample = int(sample)
+    if sample < 1:
+        raise SfaError(f"the error sample needs at least 1 column; got {sample}")
+    if sample >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng([int(seed), 0x5FA]).choice(n, size=sample, replace=False)).astype(np.int64)
+
+
+def _estimate(r: np.ndarray, a: np.ndarray, n: int, a_total: float, confidence: float) -> dict:
+    """Relative error and its CI from squared residuals r_j of a column sample.
+
+    The total T = sum_j r_j over all n columns is estimated with the regression
+    estimator on the known column norms a_j = ||A[:, j]||^2 (their total
+    ``a_total`` is known exactly), which removes the variation of r_j that is
+    only the variation of the columns' norms (a graph's degrees); its standard
+    error uses the finite-population correction (1 - m/n). The interval
+    T_hat +- z se is mapped to the relative-error scale sqrt(T / a_total).
+    With every column in the sample the estimate is exact and the interval a point.
+    """
+    m = len(r)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    if m >= n:
+        e = math.sqrt(max(float(r.sum()), 0.0) / a_total)
+        return {"rel_error_estimate": e, "rel_error_ci": [e, e], "exact": True}
+    r_mean, a_mean = float(r.mean()), float(a.mean())
+    dr, da = r - r_mean, a - a_mean
+    saa = float(da @ da)
+    beta = float(da @ dr) / saa if m > 2 and saa > 1e-12 * float(a @ a) else 0.0
+    total = n * (r_mean + beta * (a_total / n - a_mean))
+    resid = dr - beta * da
+    dof = m - (2 if beta else 1)
+    var = float(resid @ resid) / dof if dof > 0 else math.inf
+    se = n * math.sqrt((1.0 - m / n) * var / m)
+    low, high = max(total - z * se, 0.0), max(total + z * se, 0.0)
+    return {
+        "rel_error_estimate": math.sqrt(max(total, 0.0) / a_total),
+        "rel_error_ci": [math.sqrt(low / a_total), math.sqrt(high / a_total)],
+        "exact": False,
+    }
+
+
+def estimate_relative_error(
+    A, approx, *, sample: int = SAMPLED_DEFAULTS["error_sample"], seed: int = 0,
+    confidence: float = SAMPLED_DEFAULTS["confidence"], block: int | None = None,
+) -> dict:
+    """Estimate ||A - A_hat||_F / ||A||_F from a seeded sample of columns, with a confidence interval.
+
+    Parameters
+    ----------
+    A : ndarray or scipy sparse matrix of shape (n, n)
+    approx : Approximation
+        Anything with ``n``, ``dtype`` and ``matmul`` (every sfa method).
+    sample : int, default=1024
+        Columns in the sample (all n columns when ``sample >= n``: then exact).
+    seed : int, default=0
+        Seed of the sample (:func:`sample_columns`); the same seed gives the
+        same columns, so methods compared with one seed share the sample.
+    confidence : float, default=0.95
+    block : int, optional
+        Columns per product ``approx.matmul(E_J)``; by default about 64 MiB of float64.
+
+    Returns
+    -------
+    dict
+        ``rel_error_estimate``, ``rel_error_ci`` ([low, high]), ``sample_columns``
+        (columns used), ``n``, ``seed``, ``confidence`` and ``exact`` (True when
+        the sample was every column; the CI is then the point itself).
+    """
+    n = _check_square(A)
+    if approx.n != n:
+        raise SfaError(f"the approximation is for n={approx.n} but the matrix has n={n}")
+    if not 0 < confidence < 1:
+        raise SfaError(f"confidence must be between 0 and 1; got {confidence}")
+    columns = _Columns(A)
+    a_total = float(columns.sq_norms.sum())
+    if a_total == 0.0:
+        raise SfaError("the matrix is all zeros; its relative error is undefined")
+    cols = sample_columns(n, sample, seed)
+    block = block or max(1, min(512, (64 << 20) // (8 * n)))
+    dtype = np.dtype(getattr(approx, "dtype", np.float64))
+    r = np.empty(len(cols), dtype=np.float64)
+    for i in range(0, len(cols), block):
+        c = cols[i : i + block]
+        E = np.zeros((n, len(c)), dtype=dtype)
+        E[c, np.arange(len(c))] = 1
+        P = np.asarray(approx.matmul(E), dtype=np.float64)
+        D = columns.numpy(c).astype(np.float64) - P
+        r[i : i + len(c)] = np.einsum("ij,ij->j", D, D)
+    out = _estimate(r, columns.sq_norms[cols], n, a_total, confidence)
+    return {**out, "sample_columns": len(cols), "n": n, "seed": int(seed), "confidence": confidence}
+
+
+# -- the fit --------------------------------------------------------------------------
+def _memory_plan(n, structs, pat, tdtype, dev, A, chunk_wanted) -> tuple[int, int]:
+    """(chunk columns, bytes needed on the device); refuses when the device lacks them."""
+    item = torch.finfo(tdtype).bits // 8
+    nnz = sum(s.nnz for s in structs)
+    distinct = {id(s): s for s in structs}.values()
+    struct_bytes = sum(8 * (6 * s.nnz + 2 * (n + 1)) for s in distinct)
+    # values, their gradient, Adam's two moments, the best copy, the all-reduce buffer
+    value_bytes = 6 * nnz * item
+    per_column = 2 * (len(structs) + 4) * n * item
+    chunk = int(max(1, min(chunk_wanted, CHUNK_COLUMNS, CHUNK_BYTES // per_column)))
+    total = struct_bytes + value_bytes + chunk * per_column
+    host = 0
+    if sp.issparse(A):
+        host = A.nnz * (A.data.itemsize + 8) if A.format != "csc" else 0
+    where = f"the sampled fit of the {n} x {n} matrix ({pat.factors} factors, {nnz:,} values)"
+    if dev.type == "cpu":
+        require_memory(total + host, where, "use fewer --factors or --dtype float32", dtype=str(tdtype).replace("torch.", ""))
+    else:
+        require_memory(total, where, "use --device cpu, fewer --factors or --dtype float32", device=dev,
+                       dtype=str(tdtype).replace("torch.", ""))
+        require_memory(host, f"the CSC copy of the {n} x {n} matrix", "convert the file to CSC first")
+    return chunk, total + host
+
+
+def fit_sampled(
+    A,
+    *,
+    pattern: str | Pattern = "chord",
+    factors: int | None = None,
+    base: int | None = None,
+    symmetric: bool | None = None,
+    self_link: bool | None = None,
+    permute: int | None = None,
+    batch_columns: int = SAMPLED_DEFAULTS["batch_columns"],
+    epochs: int = SAMPLED_DEFAULTS["epochs"],
+    lr: float | None = None,
+    optimizer: str = "adam",
+    time_limit: float | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    dtype: str = "float32",
+    error_sample: int = SAMPLED_DEFAULTS["error_sample"],
+    exact_error: bool = False,
+    confidence: float = SAMPLED_DEFAULTS["confidence"],
+    init: SparseFactors | None = None,
+    callback=None,
+) -> SampledFitResult:
+    """Fit sparse factors to a large matrix from blocks of its columns, never forming n x n.
+
+    Parameters
+    ----------
+    A : scipy sparse matrix or ndarray of shape (n, n)
+        The target; a sparse A is used as CSC (copied once if it is not).
+    pattern, factors, base, symmetric, self_link, permute
+        As in :func:`sfa_cli.fit.fit`.
+    batch_columns : int, default=256
+        Columns per step over all processes together (the global batch);
+        results do not depend on how many processes share it.
+    epochs : int, default=10
+        Passes over all columns, each in a fresh seeded random order.
+    lr : float, optional
+        Adam's initial step size (default 0.01), decayed along a cosine to 5%
+        of it over the planned ``epochs``.
+    optimizer : {"adam"}
+        The only choice: L-BFGS needs the exact objective, which a block of
+        columns does not give.
+    time_limit : float, optional
+        Seconds; the fit stops after the first step past it.
+    seed : int, default=0
+        Seeds the initial noise, the column orders and the error sample.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+    dtype : {"float32", "float64"}, default="float32"
+    error_sample : int, default=1024
+        Columns in the error sample evaluated after every epoch; the best
+        factors by this estimate are returned.
+    exact_error : bool, default=False
+        Also compute the exact error of the returned factors, streaming over
+        all columns (about a third of an epoch); ``rel_error`` is then exact.
+    confidence : float, default=0.95
+        Level of ``rel_error_ci``.
+    init : SparseFactors, optional
+        Warm start with the pattern's structure.
+    callback : callable, optional
+        ``callback(step: SampledFitStep)`` after every step and at each epoch
+        end; returning True stops the fit.
+
+    Returns
+    -------
+    SampledFitResult
+        ``stopped_because`` is ``epochs``, ``time_limit``, ``callback``,
+        ``exact``, ``diverged`` or ``interrupted`` (Ctrl-C returns the best
+        factors so far).
+    """
+    if optimizer != "adam":
+        raise SfaError(f"the sampled fit uses adam (a column block gives no exact objective for {optimizer!r})")
+    n = _check_square(A)
+    for name, value in (("batch_columns", batch_columns), ("epochs", epochs), ("error_sample", error_sample)):
+        if int(value) < 1:
+            raise SfaError(f"{name} must be >= 1; got {value}")
+    if time_limit is not None and time_limit <= 0:
+        raise SfaError(f"time_limit must be positive; got {time_limit}")
+    if not 0 < confidence < 1:
+        raise SfaError(f"confidence must be between 0 and 1; got {confidence}")
+    lr = SAMPLED_DEFAULTS["lr"] if lr is None else float(lr)
+    if lr <= 0:
+        raise SfaError(f"lr must be positive; got {lr}")
+    batch_columns, epochs = min(int(batch_columns), n), int(epochs)
+
+    rank, world = _rank_world()
+    dev, tdtype = resolve_device(device), resolve_dtype(dtype)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
+    structs, _ = pattern_structures(pat, dev)
+    chunk, _ = _memory_plan(n, structs, pat, tdtype, dev, A, -(-batch_columns // world))
+
+    t0 = time.perf_counter()
+    columns = _Columns(A)
+    a_total = float(columns.sq_norms.sum())
+    if a_total == 0.0:
+        raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    scale = math.sqrt(a_total)
+    # the fit works on A / ||A||_F: column norms and their total in those units
+    a_scaled, a_total_scaled = columns.sq_norms / a_total, 1.0
+    chain = _ColumnChain(structs, n, dev)
+
+    if init is not None:
+        if init.n != n or init.num_factors != pat.factors:
+            raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, {pat.factors}")
+        start = [v.to(device=dev, dtype=tdtype) / scale ** (1.0 / pat.factors)
+                 for v in init.torch_chain(dtype=torch.float64)[1]]
+    else:
+        start = [v.to(dev) for v in initial_values(structs, seed=seed, dtype=tdtype)]
+    params = [v.clone().requires_grad_(True) for v in start]
+    opt = torch.optim.Adam(params, lr=lr)
+    steps_per_epoch = -(-n // batch_columns)
+    total_steps = epochs * steps_per_epoch
+    final = SAMPLED_DEFAULTS["final_lr_fraction"]
+
+    def lr_at(step: int) -> float:
+        return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0))))
+
+    sample = sample_columns(n, error_sample, seed)
+
+    def estimate() -> dict:
+        """Sample estimate of the current factors, the sample split over the ranks."""
+        mine = _share(np.arange(len(sample)), rank, world)
+        r = np.zeros(len(sample), dtype=np.float64)
+        r[mine] = _squared_residuals(chain, params, columns, sample[mine], scale, chunk, dev, tdtype)
+        if world > 1:
+            r = _all_reduce(torch.from_numpy(r), world).numpy()
+        return _estimate(r, a_scaled[sample], n, a_total_scaled, confidence)
+
+    history: list[dict] = []
+    state = {"step": 0, "epochs_done": 0}
+    best = {"values": [p.detach().clone() for p in params], "est": None}
+
+    def checkpoint(epoch: float, train_rel: float | None) -> dict:
+        est = estimate()
+        entry = {"epoch": epoch, "iteration": state["step"], "evaluations": state["step"],
+                 "seconds": time.perf_counter() - t0, "rel_error": est["rel_error_estimate"],
+                 "rel_error_ci": est["rel_error_ci"], "train_rel_error": train_rel}
+        history.append(entry)
+        if best["est"] is None or est["rel_error_estimate"] < best["est"]["rel_error_estimate"]:
+            best["est"] = est
+            for b, p in zip(best["values"], params):
+                b.copy_(p.detach())
+        return est
+
+    def stop_flags(*flags) -> list[bool]:
+        """Flags raised on any rank, seen by all ranks (so that all stop at the same step)."""
+        t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=_reduce_device(dev, world))
+        return [bool(v > 0) for v in _all_reduce(t, world).tolist()]
+
+    stopped = "epochs"
+    initial = checkpoint(0, None)
+    try:
+        for epoch in range(1, epochs + 1):
+            order = np.random.default_rng([int(seed), epoch]).permutation(n).astype(np.int64)
+            train_sq, seen = 0.0, 0
+            for k, start_col in enumerate(range(0, n, batch_columns)):
+                block = order[start_col : start_col + batch_columns]
+                for p in params:
+                    p.grad = None
+                loss = 0.0
+                for c in _chunks(_share(block, rank, world), chunk):
+                    J = torch.from_numpy(c).to(dev)
+                    R = chain(params, J) - columns.torch(c, dev, tdtype, scale)
+                    part = 0.5 * (R * R).sum()
+                    part.backward()
+                    loss += float(part.detach())
+                for p in params:
+                    if p.grad is None:  # a rank with no columns this step
+                        p.grad = torch.zeros_like(p)
+                _reduce_gradients(params, world, dev)
+                loss, nonfinite, by_time = _all_reduce(torch.tensor(
+                    [loss, not math.isfinite(loss), time_limit is not None and time.perf_counter() - t0 >= time_limit],
+                    dtype=torch.float64, device=_reduce_device(dev, world)), world).tolist()
+                for p in params:
+                    p.grad.mul_(n / len(block))  # unbiased estimate of the full gradient
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(state["step"])
+                opt.step()
+                state["step"] += 1
+                train_sq += 2.0 * loss
+                seen += len(block)
+                train_rel = math.sqrt(max(train_sq / seen, 0.0))  # in units of ||A||_F (scaled A)
+                seconds = time.perf_counter() - t0
+                wants_stop = callback is not None and bool(callback(SampledFitStep(
+                    state["step"], state["step"], seconds, train_rel,
+                    best["est"]["rel_error_estimate"], epoch, epochs, k + 1, steps_per_epoch)))
+                diverged, by_callback = nonfinite > 0 or not math.isfinite(loss), stop_flags(wants_stop)[0]
+                if diverged or by_callback or by_time > 0:
+                    stopped = "diverged" if diverged else "callback" if by_callback else "time_limit"
+                    break
+            if stopped != "epochs":
+                if stopped != "diverged":
+                    checkpoint(epoch - 1 + seen / n, train_rel)
+                break
+            state["epochs_done"] = epoch
+            est = checkpoint(epoch, train_rel)
+            if callback is not None:
+                wants_stop = bool(callback(SampledFitStep(
+                    state["step"], state["step"], time.perf_counter() - t0, est["rel_error_estimate"],
+                    best["est"]["rel_error_estimate"], epoch, epochs, steps_per_epoch, steps_per_epoch,
+                    True, tuple(est["rel_error_ci"]))))
+            else:
+                wants_stop = False
+            exact_hit, by_callback = stop_flags(best["est"]["rel_error_estimate"] <= 1e-7, wants_stop)
+            if exact_hit or by_callback:
+                stopped = "exact" if exact_hit else "callback"
+                break
+    except KeyboardInterrupt:
+        stopped = "interrupted"
+
+    chosen = best["est"]
+    exact = None
+    if exact_error and stopped != "interrupted":
+        mine = _share(np.arange(n, dtype=np.int64), rank, world)
+        sq = float(_squared_residuals(chain, best["values"], columns, mine, scale, chunk, dev, tdtype).sum())
+        sq = float(_all_reduce(torch.tensor([sq], dtype=torch.float64, device=_reduce_device(dev, world)), world).item())
+        exact = math.sqrt(max(sq, 0.0))
+
+    values = [(v.detach().double() * scale ** (1.0 / pat.factors)).cpu().numpy() for v in best["values"]]
+    np_dtype = np.float32 if tdtype == torch.float32 else np.float64
+    approx = SparseFactors.from_pattern(pat, [v.astype(np_dtype) for v in values])
+    is_estimate = exact is None and not chosen["exact"]
+    rel = exact if exact is not None else chosen["rel_error_estimate"]
+    return SampledFitResult(
+        approximation=approx,
+        rel_error=rel,
+        initial_rel_error=initial["rel_error_estimate"],
+        iterations=state["step"],
+        evaluations=state["step"],
+        seconds=time.perf_counter() - t0,
+        device=str(dev),
+        dtype=str(tdtype).replace("torch.", ""),
+        optimizer="adam",
+        stopped_because=stopped,
+        history=history,
+        rel_error_estimate=chosen["rel_error_estimate"],
+        rel_error_ci=tuple(chosen["rel_error_ci"]),
+        rel_error_is_estimate=is_estimate,
+        confidence=confidence,
+        error_sample=len(sample),
+        epochs=state["epochs_done"],
+        steps_per_epoch=steps_per_epoch,
+        batch_columns=batch_columns,
+        lr=lr,
+        processes=world,
+        peak_memory_bytes=peak_rss_bytes(),
+        peak_device_memory_bytes=peak_device_bytes(dev),
+        exact_rel_error=exact,
+    )
+
+
+def _reduce_device(dev: torch.device, world: int) -> torch.device:
+    """Where collective buffers live: NCCL needs CUDA tensors, gloo takes CPU ones."""
+    if world > 1:
+        import torch.distributed as dist
+
+        if dist.get_backend() == "nccl":
+            return dev
+        return torch.device("cpu")
+    return dev
+
+
+def _reduce_gradients(params, world: int, dev) -> None:
+    """Sum the gradients over the ranks, in one all-reduce of their own dtype."""
+    if world == 1:
+        return
+    where = _reduce_device(dev, world)
+    flat = torch.cat([p.grad.reshape(-1).to(where) for p in params])
+    _all_reduce(flat, world)
+    i = 0
+    for p in params:
+        k = p.numel()
+        p.grad.copy_(flat[i : i + k].view_as(p.grad))
+        i += k

@@ -1,0 +1,151 @@
+"""`sfa fit`, `sfa eval`, `sfa apply`, `sfa reconstruct` through the command line."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from functools import reduce
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.io as sio
+import scipy.sparse as sp
+
+from sfa_cli.approximation import load_approximation
+
+ROOT = Path(__file__).resolve().parents[1]
+SUMMARY_KEYS = {"path", "n", "factors", "params", "compression", "rel_error", "iterations", "evaluations", "seconds",
+                "device", "dtype", "stopped_because", "tsvd_rel_error"}
+
+
+@pytest.fixture
+def graph_mtx(tmp_path):
+    rng = np.random.default_rng(0)
+    U = np.triu(rng.random((48, 48)) < 4 / 47, 1)
+    A = sp.csr_matrix((U | U.T).astype(float))
+    path = tmp_path / "graph.mtx"
+    sio.mmwrite(path, A, symmetry="symmetric")
+    return path, A.toarray()
+
+
+def _fit_json(run_cli, *args):
+    result = run_cli("fit", *args, "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+@pytest.mark.parametrize("ext", ["npz", "h5"])
+def test_fit_writes_factors_that_scipy_alone_rebuilds(run_cli, graph_mtx, tmp_path, ext):
+    path, A = graph_mtx
+    out = tmp_path / f"F.{ext}"
+    summary = _fit_json(run_cli, path, "-o", out, "--max-iter", "150")
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["n"] == 48 and summary["factors"] == 6 and summary["params"] == 6 * 48 * 6
+    assert summary["rel_error"] < summary["tsvd_rel_error"]  # the paper's claim on a sparse graph
+    if ext == "npz":
+        z = np.load(out, allow_pickle=False)
+        meta = json.loads(str(z["meta"]))
+        Ws = [sp.csr_matrix((z[f"factor{m}.data"], z[f"factor{m}.indices"], z[f"factor{m}.indptr"]), shape=(48, 48))
+              for m in range(meta["factors"])]
+    else:
+        import h5py
+
+        with h5py.File(out) as f:
+            meta = json.loads(f.attrs["meta"])
+            Ws = [sp.csr_matrix((f[f"factors/{m}/data"][()], f[f"factors/{m}/indices"][()], f[f"factors/{m}/indptr"][()]),
+                                shape=(48, 48)) for m in range(meta["factors"])]
+    P = reduce(lambda a, b: a @ b, Ws).toarray()
+    assert np.linalg.norm(A - P) / np.linalg.norm(A) == pytest.approx(summary["rel_error"], rel=1e-5)
+    assert meta["rel_error"] == pytest.approx(summary["rel_error"]) and meta["input"] == str(path)
+    assert meta["pattern"]["name"] == "chord" and meta["sfa_version"]
+
+
+def test_report_history_and_options(run_cli, graph_mtx, tmp_path):
+    path, _ = graph_mtx
+    report = tmp_path / "fit.json"
+    summary = _fit_json(run_cli, path, "-o", tmp_path / "F.npz", "--report", report, "--max-iter", "20", "--base", "3",
+                        "--symmetric", "--permute", "4", "--dtype", "float64", "--no-baseline", "--optimizer", "adam")
+    assert "tsvd_rel_error" not in summary and summary["dtype"] == "float64" and summary["optimizer"] == "adam"
+    assert summary["pattern"] == {"name": "chord", "base": 3, "symmetric": True, "self_link": True, "permute": 4}
+    rep = json.loads(report.read_text())
+    assert rep["history"] and set(rep["history"][0]) == {"iteration", "evaluations", "seconds", "rel_error"}
+    assert rep["iterations"] == 20 and rep["stopped_because"] == "max_iter"
+
+
+def test_existing_output_needs_force(run_cli, cli_error, graph_mtx, tmp_path):
+    path, _ = graph_mtx
+    out = tmp_path / "F.npz"
+    out.write_bytes(b"precious")
+    line = cli_error("fit", path, "-o", out, "--max-iter", "2")
+    assert str(out) in line and "--force" in line
+    assert out.read_bytes() == b"precious"
+    assert run_cli("fit", path, "-o", out, "--max-iter", "2", "--force", "-q").exit_code == 0
+    assert load_approximation(out).n == 48
+
+
+def test_fit_bad_input_and_usage_errors(run_cli, cli_error, tmp_path):
+    bad = tmp_path / "rect.npy"
+    np.save(bad, np.ones((3, 4)))
+    line = cli_error("fit", bad, "-o", tmp_path / "F.npz")
+    assert str(bad) in line and "3 x 4" in line
+    assert not (tmp_path / "F.npz").exists()
+    ok = tmp_path / "ok.npy"
+    np.save(ok, np.eye(12) + 1)
+    assert run_cli("fit", ok, "-o", tmp_path / "F.npz", "--device", "gpu").exit_code == 2
+    assert run_cli("fit", ok, "-o", tmp_path / "F.npz", "--max-iter", "0").exit_code == 2
+    assert "power of two" in cli_error("fit", ok, "-o", tmp_path / "F.npz", "--pattern", "butterfly")
+
+
+def test_eval_apply_reconstruct(run_cli, cli_error, graph_mtx, tmp_path):
+    path, A = graph_mtx
+    F = tmp_path / "F.npz"
+    summary = _fit_json(run_cli, path, "-o", F, "--max-iter", "30", "--no-baseline")
+    result = run_cli("eval", F, path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rel_error"] == pytest.approx(summary["rel_error"], rel=1e-9)
+
+    dense = tmp_path / "dense.npz"
+    assert run_cli("reconstruct", F, "-o", dense).exit_code == 0
+    P = np.load(dense)["A"]
+    assert np.linalg.norm(A - P) / np.linalg.norm(A) == pytest.approx(summary["rel_error"], rel=1e-5)
+
+    X = np.random.default_rng(0).standard_normal((48, 3))
+    np.save(tmp_path / "X.npy", X)
+    assert run_cli("apply", F, tmp_path / "X.npy", "-o", tmp_path / "Y.npy").exit_code == 0
+    assert np.allclose(np.load(tmp_path / "Y.npy"), P @ X, atol=1e-5)
+    assert run_cli("apply", F, tmp_path / "X.npy", "-o", tmp_path / "YT.npy", "--transpose").exit_code == 0
+    assert np.allclose(np.load(tmp_path / "YT.npy"), P.T @ X, atol=1e-5)
+    np.save(tmp_path / "x.npy", X[:, 0])
+    assert run_cli("apply", F, tmp_path / "x.npy", "-o", tmp_path / "y.npy").exit_code == 0
+    assert np.load(tmp_path / "y.npy").shape == (48,)
+
+    np.save(tmp_path / "wrong.npy", np.ones(5))
+    assert "dimension mismatch" in cli_error("apply", F, tmp_path / "wrong.npy", "-o", tmp_path / "z.npy")
+    assert "limit" in cli_error("reconstruct", F, "-o", tmp_path / "d2.npz", "--max-n", "10")
+    other = tmp_path / "other.npy"
+    np.save(other, np.eye(10) + 1)
+    assert "48 x 48" in cli_error("eval", F, other)
+
+
+def test_sigint_writes_best_factors_and_exits_130(tmp_path):
+    n = 256
+    rng = np.random.default_rng(1)
+    np.save(tmp_path / "A.npy", rng.standard_normal((n, n)))
+    out, report = tmp_path / "F.npz", tmp_path / "fit.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfa_cli", "fit", str(tmp_path / "A.npy"), "-o", str(out), "--report", str(report),
+         "--max-iter", "100000", "--tol", "0", "--no-baseline", "--quiet", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    time.sleep(6)  # imports + a few iterations
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    F = load_approximation(out)
+    assert F.n == n and F.info["stopped_because"] == "interrupted"
+    summary = json.loads(stdout)
+    assert summary["stopped_because"] == "interrupted" and summary["interrupted"] is True
+    assert json.loads(report.read_text())["interrupted"] is True
+    assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
