@@ -232,6 +232,8 @@ def fit(
         raise SfaError("the matrix is all zeros; there is nothing to approximate")
     target = target / scale
     blocks = column_blocks(n, block_columns(n))
+    # E_J blocks are reused by every evaluation when they are small (n^2 entries in all).
+    unit_blocks = [unit_columns(n, cols, target) for cols in blocks] if n <= 4096 else None
 
     if init is not None:
         if init.n != n or init.num_factors != pat.factors:
@@ -247,7 +249,7 @@ def fit(
 
     def objective():
         run.optimizer.zero_grad(set_to_none=False)
-        loss = blockwise_loss_and_grad(structs, params, target, blocks)
+        loss = blockwise_loss_and_grad(structs, params, target, blocks, unit_blocks)
         run.record(loss)
         return loss
 
@@ -295,15 +297,16 @@ def unit_columns(n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
     return E
 
 
-def blockwise_loss_and_grad(structs, params, target: torch.Tensor, blocks) -> float:
+def blockwise_loss_and_grad(structs, params, target: torch.Tensor, blocks, unit_blocks=None) -> float:
     """0.5 ||target - W(1)...W(M)||_F^2, accumulating its gradient into params' .grad.
 
     The sum over column blocks J of 0.5 ||target[:, J] - W(1)...W(M) E_J||^2: each
     block's chain lives in cache and only M blocks of n x b are kept for backward.
     """
     total = 0.0
-    for cols in blocks:
-        residual = chain_matmul(structs, params, unit_columns(target.shape[0], cols, target)) - target[:, cols]
+    for i, cols in enumerate(blocks):
+        E = unit_blocks[i] if unit_blocks is not None else unit_columns(target.shape[0], cols, target)
+        residual = chain_matmul(structs, params, E) - target[:, cols]
         loss = 0.5 * (residual * residual).sum()
         loss.backward()
         total += float(loss.detach())

@@ -219,10 +219,11 @@ def _spmm(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
 def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
     n = s.n
     if transpose:
-        crow, col, values, rows = s.crow_t, s.col_t, values.index_select(-1, s.perm_t), s.col.index_select(0, s.perm_t)
+        crow, col, values = s.crow_t, s.col_t, values.index_select(-1, s.perm_t)
     else:
-        crow, col, rows = s.crow, s.col, s.rows
+        crow, col = s.crow, s.col
     if X.dtype not in _CSR_DTYPES:  # gather fallback: Y[r] += v * X[c]
+        rows = s.col.index_select(0, s.perm_t) if transpose else s.rows
         Xc = X.index_select(-2, col) * values.unsqueeze(-1)
         return Xc.new_zeros(Xc.shape[:-2] + (n, Xc.shape[-1])).index_add_(-2, rows, Xc)
     if values.dim() == 2:  # one factor per sample: one block-diagonal product
