@@ -89,7 +89,7 @@ BATCHES = {"adding": adding_batch, "order": order_batch}
 def build_model(task: str, mixer: str, n: int, args, mixer_options: dict | None = None) -> SequenceModel:
     common = dict(mixer=mixer, dim=args.dim, depth=args.depth, max_len=n, pooling=args.pooling, mixer_options=mixer_options)
     if mixer == "chord":
-        common["mixer_options"] = {"normalize": args.normalize, "residual": not args.no_residual, **(mixer_options or {})}
+        common["mixer_options"] = {"normalize": args.normalize, "residual": args.residual, **(mixer_options or {})}
     if task == "adding":
         return SequenceModel(1, in_features=2, positional=None, **common)
     return SequenceModel(4, vocab_size=6, positional="sinusoidal", **common)
@@ -216,7 +216,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--pooling", default="mean", choices=["mean", "max", "first"])
     p.add_argument("--normalize", default="softmax", choices=["softmax", "scale", "none"], help="ChordMixing row normalisation")
-    p.add_argument("--no-residual", action="store_true", help="ChordMixing without the residual after each factor")
+    p.add_argument("--residual", action="store_true", help="ChordMixing with the value added back after every factor")
     p.add_argument("--models", default="chord,softmax")
     p.add_argument("--test-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     }
     print(f"# device {machine['device']} ({machine['device_name']}), torch {machine['torch']}, "
           f"{machine['torch_threads']} threads; batch {args.batch}, dim {args.dim}, depth {args.depth}, lr {args.lr}, "
-          f"pooling {args.pooling}, chord normalize={args.normalize} residual={not args.no_residual}", flush=True)
+          f"pooling {args.pooling}, chord normalize={args.normalize} residual={args.residual}", flush=True)
     rows = []
     t_all = time.perf_counter()
     for task in tasks:

@@ -193,8 +193,9 @@ def _pattern_options(kw: dict) -> dict:
 class _FitProgress:
     """A rich progress line on stderr fed by the fit callback."""
 
-    def __init__(self, label: str, max_iter: int, enabled: bool):
+    def __init__(self, label: str, max_iter: int, enabled: bool, start_line: str = ""):
         self.enabled = enabled
+        self.start_line = start_line  # printed (also to logs) once the first evaluation is done
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("it {task.completed:>5.0f}/{task.total:.0f}"),
             TextColumn("rel.err {task.fields[err]}"), TimeElapsedColumn(), console=err, transient=True,
@@ -210,6 +211,9 @@ class _FitProgress:
         return self.progress.__exit__(*exc)
 
     def __call__(self, step) -> bool:
+        if self.start_line and self.enabled:
+            self.progress.console.print(self.start_line, markup=False, highlight=False, soft_wrap=True)
+            self.start_line = ""
         self.progress.update(self.task, completed=step.iteration, err=f"{step.best_rel_error:.4g}")
         return False
 
@@ -248,7 +252,9 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
         check_writable(report, force)
     A = load_matrix(matrix)
     total = kw["max_iter"] or default_max_iter(A.shape[0])
-    with _FitProgress(Path(matrix).name, total, enabled=not quiet) as progress:
+    start_line = (f"fitting {matrix}: n={A.shape[0]}, {pattern} pattern, up to {total} iterations "
+                  f"(Ctrl-C stops and keeps the best factors)")
+    with _FitProgress(Path(matrix).name, total, enabled=not quiet, start_line=start_line) as progress:
         result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw), **_fit_options(kw))
     approx = result.approximation
     rel_error = relative_error(A, approx)  # float64, from the factors as saved

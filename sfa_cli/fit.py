@@ -119,6 +119,16 @@ class FitResult:
         return out
 
 
+class _Restart(Exception):
+    """Raised inside the objective when an L-BFGS line search ran away."""
+
+
+#: A relative error above this during an L-BFGS line search restarts it from the best point
+#: (the objective is a polynomial of degree 2M in the step, and extrapolation can overflow).
+RUNAWAY = 1e6
+MAX_RESTARTS = 20
+
+
 class _Stop(Exception):
     """Raised inside the objective to end the optimiser's step early."""
 
@@ -253,14 +263,16 @@ def fit(
         run.record(loss)
         return loss
 
-    if optimizer == "lbfgs":
-        run.optimizer = torch.optim.LBFGS(
-            params, lr=lr or 1.0, max_iter=max_iter + 1, max_eval=25 * (max_iter + 1), history_size=history_size,
-            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
-        )
-    else:
-        run.optimizer = torch.optim.Adam(params, lr=lr or DEFAULTS["adam_lr"])
-    run.stopped_because = _optimise(run, objective)
+    def make_optimizer():
+        if optimizer == "lbfgs":
+            return torch.optim.LBFGS(
+                params, lr=lr or 1.0, max_iter=max_iter + 1, max_eval=25 * (max_iter + 1), history_size=history_size,
+                tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe",
+            )
+        return torch.optim.Adam(params, lr=lr or DEFAULTS["adam_lr"])
+
+    run.optimizer = make_optimizer()
+    run.stopped_because = _optimise(run, objective, make_optimizer)
 
     values = [(v.detach().double() * scale ** (1.0 / pat.factors)).cpu().numpy() for v in run.best]
     np_dtype = np.float32 if tdtype == torch.float32 else np.float64
@@ -330,11 +342,13 @@ class _Run:
         self.best_rel = math.inf
         self.best_at: list[float] = []  # best relative error when each iteration ended
         self.stopped_because = ""
+        self.iteration_base = 0  # iterations done before the current optimiser (restarts)
+        self.restarts = 0
 
     def _current_iteration(self) -> int:
         if isinstance(self.optimizer, torch.optim.LBFGS):
             # L-BFGS counts an iteration when it starts; evaluations belong to it.
-            return max(self.optimizer.state[self.params[0]].get("n_iter", 1) - 1, 0)
+            return self.iteration_base + max(self.optimizer.state[self.params[0]].get("n_iter", 1) - 1, 0)
         return self.iteration
 
     def record(self, loss: float) -> None:
@@ -352,7 +366,9 @@ class _Run:
             for b, p in zip(self.best, self.params):
                 b.copy_(p.detach())
         self.history.append({"iteration": iteration, "evaluations": self.evaluations, "seconds": seconds, "rel_error": rel})
-        if not math.isfinite(rel):
+        if not rel < RUNAWAY:  # also NaN
+            if isinstance(self.optimizer, torch.optim.LBFGS):
+                raise _Restart
             raise _Stop("diverged")
         if self.callback is not None and self.callback(FitStep(iteration, self.evaluations, seconds, rel, self.best_rel)):
             raise _Stop("callback")
@@ -369,15 +385,25 @@ class _Run:
             raise _Stop("tol")
 
 
-def _optimise(run: _Run, objective) -> str:
+def _optimise(run: _Run, objective, make_optimizer) -> str:
     """Step the optimiser until a stopping rule fires; returns the rule's name."""
     try:
-        if isinstance(run.optimizer, torch.optim.LBFGS):
-            # One call runs every iteration; the objective raises _Stop to end it.
-            run.optimizer.step(objective)
-            # L-BFGS returns early only when the gradient vanishes or the line search stalls.
-            run.record(float(objective()))
-            return "tol"
+        while isinstance(run.optimizer, torch.optim.LBFGS):
+            try:
+                # One call runs every iteration; the objective raises _Stop to end it.
+                run.optimizer.step(objective)
+                # L-BFGS returns early only when the gradient vanishes or the line search stalls.
+                run.record(float(objective()))
+                return "tol"
+            except _Restart:
+                run.restarts += 1
+                if run.restarts > MAX_RESTARTS:
+                    return "diverged"
+                with torch.no_grad():
+                    for p, b in zip(run.params, run.best):
+                        p.copy_(b)
+                run.iteration_base = run.iteration
+                run.optimizer = make_optimizer()
         while True:
             run.optimizer.step(objective)
             run.iteration += 1

@@ -132,13 +132,18 @@ class ChordMixing(nn.Module):
         Hidden width of every MLP (one GELU layer).
     base : int, default=2
         Chord offsets are powers of base.
-    residual : bool, default=True
-        Add V back after every factor.
+    residual : bool, default=False
+        Add V back after every factor (the paper's code does). With softmax
+        rows it is not needed for stability and trained worse in
+        ``docs/attention.md``; the blocks of :class:`SequenceModel` have their
+        own residual around the whole layer.
     normalize : {"softmax", "scale", "none"}, default="softmax"
         What is done to the L+1 entries of each row: ``softmax`` makes every
         factor row-stochastic (so the product is row-stochastic, like an
         attention matrix, and stays bounded at any depth); ``scale`` divides the
         raw entries by sqrt(L+1); ``none`` uses them raw (the paper's code).
+        Without softmax the product of M factors shrinks or grows
+        geometrically with M unless ``residual=True``.
     dropout : float, default=0.0
         Dropout on V.
 
@@ -147,7 +152,7 @@ class ChordMixing(nn.Module):
     """
 
     def __init__(self, dim: int, *, max_len: int, out_dim: int | None = None, hidden: int | None = None,
-                 base: int = 2, residual: bool = True, normalize: str = "softmax", dropout: float = 0.0):
+                 base: int = 2, residual: bool = False, normalize: str = "softmax", dropout: float = 0.0):
         super().__init__()
         if int(dim) < 1:
             raise SfaError(f"dim of ChordMixing must be >= 1; got {dim}")

@@ -64,6 +64,8 @@ SAMPLED_DEFAULTS = {
     "epochs": 10,
     "lr": 0.01,
     "final_lr_fraction": 0.05,
+    "warmup_fraction": 0.05,
+    "start_norm": 1.0,
     "error_sample": 1024,
     "confidence": 0.95,
 }
@@ -445,7 +447,7 @@ def _start_values(structs, n: int, start: str, seed: int, dtype) -> list[torch.T
     if start == "paper" or not has_self:
         return initial_values(structs, seed=seed, dtype=dtype)
     gen = torch.Generator().manual_seed(int(seed))
-    factor_scale = float(n) ** (-0.5 / len(structs))
+    factor_scale = (SAMPLED_DEFAULTS["start_norm"] / math.sqrt(n)) ** (1.0 / len(structs))
     out = []
     for s in structs:
         v = 0.01 * torch.rand(s.nnz, generator=gen, dtype=torch.float64)
@@ -607,8 +609,14 @@ def fit_sampled(
     total_steps = epochs * steps_per_epoch
     final = SAMPLED_DEFAULTS["final_lr_fraction"]
 
+    warmup = SAMPLED_DEFAULTS["warmup_fraction"] * total_steps
+
     def lr_at(step: int) -> float:
-        return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * min(step / total_steps, 1.0))))
+        """Linear warm-up over the first 5% of the steps, then a cosine down to 5% of lr."""
+        if step < warmup:
+            return lr * (step + 1) / (warmup + 1)
+        t = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
+        return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
     sample = sample_columns(n, error_sample, seed)
 

@@ -136,10 +136,12 @@ def test_sigint_writes_best_factors_and_exits_130(tmp_path):
     out, report = tmp_path / "F.npz", tmp_path / "fit.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sfa_cli", "fit", str(tmp_path / "A.npy"), "-o", str(out), "--report", str(report),
-         "--max-iter", "100000", "--tol", "0", "--no-baseline", "--quiet", "--json"],
+         "--max-iter", "100000", "--tol", "0", "--no-baseline", "--json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
-    time.sleep(6)  # imports + a few iterations
+    started = proc.stderr.readline()  # the "fitting ..." line comes right before the fit starts
+    assert started.startswith("fitting"), started
+    time.sleep(2)  # a few iterations
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -105,3 +105,16 @@ def test_cuda_matches_cpu():
     gpu = fit(A, max_iter=20, device="cuda", dtype="float64")
     assert gpu.device.startswith("cuda")
     assert gpu.rel_error == pytest.approx(cpu.rel_error, rel=1e-6)
+
+
+def test_runaway_line_search_restarts_from_the_best_point(monkeypatch):
+    import sfa_cli.fit as fit_module
+
+    A = _graph(32)
+    normal = fit(A, max_iter=5, device="cpu")
+    assert normal.initial_rel_error > 1.0  # the paper's start overshoots this matrix
+    monkeypatch.setattr(fit_module, "RUNAWAY", 1.0)  # every evaluation above 1.0 counts as a runaway
+    r = fit(A, max_iter=50, device="cpu")
+    assert r.stopped_because == "diverged"
+    assert r.evaluations == fit_module.MAX_RESTARTS + 1
+    assert r.rel_error == pytest.approx(normal.initial_rel_error)  # the best (= start) point is returned

@@ -84,9 +84,10 @@ def test_single_token_is_the_value():
     torch.testing.assert_close(layer(x), layer.value(x))
 
 
-def test_gradients_reach_every_mlp():
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradients_reach_every_mlp(residual):
     torch.manual_seed(0)
-    layer = ChordMixing(8, max_len=100)  # N = max_len: all M MLPs and all L+1 outputs are used
+    layer = ChordMixing(8, max_len=100, residual=residual)  # N = max_len: all M MLPs and all L+1 outputs are used
     x = torch.randn(2, 100, 8, requires_grad=True)
     layer(x).square().sum().backward()
     M = layer.factors
