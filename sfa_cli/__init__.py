@@ -2,7 +2,24 @@
 
 Public API (re-exported names only); see the README for the command line.
 """
-from sfa_cli._version import __version__
-from sfa_cli.errors import SfaError
+import os
 
-__all__ = ["__version__", "SfaError"]
+# OpenMP threads that spin while waiting made a fit 3-4x slower whenever another
+# process shared the cores (a batch run, a second job); passive waiting costs
+# little on an idle machine. Set before torch is imported; a user's setting wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from sfa_cli._version import __version__  # noqa: E402
+from sfa_cli.approximation import Approximation, load_approximation  # noqa: E402
+from sfa_cli.compare import compare  # noqa: E402
+from sfa_cli.errors import SfaError  # noqa: E402
+from sfa_cli.factors import SparseFactors  # noqa: E402
+from sfa_cli.fit import FitResult, fit  # noqa: E402
+from sfa_cli.io import load_matrix, save_matrix  # noqa: E402
+from sfa_cli.metrics import relative_error  # noqa: E402
+from sfa_cli.patterns import butterfly_pattern, chord_pattern  # noqa: E402
+
+__all__ = [
+    "__version__", "SfaError", "Approximation", "load_approximation", "compare", "SparseFactors", "fit", "FitResult",
+    "load_matrix", "save_matrix", "relative_error", "chord_pattern", "butterfly_pattern",
+]

@@ -162,7 +162,7 @@ optimizer_options = _stack(
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Step size.  [default: 1 for lbfgs, 0.01 for adam]"),
     click.option("--max-iter", type=click.IntRange(min=1), default=None,
-                 help="Optimiser iterations.  [default: 5000 up to N = 256, then 5000*256/N, at least 500]"),
+                 help="Optimiser iterations.  [default: 5000 up to N = 256, then 5000*256/N, at least 300]"),
     click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
                  help="Stop fitting after this many seconds (per fit)."),
     click.option("--tol", type=click.FloatRange(min=0), default=DEFAULTS["tol"], show_default=True,

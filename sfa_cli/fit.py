@@ -40,13 +40,13 @@ DEFAULTS = {"max_iter": None, "tol": 1e-5, "window": 50, "history_size": 20, "ad
 
 
 def default_max_iter(n: int) -> int:
-    """Iterations when max_iter is not given: 5000 up to n = 256, then 5000 * 256 / n, at least 500.
+    """Iterations when max_iter is not given: 5000 up to n = 256, then 5000 * 256 / n, at least 300.
 
     An evaluation costs about n^2 (log2 n)^2, so this keeps the default fit of a
     large matrix within minutes while small matrices get the many iterations
     their long plateaus need.
     """
-    return int(min(5000, max(500, round(5000 * 256 / n))))
+    return int(min(5000, max(300, round(5000 * 256 / n))))
 
 
 @dataclass(frozen=True)
@@ -202,7 +202,7 @@ def fit(
         Step size: 1 for L-BFGS (the line search scales it), 0.01 for Adam.
     max_iter : int or None, default=None
         Optimiser iterations (L-BFGS iterations may use several evaluations);
-        None picks :func:`default_max_iter` (5000 for n <= 256, 500 at n = 4096).
+        None picks :func:`default_max_iter` (5000 for n <= 256, 312 at n = 4096).
     time_limit : float or None
         Seconds; the fit stops at the first evaluation past it.
     tol : float, default=1e-5

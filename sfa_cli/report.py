@@ -128,8 +128,9 @@ def compare_table(path: str, comparison) -> Table:
     if sweep:
         table.add_column("budget", justify="right")
     for name, justify in (("method", "left"), ("params", "right"), ("compression", "right"),
-                          ("rel. error", "right"), ("seconds", "right"), ("note", "left")):
-        table.add_column(name, justify=justify)
+                          ("rel. error", "right"), ("seconds", "right")):
+        table.add_column(name, justify=justify, no_wrap=True)
+    table.add_column("note", ratio=1)
     for r in comparison.results:
         best = comparison.best(r.budget)
         mark = " *" if best is not None and r is best else ""
@@ -137,7 +138,7 @@ def compare_table(path: str, comparison) -> Table:
             r.method + mark,
             _fmt(r.params),
             f"{comparison.n**2 / r.params:.1f}x" if r.params else "-",
-            f"{r.rel_error:.4g}" if r.rel_error is not None else r.status,
+            f"{r.rel_error:.4g}" if r.rel_error is not None else ("n/a" if r.status == "not applicable" else r.status),
             f"{r.seconds:.2f}",
             r.note,
         ]

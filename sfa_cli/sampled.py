@@ -65,7 +65,7 @@ SAMPLED_DEFAULTS = {
     "lr": 0.01,
     "final_lr_fraction": 0.05,
     "warmup_fraction": 0.05,
-    "start_norm": 1.0,
+    "start_norm_min": 0.3,
     "error_sample": 1024,
     "confidence": 0.95,
 }
@@ -226,6 +226,7 @@ class _Columns:
             counts = np.diff(self.A.indptr)
             self.sq_norms = np.bincount(np.repeat(np.arange(self.A.shape[1]), counts), weights=data * data,
                                         minlength=self.A.shape[1])
+            self.trace = float(self.A.diagonal().astype(np.float64).sum())
         else:
             self.A = np.asarray(A)
             n = self.A.shape[1]
@@ -233,6 +234,7 @@ class _Columns:
                 np.einsum("ij,ij->j", B, B) for B in
                 (self.A[:, j : j + 1024].astype(np.float64) for j in range(0, n, 1024))
             ]) if n else np.zeros(0)
+            self.trace = float(np.trace(self.A.astype(np.float64, copy=False)))
         self.n = self.A.shape[0]
 
     def numpy(self, cols: np.ndarray) -> np.ndarray:
@@ -436,18 +438,19 @@ def estimate_relative_error(
 STARTS = ("identity", "paper")
 
 
-def _start_values(structs, n: int, start: str, seed: int, dtype) -> list[torch.Tensor]:
+def _start_values(structs, n: int, start: str, seed: int, dtype, norm: float = 1.0) -> list[torch.Tensor]:
     """Initial factor values for A scaled to unit Frobenius norm (CPU tensors, CSR order).
 
     ``identity``: 1 on the self link and ``0.01 u`` (u ~ U[0, 1), seeded) elsewhere,
-    all times n^(-1/(2M)), so the product is about I / sqrt(n), whose Frobenius
-    norm is 1. Falls back to the paper's start when a factor has no self link.
+    all times (norm / sqrt(n))^(1/M), so the product is about norm * I / sqrt(n),
+    of Frobenius norm ``norm``. Falls back to the paper's start when a factor
+    has no self link.
     """
     has_self = all(bool((s.col == s.rows).sum() == n) for s in structs)
     if start == "paper" or not has_self:
         return initial_values(structs, seed=seed, dtype=dtype)
     gen = torch.Generator().manual_seed(int(seed))
-    factor_scale = (SAMPLED_DEFAULTS["start_norm"] / math.sqrt(n)) ** (1.0 / len(structs))
+    factor_scale = (norm / math.sqrt(n)) ** (1.0 / len(structs))
     out = []
     for s in structs:
         v = 0.01 * torch.rand(s.nnz, generator=gen, dtype=torch.float64)
@@ -602,7 +605,10 @@ def fit_sampled(
         start = [v.to(device=dev, dtype=tdtype) / scale ** (1.0 / pat.factors)
                  for v in init.torch_chain(dtype=torch.float64)[1]]
     else:
-        start = [v.to(dev) for v in _start_values(structs, n, start_at, seed, tdtype)]
+        # The multiple of I closest to A has norm cos(A, I) = trace(A) / (||A||_F sqrt(n)); an
+        # adjacency matrix (zero diagonal) would start at P = 0, Adam's saddle, hence the floor.
+        norm = min(max(columns.trace / (scale * math.sqrt(n)), SAMPLED_DEFAULTS["start_norm_min"]), 1.0)
+        start = [v.to(dev) for v in _start_values(structs, n, start_at, seed, tdtype, norm)]
     params = [v.clone().requires_grad_(True) for v in start]
     opt = torch.optim.Adam(params, lr=lr)
     steps_per_epoch = -(-n // batch_columns)

@@ -93,7 +93,7 @@ def test_documented_defaults():
 
     sig = inspect.signature(fit)
     assert sig.parameters["max_iter"].default is None and default_max_iter(64) == 5000
-    assert default_max_iter(1024) == 1250 and default_max_iter(4096) == 500 and default_max_iter(10**6) == 500
+    assert default_max_iter(1024) == 1250 and default_max_iter(4096) == 312 and default_max_iter(10**6) == 300
     assert sig.parameters["tol"].default == DEFAULTS["tol"]
     assert sig.parameters["dtype"].default == "float32" and sig.parameters["device"].default == "auto"
 
