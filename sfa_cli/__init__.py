@@ -1,6 +1,8 @@
 """sfa: sparse factorization of large square matrices.
 
 Public API (re-exported names only); see the README for the command line.
+The fitting and comparison functions live in their modules, whose names they
+share: ``from sfa_cli.fit import fit``, ``from sfa_cli.compare import compare``.
 """
 import os
 
@@ -11,15 +13,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sfa_cli._version import __version__  # noqa: E402
 from sfa_cli.approximation import Approximation, load_approximation  # noqa: E402
-from sfa_cli.compare import compare  # noqa: E402
 from sfa_cli.errors import SfaError  # noqa: E402
 from sfa_cli.factors import SparseFactors  # noqa: E402
-from sfa_cli.fit import FitResult, fit  # noqa: E402
+from sfa_cli.fit import FitResult  # noqa: E402
 from sfa_cli.io import load_matrix, save_matrix  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
 from sfa_cli.patterns import butterfly_pattern, chord_pattern  # noqa: E402
 
 __all__ = [
-    "__version__", "SfaError", "Approximation", "load_approximation", "compare", "SparseFactors", "fit", "FitResult",
+    "__version__", "SfaError", "Approximation", "load_approximation", "SparseFactors", "FitResult",
     "load_matrix", "save_matrix", "relative_error", "chord_pattern", "butterfly_pattern",
 ]
