@@ -24,7 +24,7 @@ in one training forward (``sfa_cli.nn.SavedTensorBytes``), the allocator-free
 measure of activation memory.
 
 Example:
-    python scripts/bench_attention.py                       # CPU-sized default, ~10 min on 2 cores
+    python scripts/bench_attention.py                       # CPU default: ~9 min wall, 7 min CPU on 2 idle cores
     python scripts/bench_attention.py --lengths 128,256 --steps 100 --tasks adding
     python scripts/bench_attention.py --device cuda --lengths 128,256,512,1024,2048,4096,8192,16384
 """

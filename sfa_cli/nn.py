@@ -11,7 +11,8 @@ and L = floor(log_b N). The product replaces the softmax attention matrix of a
 Transformer: every output token can depend on every input token, yet the layer
 costs O(N log^2 N) time and O(N log N) memory instead of O(N^2). The sparse
 products run through :func:`sfa_cli.kernels.sparse_matmul` (CSR on CPU and
-CUDA, a gather fallback for bfloat16 on CPU).
+CUDA for float32/float64; shifted row slices of the circulant Chord pattern for
+bfloat16).
 
 Example
 -------
@@ -39,7 +40,7 @@ from torch import nn
 
 from sfa_cli.errors import SfaError
 from sfa_cli.kernels import FactorStructure, sparse_matmul
-from sfa_cli.patterns import _ceil_log, _floor_log, chord_pattern
+from sfa_cli.patterns import chord_budget, chord_pattern
 
 __all__ = ["ChordMixing", "SoftmaxAttention", "SequenceModel", "SavedTensorBytes", "MIXERS", "NORMALIZATIONS", "POOLINGS"]
 
@@ -167,8 +168,8 @@ class ChordMixing(nn.Module):
         self.max_len = int(max_len)
         self.residual = bool(residual)
         self.normalize = _choice("normalize", normalize, NORMALIZATIONS, "ChordMixing")
-        self.factors = _ceil_log(self.max_len, self.base)
-        self.nnz_per_row = _floor_log(self.max_len, self.base) + 1
+        budget = chord_budget(self.max_len, self.base)
+        self.factors, self.nnz_per_row = budget["factors"], budget["nnz_per_row"]
         self.rows = _FactorMLPs(self.factors, self.dim, self.hidden, self.nnz_per_row)
         self.value = nn.Sequential(nn.Linear(self.dim, self.hidden), nn.GELU(), nn.Linear(self.hidden, self.out_dim))
         self.dropout = nn.Dropout(dropout)
@@ -183,7 +184,8 @@ class ChordMixing(nn.Module):
             raise SfaError(f"ChordMixing was built for sequences of length 1 to {self.max_len}; got N={n}")
         if n == 1:
             return 0, 1
-        return _ceil_log(n, self.base), _floor_log(n, self.base) + 1
+        budget = chord_budget(n, self.base)
+        return budget["factors"], budget["nnz_per_row"]
 
     def _entries(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised row entries, feature-major: (M, L+1, batch * N)."""

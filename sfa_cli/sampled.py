@@ -52,17 +52,19 @@ __all__ = [
     "SampledFitResult",
     "SampledFitStep",
     "estimate_relative_error",
+    "error_report",
     "sample_columns",
     "init_distributed",
+    "default_lr",
     "SAMPLED_DEFAULTS",
     "SAMPLED_FIT_ABOVE",
+    "EXACT_ERROR_UP_TO",
 ]
 
 #: Defaults, chosen from scripts/bench_scale.py measurements (see docs/scale.md).
 SAMPLED_DEFAULTS = {
     "batch_columns": 256,
     "epochs": 10,
-    "lr": 0.01,
     "final_lr_fraction": 0.05,
     "warmup_fraction": 0.05,
     "start_norm_min": 0.3,
@@ -71,6 +73,9 @@ SAMPLED_DEFAULTS = {
 }
 #: A sparse input with n above this is fitted by the sampled fit (the full fit would densify it).
 SAMPLED_FIT_ABOVE = DENSE_FIT_LIMIT
+#: Largest n for which ``eval`` and ``compare`` compute the exact error by default (it costs
+#: a product with all n columns); above it they estimate it from a column sample.
+EXACT_ERROR_UP_TO = DENSE_FIT_LIMIT
 #: A right-hand block of P[:, J] stays in the sparse "relative" form while its support
 #: is at most this fraction of n (scripts/bench_scale.py: 0.15 was the fastest at n = 65536).
 SPARSE_START_FRACTION = 0.15
@@ -434,8 +439,60 @@ def estimate_relative_error(
     return {**out, "sample_columns": len(cols), "n": n, "seed": int(seed), "confidence": confidence}
 
 
+def error_report(
+    A, approx, *, exact_error: bool | None = None, sample: int = SAMPLED_DEFAULTS["error_sample"], seed: int = 0,
+    confidence: float = SAMPLED_DEFAULTS["confidence"],
+) -> dict:
+    """The relative error as ``eval`` and ``compare`` report it: exact up to n = 8192, estimated above.
+
+    Parameters
+    ----------
+    exact_error : bool or None
+        True streams over all columns (:func:`sfa_cli.metrics.relative_error`),
+        False estimates from ``sample`` columns; None picks exact when
+        ``n <= EXACT_ERROR_UP_TO``.
+
+    Returns
+    -------
+    dict
+        ``rel_error`` (the number to show), ``rel_error_is_estimate``, and with
+        an estimate ``rel_error_estimate``, ``rel_error_ci``, ``sample_columns``,
+        ``confidence``, ``seed``.
+    """
+    n = _check_square(A)
+    if exact_error is None:
+        exact_error = n <= EXACT_ERROR_UP_TO
+    if exact_error:
+        from sfa_cli.metrics import relative_error
+
+        return {"rel_error": relative_error(A, approx), "rel_error_is_estimate": False}
+    est = estimate_relative_error(A, approx, sample=sample, seed=seed, confidence=confidence)
+    return {
+        "rel_error": est["rel_error_estimate"],
+        "rel_error_is_estimate": not est["exact"],
+        "rel_error_estimate": est["rel_error_estimate"],
+        "rel_error_ci": est["rel_error_ci"],
+        "sample_columns": est["sample_columns"],
+        "confidence": confidence,
+        "seed": int(seed),
+    }
+
+
 # -- the fit --------------------------------------------------------------------------
 STARTS = ("identity", "paper")
+
+
+def default_lr(pattern: Pattern) -> float:
+    """Adam's step size when none is given: 0.5 / (M K), K the non-zeros per row.
+
+    Adam moves every value by about lr per step, and an entry of the product
+    depends on M K values, so the step that keeps the product's change
+    moderate shrinks with M K: 0.0032 at n = 4096 (Chord: M = 12, K = 13),
+    0.0018 at n = 65536. Measured on grid Laplacians and sparse random graphs
+    at n = 4096 and 8192 (docs/scale.md): 3x larger diverges at first on the
+    grid, 3x smaller stalls on the graph.
+    """
+    return 0.5 / (pattern.factors * pattern.nnz_per_row)
 
 
 def _start_values(structs, n: int, start: str, seed: int, dtype, norm: float = 1.0) -> list[torch.Tensor]:
@@ -521,8 +578,10 @@ def fit_sampled(
     epochs : int, default=10
         Passes over all columns, each in a fresh seeded random order.
     lr : float, optional
-        Adam's initial step size (default 0.01), decayed along a cosine to 5%
-        of it over the planned ``epochs``.
+        Adam's peak step size (default :func:`default_lr`: 0.5 / (M (L+1)),
+        0.0032 at n = 4096), reached after a linear warm-up over the first 5%
+        of the planned steps, then decayed along a cosine to 5% of it at the
+        end of the planned ``epochs``.
     optimizer : {"adam"}
         The only choice: L-BFGS needs the exact objective, which a block of
         columns does not give.
@@ -574,8 +633,7 @@ def fit_sampled(
     if start not in STARTS:
         raise SfaError(f"unknown start {start!r}; choose from {', '.join(STARTS)}")
     start_at = start
-    lr = SAMPLED_DEFAULTS["lr"] if lr is None else float(lr)
-    if lr <= 0:
+    if lr is not None and lr <= 0:
         raise SfaError(f"lr must be positive; got {lr}")
     batch_columns, epochs = min(int(batch_columns), n), int(epochs)
 
@@ -586,6 +644,7 @@ def fit_sampled(
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
+    lr = default_lr(pat) if lr is None else float(lr)
     structs, _ = pattern_structures(pat, dev)
     chunk, _ = _memory_plan(n, structs, pat, tdtype, dev, A, -(-batch_columns // world))
 
@@ -610,7 +669,7 @@ def fit_sampled(
         norm = min(max(columns.trace / (scale * math.sqrt(n)), SAMPLED_DEFAULTS["start_norm_min"]), 1.0)
         start = [v.to(dev) for v in _start_values(structs, n, start_at, seed, tdtype, norm)]
     params = [v.clone().requires_grad_(True) for v in start]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = _Adam(params)
     steps_per_epoch = -(-n // batch_columns)
     total_steps = epochs * steps_per_epoch
     final = SAMPLED_DEFAULTS["final_lr_fraction"]
@@ -632,7 +691,7 @@ def fit_sampled(
         r = np.zeros(len(sample), dtype=np.float64)
         r[mine] = _squared_residuals(chain, params, columns, sample[mine], scale, chunk, dev, tdtype)
         if world > 1:
-            r = _all_reduce(torch.from_numpy(r), world).numpy()
+            r = _all_reduce(torch.from_numpy(r).to(_reduce_device(dev, world)), world).cpu().numpy()
         return _estimate(r, a_scaled[sample], n, a_total_scaled, confidence)
 
     history: list[dict] = []
@@ -682,9 +741,7 @@ def fit_sampled(
                     dtype=torch.float64, device=_reduce_device(dev, world)), world).tolist()
                 for p in params:
                     p.grad.mul_(n / len(block))  # unbiased estimate of the full gradient
-                for group in opt.param_groups:
-                    group["lr"] = lr_at(state["step"])
-                opt.step()
+                opt.step(lr_at(state["step"]))
                 state["step"] += 1
                 train_sq += 2.0 * loss
                 seen += len(block)
@@ -756,6 +813,31 @@ def fit_sampled(
         peak_device_memory_bytes=peak_device_bytes(dev),
         exact_rel_error=exact,
     )
+
+
+class _Adam:
+    """Adam (Kingma & Ba 2015) with torch.optim.Adam's defaults, the step size given per step.
+
+    Written out because constructing any torch.optim optimizer imports
+    torch._dynamo, which took 2-5 s on the benchmark machine: a cost every
+    `sfa fit --sampled` process (and every torchrun rank) would pay.
+    """
+
+    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8):
+        self.params, self.betas, self.eps = list(params), betas, eps
+        self.m = [torch.zeros_like(p) for p in self.params]
+        self.v = [torch.zeros_like(p) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self, lr: float) -> None:
+        self.t += 1
+        b1, b2 = self.betas
+        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
+        for p, m, v in zip(self.params, self.m, self.v):
+            m.lerp_(p.grad, 1.0 - b1)
+            v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
+            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
 
 
 def _reduce_device(dev: torch.device, world: int) -> torch.device:

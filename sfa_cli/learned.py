@@ -1,0 +1,794 @@
+"""Sparse factors whose supports are learned by the fit, and Chord factors plus a sparse residual.
+
+:func:`learned_sparse` approximates A by S(1) S(2) ... S(M), n x n sparse factors
+whose non-zeros are *chosen by the fit* under a total budget (FAuST's problem,
+Le Magoarou & Gribonval 2016), instead of being fixed in advance like the Chord
+pattern. It alternates two steps:
+
+* **re-select the supports** (a projection): for every factor and every entry
+  (i, j), the negative gradient g = (P_l^T R P_r^T)[i, j] of 0.5 ||A - S(1)...S(M)||^2
+  and the curvature c = ||P_l[:, i]||^2 ||P_r[j, :]||^2 (P_l, P_r the products
+  left and right of the factor, R the residual) give the error change of
+  adding the entry alone, g^2 / c, or of removing a held entry of value s,
+  c s^2. The budget keeps the entries with the largest of these scores, over
+  all factors together (``projection="total"``), per factor, per row or per
+  column, new entries being discounted by a hysteresis factor so that only
+  clearly better ones swap in;
+* **fit the values on the supports** by L-BFGS over column blocks, the engine
+  of :mod:`sfa_cli.fit`.
+
+A round whose refit is not better than the last accepted one is undone and the
+hysteresis tightened, so the error never increases. Every product is a
+sparse-dense product with n x b blocks or n x n dense matrices (cost n * nnz);
+nothing costs n^3: the gradient of every entry of a factor is
+P_l^T (R P_r^T), two chains of sparse factors applied to the residual.
+
+The start is a low-rank plus sparse split written as two sparse factors
+(``init="lowrank+sparse"``, the default): S(1) = [U_r sqrt(s) | e_i ...],
+S(2) = [sqrt(s) V_r^T ; residual rows], one "slot" column e_i in S(1) for each
+residual row that holds kept entries. ``init="chord"`` warm-starts from a Chord
+fit at the budget instead.
+
+:func:`chord_plus_sparse` spends part of the budget on Chord factors and the
+rest on the largest entries of the residual, with the split chosen like
+:func:`sfa_cli.baselines.lowrank_plus_sparse`.
+
+Example
+-------
+>>> import numpy as np
+>>> from sfa_cli.metrics import relative_error
+>>> rng = np.random.default_rng(0)
+>>> A = rng.standard_normal((64, 3)) @ rng.standard_normal((3, 64))
+>>> F = learned_sparse(A, 600, seed=0)
+>>> F.method, F.pattern["name"], F.num_factors, F.params <= 600
+('sparse', 'learned', 2, True)
+>>> relative_error(A, F) < 0.6
+True
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+
+from sfa_cli import baselines
+from sfa_cli.baselines import NotApplicable, SparseMatrix, SumApproximation
+from sfa_cli.errors import SfaError
+from sfa_cli.factors import SparseFactors
+from sfa_cli.fit import DENSE_FIT_LIMIT, block_columns, blockwise_loss_and_grad, column_blocks, fit, unit_columns
+from sfa_cli.kernels import FactorStructure, chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.metrics import column_block, frobenius_norm
+
+__all__ = ["learned_sparse", "chord_plus_sparse", "INITS", "PROJECTIONS", "LEARNED_DEFAULTS"]
+
+INITS = ("auto", "lowrank+sparse", "chord")
+PROJECTIONS = ("total", "factor", "row", "column")
+#: Defaults, chosen from scripts/bench_quality.py measurements (docs/quality.md).
+LEARNED_DEFAULTS = {
+    "factors": 2,
+    "splits": (0.5, 0.9),
+    "hysteresis": 0.25,
+    "step": 0.5,
+    "tol": 1e-3,
+}
+#: A refit whose relative error is above this ran away (the objective is a polynomial of degree 2M).
+_RUNAWAY = 1e3
+#: The hysteresis is halved after each rejected round; below this the rounds stop.
+_MIN_HYSTERESIS = 1e-3
+#: Largest n for which the start takes an exact SVD (above it a seeded randomized SVD).
+_EXACT_SVD_LIMIT = 1024
+
+
+def default_rounds(n: int) -> int:
+    """Selection rounds when not given: 16 up to n = 1024, then fewer (8 at n = 4096)."""
+    return int(max(6, min(16, round(16 * 1024 / n)))) if n > 1024 else 16
+
+
+def default_inner_iter(n: int) -> int:
+    """L-BFGS iterations per round: 25 up to n = 1024, 12 at n = 4096."""
+    return int(max(10, min(25, round(25 * 2048 / n)))) if n > 2048 else 25
+
+
+def default_polish_iter(n: int) -> int:
+    """L-BFGS iterations on the final supports: 200 up to n = 512, fewer above (50 at n = 4096)."""
+    return int(max(50, min(200, round(200 * 512 / n))))
+
+
+# -- the chain of factors with free supports ------------------------------------------
+class _Chain:
+    """M factors as row-major sorted supports (numpy) and values (torch), with kernel structures."""
+
+    def __init__(self, n: int, rows, cols, values, device):
+        self.n = n
+        self.rows, self.cols, self.values, self.structs = [], [], [], []
+        for r, c, v in zip(rows, cols, values):
+            r = np.asarray(r, dtype=np.int64)
+            c = np.asarray(c, dtype=np.int64)
+            order = np.lexsort((c, r))
+            r, c = r[order], c[order]
+            indptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(np.bincount(r, minlength=n), out=indptr[1:])
+            self.rows.append(r)
+            self.cols.append(c)
+            self.values.append(v[torch.from_numpy(order).to(v.device)])
+            self.structs.append(FactorStructure.from_csr(indptr, c, n, device))
+
+    @property
+    def factors(self) -> int:
+        return len(self.values)
+
+    @property
+    def params(self) -> int:
+        return int(sum(len(r) for r in self.rows))
+
+    def with_values(self, values) -> "_Chain":
+        out = object.__new__(_Chain)
+        out.n, out.rows, out.cols, out.structs = self.n, self.rows, self.cols, self.structs
+        out.values = list(values)
+        return out
+
+    def product(self, X: torch.Tensor, *, transpose: bool = False, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """S(lo+1) ... S(hi) X (or its transpose), factors lo..hi-1; X itself when the range is empty."""
+        hi = self.factors if hi is None else hi
+        if hi <= lo:
+            return X
+        return chain_matmul(self.structs[lo:hi], self.values[lo:hi], X, transpose=transpose)
+
+    def to_scipy(self, scale: float = 1.0, dtype=np.float64) -> list[sp.csr_matrix]:
+        factor_scale = scale ** (1.0 / self.factors)
+        mats = []
+        for s, v in zip(self.structs, self.values):
+            data = (v.detach().double() * factor_scale).cpu().numpy().astype(dtype)
+            mats.append(sp.csr_matrix((data, s.col.cpu().numpy(), s.crow.cpu().numpy()), shape=(self.n, self.n)))
+        return mats
+
+
+class _Objective:
+    """0.5 ||T - chain||_F^2 and its gradient over column blocks (the fit engine's kernel)."""
+
+    def __init__(self, T: torch.Tensor):
+        n = T.shape[0]
+        self.T = T
+        self.blocks = column_blocks(n, block_columns(n))
+        self.unit_blocks = [unit_columns(n, cols, T) for cols in self.blocks] if n <= 4096 else None
+
+    def loss(self, chain: _Chain) -> float:
+        with torch.no_grad():
+            total = 0.0
+            for i, cols in enumerate(self.blocks):
+                E = self.unit_blocks[i] if self.unit_blocks is not None else unit_columns(self.T.shape[0], cols, self.T)
+                D = chain.product(E) - self.T[:, cols]
+                total += 0.5 * float((D * D).sum())
+        return total
+
+    def residual(self, chain: _Chain) -> torch.Tensor:
+        """R = T - S(1)...S(M), a dense n x n matrix (n * nnz work)."""
+        with torch.no_grad():
+            return self.T - chain.product(torch.eye(self.T.shape[0], dtype=self.T.dtype, device=self.T.device))
+
+
+class _Runaway(Exception):
+    pass
+
+
+def _refine(chain: _Chain, objective: _Objective, iters: int, deadline: float) -> tuple[_Chain, float]:
+    """L-BFGS on the values of a fixed support; returns the best chain seen and its loss."""
+    params = [v.detach().clone().requires_grad_(True) for v in chain.values]
+    best = {"loss": math.inf, "values": [v.detach().clone() for v in chain.values]}
+    if iters <= 0:
+        return chain, objective.loss(chain)
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=2 * iters, history_size=20,
+                            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad(set_to_none=False)
+        loss = blockwise_loss_and_grad(chain.structs, params, objective.T, objective.blocks, objective.unit_blocks)
+        if not math.sqrt(max(2 * loss, 0.0)) < _RUNAWAY:  # also NaN
+            raise _Runaway
+        if loss < best["loss"]:
+            best["loss"] = loss
+            best["values"] = [p.detach().clone() for p in params]
+        if time.perf_counter() > deadline:
+            raise _Runaway
+        return loss
+
+    try:
+        opt.step(closure)
+    except _Runaway:
+        pass
+    if best["loss"] == math.inf:
+        return chain, objective.loss(chain)
+    return chain.with_values(best["values"]), best["loss"]
+
+
+def _solve_lines(n: int, lines: np.ndarray, others: np.ndarray, H: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    """x in the order of (lines, others): for each line i, H[J, J] x_i = Y[i, J] with J its entries' others.
+
+    The small systems are solved in batches of similar size (counts rounded up to
+    a power of two), with a tiny ridge so that an empty atom's entry gets zero.
+    """
+    nnz = len(lines)
+    x = torch.zeros(nnz, dtype=H.dtype, device=H.device)
+    if nnz == 0:
+        return x
+    counts = np.bincount(lines, minlength=n)
+    starts = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    H64 = H.double()
+    ridge = 1e-7 * float(torch.diagonal(H64).abs().max()) + 1e-30
+    width = np.where(counts > 0, 1 << np.ceil(np.log2(np.maximum(counts, 1))).astype(np.int64), 0)
+    for k in np.unique(width[width > 0]):
+        ids = np.nonzero(width == k)[0]
+        pos = starts[ids][:, None] + np.arange(k)[None, :]
+        valid = np.arange(k)[None, :] < counts[ids][:, None]
+        pos = np.where(valid, pos, 0)
+        J = torch.from_numpy(np.where(valid, others[pos], 0)).to(H.device)
+        V = torch.from_numpy(valid).to(device=H.device, dtype=torch.float64)
+        Hs = H64[J[:, :, None], J[:, None, :]] * (V[:, :, None] * V[:, None, :])
+        Hs.diagonal(dim1=1, dim2=2).add_(V * ridge + (1 - V))
+        ys = Y[torch.from_numpy(ids).to(H.device)[:, None], J].double() * V
+        L, _ = torch.linalg.cholesky_ex(Hs)
+        sol = torch.cholesky_solve(ys.unsqueeze(-1), L).squeeze(-1)
+        x[torch.from_numpy(pos[valid]).to(H.device)] = sol[torch.from_numpy(valid).to(H.device)].to(H.dtype)
+    return x
+
+
+def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: float) -> tuple[_Chain, float]:
+    """Alternating least squares for two factors: each row of S(1), then each column of S(2), solved exactly.
+
+    Row i of S(1) on its support J: (S2 S2^T)[J, J] x = (T S2^T)[i, J]; column l of
+    S(2) likewise with S1^T S1 and S1^T T. Each half-step minimises the error over
+    one factor, so it never increases; cost 2 n * nnz plus the small solves.
+    """
+    T, n = objective.T, chain.n
+    eye = torch.eye(n, dtype=T.dtype, device=T.device)
+    values = [v.detach() for v in chain.values]
+    with torch.no_grad():
+        for _ in range(sweeps):
+            # S(1) given S(2)
+            c = chain.with_values(values)
+            S2t = c.product(eye, transpose=True, lo=1)  # S2^T, dense
+            H = c.product(S2t.contiguous(), lo=1)  # S2 S2^T
+            Y = c.product(T.T.contiguous(), lo=1).T  # T S2^T
+            values[0] = _solve_lines(n, chain.rows[0], chain.cols[0], H, Y)
+            # S(2) given S(1): columns of S(2) are rows of S(2)^T
+            c = chain.with_values(values)
+            S1 = c.product(eye, hi=1)  # dense S1
+            H = c.product(S1, transpose=True, hi=1)  # S1^T S1
+            Y = c.product(T, transpose=True, hi=1).T  # (S1^T T)^T
+            order = np.lexsort((chain.rows[1], chain.cols[1]))  # S(2) entries by column, then row
+            x = _solve_lines(n, chain.cols[1][order], chain.rows[1][order], H, Y)
+            values[1] = torch.empty_like(x).index_copy_(0, torch.from_numpy(order).to(x.device), x)
+            if time.perf_counter() > deadline:
+                break
+    out = chain.with_values(values)
+    return out, objective.loss(out)
+
+
+# -- the support re-selection ---------------------------------------------------------------
+def _curvatures(chain: _Chain, m: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a[i] = ||P_l[:, i]||^2 and b[j] = ||P_r[j, :]||^2 for factor m (the curvature of entry (i, j) is a_i b_j)."""
+    n, M = chain.n, chain.factors
+    ones = like.new_ones(n)
+    if m == 0:
+        a = ones
+    elif m == 1:  # column norms of one factor, from its values
+        v = chain.values[0].detach()
+        a = like.new_zeros(n).index_add_(0, chain.structs[0].col, v * v)
+    else:
+        P = chain.product(torch.eye(n, dtype=like.dtype, device=like.device), hi=m)
+        a = (P * P).sum(0)
+    if m == M - 1:
+        b = ones
+    elif m == M - 2:  # row norms of the last factor
+        v = chain.values[M - 1].detach()
+        b = like.new_zeros(n).index_add_(0, chain.structs[M - 1].rows, v * v)
+    else:
+        Pt = chain.product(torch.eye(n, dtype=like.dtype, device=like.device), transpose=True, lo=m + 1)
+        b = (Pt * Pt).sum(0)
+    return a, b
+
+
+def _negative_gradient(chain: _Chain, m: int, R: torch.Tensor) -> torch.Tensor:
+    """P_l^T R P_r^T for factor m: two chains applied to the residual (n * nnz work)."""
+    X = chain.product(R, transpose=True, hi=m)
+    if m < chain.factors - 1:
+        X = chain.product(X.T.contiguous(), lo=m + 1).T
+    return X
+
+
+def _top_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Tensor:
+    """Boolean mask of the k largest positive scores (over everything, or along dim)."""
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if k <= 0:
+        return mask
+    if dim is None:
+        flat = scores.reshape(-1)
+        k = min(k, int((flat > 0).sum()))
+        if k > 0:
+            mask.view(-1)[torch.topk(flat, k, sorted=False).indices] = True
+        return mask
+    k = min(k, scores.shape[dim])
+    idx = torch.topk(scores, k, dim=dim, sorted=False).indices
+    mask.scatter_(dim, idx, True)
+    return mask & (scores > 0)
+
+
+def _select(chain: _Chain, R: torch.Tensor, budget: int, projection: str, hysteresis: float, step: float,
+            revive: bool) -> _Chain:
+    """New supports: the entries with the largest error scores (held: c s^2; new: hysteresis * g^2 / c).
+
+    New entries start at ``step * g / c`` (a damped diagonal Newton step); with
+    ``revive`` (two factors), empty atoms j (column j of S(1) and row j of S(2) both
+    zero) are offered as "slots": S(1)[i, j] = 1 for a row i of large residual, its
+    row of S(2) then scored like R[i, :].
+    """
+    n, M = chain.n, chain.factors
+    like = R
+    scores, values = [], []
+    slot_rows = None
+    for m in range(M):
+        G = _negative_gradient(chain, m, R)
+        a, b = _curvatures(chain, m, like)
+        c = a[:, None] * b[None, :]
+        V = torch.zeros_like(R)
+        held_r = torch.from_numpy(chain.rows[m]).to(R.device)
+        held_c = torch.from_numpy(chain.cols[m]).to(R.device)
+        V[held_r, held_c] = chain.values[m].detach()
+        live = c > 0
+        safe_c = torch.where(live, c, torch.ones_like(c))
+        new_value = torch.where(live, step * G / safe_c, torch.zeros_like(G))
+        score = torch.where(live, hysteresis * G * G / safe_c, torch.zeros_like(G))
+        held_score = c[held_r, held_c] * V[held_r, held_c] ** 2
+        score[held_r, held_c] = held_score
+        new_value[held_r, held_c] = V[held_r, held_c]
+        scores.append(score)
+        values.append(new_value)
+    if revive and M == 2 and projection in ("total", "factor"):
+        dead = (scores[0].amax(0) <= 0) & (scores[1].amax(1) <= 0)
+        dead &= (torch.bincount(torch.from_numpy(chain.cols[0]).to(R.device), minlength=n) == 0)
+        dead &= (torch.bincount(torch.from_numpy(chain.rows[1]).to(R.device), minlength=n) == 0)
+        atoms = torch.nonzero(dead).reshape(-1)
+        if atoms.numel():
+            energy = (R * R).sum(1)
+            slot_rows = torch.topk(energy, atoms.numel(), sorted=True).indices
+            row_scores = hysteresis * R[slot_rows] ** 2
+            scores[1][atoms] = row_scores
+            values[1][atoms] = step * R[slot_rows]
+            # a slot is worth the best entry it carries, so it is kept whenever one of them is
+            scores[0][slot_rows, atoms] = row_scores.amax(1) * (1 + 1e-6)
+            values[0][slot_rows, atoms] = 1.0
+    masks = _project(scores, budget, projection, n)
+    if slot_rows is not None:  # drop slots without entries and entries without their slot
+        slot_kept = masks[0][slot_rows, atoms]
+        carried = masks[1][atoms].any(1)
+        masks[0][slot_rows, atoms] = slot_kept & carried
+        masks[1][atoms] &= slot_kept[:, None]
+    rows, cols, vals = [], [], []
+    for m in range(M):
+        idx = torch.nonzero(masks[m])
+        rows.append(idx[:, 0].cpu().numpy())
+        cols.append(idx[:, 1].cpu().numpy())
+        vals.append(values[m][idx[:, 0], idx[:, 1]])
+    return _Chain(n, rows, cols, vals, R.device)
+
+
+def _project(scores, budget: int, projection: str, n: int) -> list[torch.Tensor]:
+    """Masks keeping the largest scores under the budget, split as the projection says."""
+    M = len(scores)
+    if projection == "total":
+        flat = torch.stack(scores)
+        return list(_top_mask(flat, budget))
+    if projection == "factor":
+        shares = [budget // M + (1 if m < budget % M else 0) for m in range(M)]
+        return [_top_mask(s, k) for s, k in zip(scores, shares)]
+    per = budget // (M * n)
+    dim = 1 if projection == "row" else 0
+    return [_top_mask(s, per, dim) for s in scores]
+
+
+# -- starts ---------------------------------------------------------------------------------
+def _svd_parts(A, r: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(U_r sqrt(s_r), sqrt(s_r) V_r^T): the best rank-r pair, split evenly."""
+    n = A.shape[0]
+    if r <= 0:
+        return np.zeros((n, 0)), np.zeros((0, n))
+    if n <= _EXACT_SVD_LIMIT:
+        U, s, Vt = baselines._full_svd(A.toarray() if sp.issparse(A) else np.asarray(A, dtype=np.float64))
+        U, s, Vt = U[:, :r], s[:r], Vt[:r]
+        return U * np.sqrt(s), np.sqrt(s)[:, None] * Vt
+    left, right = baselines._randomized_low_rank(A, r, seed=seed, n_iter=4)
+    # left = U s, right = V^T: move half of s to the right
+    s = np.linalg.norm(left, axis=0)
+    root = np.sqrt(np.where(s > 0, s, 1.0))
+    return left / root, right * root[:, None]
+
+
+def _lowrank_sparse_start(D: np.ndarray, left: np.ndarray, right: np.ndarray, budget: int, middle: int):
+    """Supports and values of [left | slots] (I ...) [right ; residual rows] within the budget.
+
+    D is the residual A - left @ right (dense, scaled). ``middle`` identity factors
+    sit between the two. Returns (rows, cols, values) lists and the kept energy.
+    """
+    n, r = left.shape
+    k = budget - 2 * n * r - middle * n
+    best = None
+    for orientation in ("rows", "cols"):
+        M = D if orientation == "rows" else D.T
+        cand = baselines._largest(M.ravel(), max(k, 0))
+        cand = cand[np.argsort(-np.abs(M.ravel()[cand]), kind="stable")]
+        lines = cand // n
+        _, first = np.unique(lines, return_index=True)
+        new = np.zeros(len(cand), dtype=bool)
+        new[first] = True
+        opened = np.cumsum(new)
+        cost = np.arange(1, len(cand) + 1) + opened
+        keep = cand[(cost <= k) & (opened <= n - r)]
+        energy = float(np.sum(M.ravel()[keep] ** 2))
+        if best is None or energy > best[0]:
+            best = (energy, orientation, keep)
+    energy, orientation, keep = best
+    M = D if orientation == "rows" else D.T
+    line, pos = np.divmod(keep, n)
+    lines = np.unique(line)
+    slot = np.empty(n, dtype=np.int64)
+    slot[lines] = r + np.arange(len(lines))  # the atom that carries residual line `line`
+    # low-rank atoms
+    lr_rows, lr_cols = np.repeat(np.arange(n), r), np.tile(np.arange(r), n)
+    first = (lr_rows, lr_cols, left.reshape(-1))
+    last = (np.repeat(np.arange(r), n), np.tile(np.arange(n), r), right.reshape(-1))
+    slots = (lines, slot[lines], np.ones(len(lines)))
+    entries = (slot[line], pos, M.ravel()[keep])
+    if orientation == "rows":  # S1[line, slot] = 1, S2[slot, pos] = value
+        f0 = [np.concatenate([a, b]) for a, b in zip(first, slots)]
+        f1 = [np.concatenate([a, b]) for a, b in zip(last, entries)]
+    else:  # transposed: S1[pos, slot] = value, S2[slot, line] = 1
+        f0 = [np.concatenate([a, b]) for a, b in zip(first, (entries[1], entries[0], entries[2]))]
+        f1 = [np.concatenate([a, b]) for a, b in zip(last, (slots[1], slots[0], slots[2]))]
+    eye = (np.arange(n), np.arange(n), np.ones(n))
+    factors = [f0] + [eye] * middle + [f1]
+    return [f[0] for f in factors], [f[1] for f in factors], [f[2] for f in factors]
+
+
+def _chord_start(A, budget: int, seed: int, options: dict):
+    """A Chord fit at the budget, as supports and values (scale of A included)."""
+    from sfa_cli.compare import chord_at_budget
+
+    pattern_options, _ = chord_at_budget(A.shape[0], budget)
+    result = fit(A, pattern="chord", seed=seed, **pattern_options, **options)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    mats = result.approximation.factors
+    rows = [np.repeat(np.arange(W.shape[0]), np.diff(W.indptr)) for W in mats]
+    return rows, [W.indices.astype(np.int64) for W in mats], [W.data.astype(np.float64) for W in mats]
+
+
+# -- the method --------------------------------------------------------------------------------
+def learned_sparse(
+    A,
+    budget: int,
+    *,
+    factors: int | None = None,
+    seed: int = 0,
+    fit_options: dict | None = None,
+    init: str = "auto",
+    projection: str = "total",
+    splits=LEARNED_DEFAULTS["splits"],
+    rounds: int | None = None,
+    inner_iter: int | None = None,
+    polish_iter: int | None = None,
+    hysteresis: float = LEARNED_DEFAULTS["hysteresis"],
+    refit: str = "auto",
+    sweeps: int = 3,
+    callback=None,
+) -> SparseFactors:
+    """Sparse factors S(1)...S(M) whose supports are learned, with at most ``budget`` non-zeros in all.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+        Densified for the fit (n <= DENSE_FIT_LIMIT).
+    budget : int
+        Non-zeros allowed over all factors.
+    factors : int, optional
+        M >= 2; default 2 (the best at every budget measured in docs/quality.md),
+        or the Chord fit's count with ``init="chord"``.
+    seed : int, default=0
+        Seeds the randomized SVD of the start (n > 1024) and the Chord warm start;
+        the same seed gives the same factors on the same device.
+    fit_options : dict, optional
+        ``device``, ``dtype``, ``time_limit`` (seconds for the whole method),
+        ``max_iter`` (caps the final L-BFGS iterations) and ``tol`` (stop the
+        rounds when one improves the error by less than this fraction, default
+        1e-3) are used; the other options of :func:`sfa_cli.fit.fit` are ignored,
+        except by the Chord warm start, which passes them on.
+    init : {"auto", "lowrank+sparse", "chord"}, default="auto"
+        ``lowrank+sparse`` (auto): a rank-r part plus residual entries written as
+        factors, the best of ``splits`` (fractions of the budget for the rank-r
+        part) after one round each; ``chord``: a Chord fit at the budget.
+    projection : {"total", "factor", "row", "column"}, default="total"
+        Where the budget applies: the k largest over all factors, over each
+        factor (budget / M), in each row, or in each column (budget / (M n)).
+    splits : sequence of float, default=(0.5, 0.9)
+    rounds, inner_iter, polish_iter : int, optional
+        Selection rounds, L-BFGS iterations per round and on the final supports
+        (defaults: :func:`default_rounds`, :func:`default_inner_iter`,
+        :func:`default_polish_iter`).
+    hysteresis : float, default=0.25
+        A new entry's score g^2 / c is multiplied by this before it competes with
+        held entries; halved after each rejected round.
+    callback : callable, optional
+        ``callback(round, rel_error)`` after each round; returning True stops.
+
+    Returns
+    -------
+    SparseFactors
+        method ``sparse``, pattern ``{"name": "learned", "factors": M, ...}``,
+        info with ``rel_error``, ``rounds``, ``init`` and ``split``.
+
+    Raises
+    ------
+    NotApplicable
+        When the budget cannot hold the start (e.g. fewer than 2 non-zeros, or
+        the Chord warm start's smallest pattern) or n > DENSE_FIT_LIMIT.
+    """
+    t0 = time.perf_counter()
+    A = baselines._as_matrix(A)
+    n, budget = A.shape[0], baselines._check_budget(budget)
+    options = dict(fit_options or {})
+    if init not in INITS:
+        raise SfaError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
+    if projection not in PROJECTIONS:
+        raise SfaError(f"unknown projection {projection!r}; choose from {', '.join(PROJECTIONS)}")
+    if factors is not None and (int(factors) != factors or factors < 2):
+        raise SfaError(f"factors must be an integer >= 2 for the learned-support method; got {factors!r}")
+    if not 0 < hysteresis <= 1:
+        raise SfaError(f"hysteresis must be in (0, 1]; got {hysteresis}")
+    if n > DENSE_FIT_LIMIT:
+        raise NotApplicable(f"the learned-support fit keeps dense n x n residuals; n={n} > {DENSE_FIT_LIMIT}")
+    if budget < 2:
+        raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
+    if projection in ("row", "column") and budget < (factors or 2) * n:
+        raise NotApplicable(f"one non-zero per {projection} of every factor needs {(factors or 2) * n} > budget {budget}")
+    device = resolve_device(options.get("device", "auto") or "auto")
+    dtype = resolve_dtype(options.get("dtype", "float32") or "float32")
+    time_limit = options.get("time_limit")
+    deadline = t0 + time_limit if time_limit else math.inf
+    tol = float(options.get("tol") or LEARNED_DEFAULTS["tol"])
+    rounds = default_rounds(n) if rounds is None else int(rounds)
+    inner_iter = default_inner_iter(n) if inner_iter is None else int(inner_iter)
+    polish_iter = default_polish_iter(n) if polish_iter is None else int(polish_iter)
+    if options.get("max_iter"):
+        polish_iter = min(polish_iter, int(options["max_iter"]))
+
+    scale = frobenius_norm(A)
+    if scale == 0.0:
+        raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    D = (A.toarray() if sp.issparse(A) else np.asarray(A, dtype=np.float64)) / scale
+    T = torch.as_tensor(D, device=device).to(dtype)
+    objective = _Objective(T)
+
+    def as_chain(rows, cols, vals) -> _Chain:
+        return _Chain(n, rows, cols, [torch.as_tensor(np.asarray(v, dtype=np.float64)).to(device, dtype) for v in vals],
+                      device)
+
+    # -- starts: one round from each, keep the best
+    use_chord = init == "chord"
+    starts = []
+    if use_chord:
+        chord_options = {k: v for k, v in options.items() if k not in ("time_limit",)}
+        rows, cols, vals = _chord_start(A, budget, seed, chord_options)
+        M = len(rows)
+        vals = [v / scale ** (1.0 / M) for v in vals]
+        starts.append(({"init": "chord"}, as_chain(rows, cols, vals)))
+    else:
+        M = int(factors or LEARNED_DEFAULTS["factors"])
+        middle = M - 2
+        if budget < middle * n + 2:
+            raise NotApplicable(f"{M} factors start with {middle} identity factors ({middle * n} non-zeros) > budget {budget}")
+        plans = {}
+        for f in sorted({float(f) for f in splits}):
+            if not 0 <= f <= 1:
+                raise SfaError(f"splits must be fractions in [0, 1]; got {list(splits)}")
+            r = min(int(f * (budget - middle * n)) // (2 * n), n - 1)
+            plans.setdefault(r, f)
+        r_max = max(plans)
+        left_all, right_all = _svd_parts(D, r_max, seed)
+        for r, f in sorted(plans.items()):
+            left, right = left_all[:, :r], right_all[:r]
+            Dr = D - left @ right
+            rows, cols, vals = _lowrank_sparse_start(Dr, left, right, budget, middle)
+            starts.append(({"init": "lowrank+sparse", "split": f, "rank": r}, as_chain(rows, cols, vals)))
+    revive = M == 2
+    step = LEARNED_DEFAULTS["step"]
+    use_als = M == 2 and refit in ("auto", "als")
+
+    def refine(chain):
+        if use_als:
+            return _refine_als(chain, objective, sweeps, deadline)
+        return _refine(chain, objective, inner_iter, deadline)
+
+    def one_round(chain, loss, gamma):
+        R = objective.residual(chain)
+        candidate = _select(chain, R, budget, projection, gamma, step, revive)
+        del R
+        return refine(candidate)
+
+    # one refit of each start, then one round; the best continues
+    best = None
+    for info, chain in starts:
+        chain, loss = refine(chain)
+        if chain.params > budget:  # a Chord warm start over the budget is trimmed by the first round
+            loss = math.inf
+        new, new_loss = one_round(chain, loss, hysteresis)
+        if new_loss < loss:
+            chain, loss = new, new_loss
+        if best is None or loss < best[2]:
+            best = (info, chain, loss)
+    info, chain, loss = best
+    start_rel = math.sqrt(2 * loss) if loss < math.inf else float("nan")
+    history = [start_rel]
+    gamma, done = hysteresis, 1
+    while done < rounds and time.perf_counter() < deadline and gamma >= _MIN_HYSTERESIS:
+        new, new_loss = one_round(chain, loss, gamma)
+        done += 1
+        if new.params <= budget and new_loss < loss:
+            improvement = 1 - math.sqrt(new_loss / loss) if loss > 0 else 0.0
+            chain, loss = new, new_loss
+            history.append(math.sqrt(2 * loss))
+            if callback is not None and callback(done, math.sqrt(2 * loss)):
+                break
+            if improvement < tol:
+                break
+        else:
+            gamma *= 0.5
+        if loss <= 5e-15:
+            break
+    if chain.params > budget:  # only a Chord start that never improved; it cannot happen with a fitting start
+        raise NotApplicable(f"the Chord warm start needs {chain.params} > budget {budget}")
+    chain, loss = _refine(chain, objective, polish_iter, deadline)
+    # drop entries the fit zeroed: they cost budget and carry nothing
+    keep = [(v != 0).cpu().numpy() for v in chain.values]
+    if not all(k.all() for k in keep):
+        chain = _Chain(n, [r[k] for r, k in zip(chain.rows, keep)], [c[k] for c, k in zip(chain.cols, keep)],
+                       [v[torch.from_numpy(k).to(v.device)] for v, k in zip(chain.values, keep)], device)
+    rel = math.sqrt(max(2 * loss, 0.0))
+    np_dtype = np.float32 if dtype == torch.float32 else np.float64
+    pattern = {"name": "learned", "factors": M, "projection": projection, **info}
+    facts = {
+        "rel_error": rel,
+        "start_rel_error": start_rel,
+        "rounds": done,
+        "seconds": time.perf_counter() - t0,
+        "note": f"{M} learned factors, {chain.params} non-zeros ({info['init']} start)",
+    }
+    return SparseFactors(chain.to_scipy(scale, np_dtype), method="sparse", pattern=pattern, info=facts)
+
+
+# -- Chord plus sparse -------------------------------------------------------------------------------
+def _largest_of_residual(A, approx, k: int) -> tuple[sp.csr_matrix, float]:
+    """The k largest-magnitude entries of A - approx as CSR, and the squared norm of the rest (column blocks)."""
+    n = A.shape[0]
+    width = max(1, (1 << 22) // n)
+    keep = np.empty(0, dtype=np.int64)
+    vals = np.empty(0)
+    total = 0.0
+    for start in range(0, n, width):
+        cols = np.arange(start, min(n, start + width))
+        E = np.zeros((n, len(cols)), dtype=approx.dtype)
+        E[cols, np.arange(len(cols))] = 1
+        Dm = column_block(A, cols) - np.asarray(approx.matmul(E), dtype=np.float64)
+        total += float(np.sum(Dm * Dm))
+        flat = Dm.ravel()
+        top = baselines._largest(flat, k)
+        r, c = np.divmod(top, len(cols))
+        keep = np.concatenate([keep, r * n + cols[c]])
+        vals = np.concatenate([vals, flat[top]])
+        sel = baselines._largest(vals, k)
+        keep, vals = keep[sel], vals[sel]
+    nz = vals != 0
+    keep, vals = keep[nz], vals[nz]
+    rest = max(total - float(np.dot(vals, vals)), 0.0)
+    r, c = np.divmod(keep, n)
+    return sp.csr_matrix((vals, (r, c)), shape=(n, n)), rest
+
+
+def chord_plus_sparse(
+    A,
+    budget: int,
+    *,
+    seed: int = 0,
+    fit_options: dict | None = None,
+    splits=(0.25, 0.5, 0.75, 1.0),
+    alternations: int = 2,
+) -> SumApproximation:
+    """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
+
+    For each split f the Chord pattern is sized to f * budget
+    (:func:`sfa_cli.compare.chord_at_budget`) and fitted to A; the rest of the
+    budget keeps the largest entries S of A - C; then, ``alternations - 1``
+    times, the Chord factors are refitted to A - S (warm start) and S is taken
+    again. The split f = 0 (the budget's largest entries alone, :func:`top_k`) is
+    always tried, so the result is never worse than top-k at the same budget.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    budget : int
+        Parameters allowed: Chord non-zeros + nnz(S) <= budget.
+    seed : int, default=0
+        Seed of the Chord fits.
+    fit_options : dict, optional
+        Options of :func:`sfa_cli.fit.fit` for the Chord fits (max_iter,
+        time_limit per fit, device, ...); ``symmetric`` and ``self_link`` choose
+        the Chord variant.
+    splits : sequence of float, default=(0.25, 0.5, 0.75, 1.0)
+        Fractions of the budget offered to the Chord part.
+    alternations : int, default=2
+        Chord/sparse alternations per split.
+
+    Returns
+    -------
+    SumApproximation
+        A :class:`SparseFactors` (Chord, absent when top-k alone wins) plus a
+        :class:`SparseMatrix`, method ``chord+sparse``; info records ``split``,
+        ``chord_params``, ``nnz`` and ``rel_error``.
+    """
+    from sfa_cli.compare import chord_at_budget
+
+    A = baselines._as_matrix(A)
+    n, budget = A.shape[0], baselines._check_budget(budget)
+    splits = [float(f) for f in splits]
+    if any(not 0 <= f <= 1 for f in splits):
+        raise SfaError(f"splits must be fractions in [0, 1]; got {splits}")
+    if int(alternations) != alternations or alternations < 1:
+        raise SfaError(f"alternations must be a positive integer; got {alternations!r}")
+    norm = frobenius_norm(A)
+    if norm == 0.0:
+        raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    options = dict(fit_options or {})
+    variant = {k: options.pop(k) for k in ("symmetric", "self_link") if options.get(k) is not None}
+    for key in ("base", "factors", "permute", "pattern"):
+        options.pop(key, None)
+
+    top = baselines.top_k(A, budget)
+    top_rest = max(frobenius_norm(A) ** 2 - float(np.sum(top.matrix.data.astype(np.float64) ** 2)), 0.0)
+    best = (math.sqrt(top_rest) / norm, 0.0, None, top.matrix)
+    tried = set()
+    for f in sorted(set(splits) - {0.0}):
+        try:
+            pattern_options, _ = chord_at_budget(n, max(1, int(f * budget)), **variant)
+        except NotApplicable:
+            continue
+        key = tuple(sorted(pattern_options.items()))
+        if key in tried:
+            continue
+        tried.add(key)
+        C, S = None, None
+        for _ in range(int(alternations)):
+            target = A if S is None else (A - S if sp.issparse(A) else baselines._minus_sparse(A, S))
+            result = fit(target, pattern="chord", seed=seed, init=C, **pattern_options, **variant, **options)
+            if result.interrupted:
+                raise KeyboardInterrupt
+            C = result.approximation
+            S, rest = _largest_of_residual(A, C, budget - C.params)
+        error = math.sqrt(rest) / norm
+        if error < best[0]:
+            best = (error, f, C, S)
+    error, f, C, S = best
+    S.eliminate_zeros()
+    chord_params = C.params if C is not None else 0
+    info = {
+        "split": f,
+        "chord_params": chord_params,
+        "nnz": int(S.nnz),
+        "alternations": int(alternations),
+        "rel_error": error,
+        "note": (f"Chord {C.num_factors} factors ({chord_params} non-zeros) + {S.nnz} entries (split {f:g})"
+                 if C is not None else f"top-k alone: {S.nnz} entries"),
+    }
+    parts = ([C] if C is not None else []) + [SparseMatrix(S, method="sparse")]
+    return SumApproximation(parts, method="chord+sparse", info=info)
