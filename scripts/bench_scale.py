@@ -20,7 +20,8 @@ Prints tables and writes JSON:
 Usage:
     python scripts/bench_scale.py                                  # (a)-(c), about 25 min on 2 cores
     python scripts/bench_scale.py --sizes 4096,8192 --kinds grid   # quick look
-    python scripts/bench_scale.py --sizes 65536 --kinds grid --max-epochs-large 2 --time-limit-large 0
+    python scripts/bench_scale.py --sizes 65536 --kinds grid --max-epochs-large 2 --time-limit-large 0 \
+        --processes 2 --dist-n 0 --no-chain --out bench_out/bench_scale_65536.json
     python scripts/bench_scale.py --coverage                        # (d), about 15 min
     python scripts/bench_scale.py --markdown                        # also print markdown tables
 """
@@ -140,7 +141,7 @@ def bench_scale(args, tmp: Path) -> list[dict]:
             spec = {"kind": kind, "n": n, "batch_columns": args.batch_columns, "out": str(tmp / "row.json"),
                     "epochs": args.max_epochs_large if large else args.epochs,
                     "time_limit": (args.time_limit_large or None) if large else None}
-            row = run_config(spec)
+            row = run_config(spec, processes=args.processes)
             rows.append(row)
             print_scale_row(row)
     return rows
@@ -285,6 +286,7 @@ def main(argv=None):
     p.add_argument("--time-limit-large", type=float, default=300.0,
                    help="seconds per run at large N; 0 for none (default 300: the 5-minute epoch target)")
     p.add_argument("--batch-columns", type=int, default=256)
+    p.add_argument("--processes", type=int, default=1, help="processes per scale run (torchrun when > 1)")
     p.add_argument("--dist-n", type=int, default=4096, help="N of the 1 vs 2 process comparison (0 skips it)")
     p.add_argument("--dist-epochs", type=int, default=2)
     p.add_argument("--no-chain", action="store_true", help="skip the chain kernel timing")

@@ -6,7 +6,12 @@ products (cost O(n (L+1) |J|) each, never an n x n array), compares it with
 A[:, J] taken from the CSC matrix, and follows the gradient of that block,
 scaled by n / |J| so that it is an unbiased estimate of the full gradient.
 An epoch visits every column once, in a seeded random order. Adam with a
-cosine-decaying step size does the updates.
+warm-up and a cosine-decaying step size does the updates, from factors that
+start near a multiple of the identity (Adam from the paper's averaging start
+falls to the saddle P = 0). After each epoch the error of the current
+factors is estimated on a column sample; the best factors are returned.
+The product is fitted as c W(1)...W(M) with c the least-squares scale,
+which removes the gradient's pull towards P = 0.
 
 The exact relative error needs every column of P, so the error is
 *estimated* from a seeded uniform sample of columns, with a confidence
@@ -33,7 +38,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from statistics import NormalDist
 
 import numpy as np
@@ -83,6 +88,9 @@ SPARSE_START_FRACTION = 0.15
 CHUNK_BYTES = 1 << 30
 #: Columns per chunk at most: about where the sparse products reach their best time per column.
 CHUNK_COLUMNS = 64
+#: Decay of the running sums <A_J, P_J> and ||P_J||^2 that give the output scale c
+#: of the fitted product c W(1)...W(M) (they average about the last 10 steps).
+SCALE_DECAY = 0.9
 
 
 # -- results ----------------------------------------------------------------------
@@ -239,7 +247,7 @@ class _Columns:
                 np.einsum("ij,ij->j", B, B) for B in
                 (self.A[:, j : j + 1024].astype(np.float64) for j in range(0, n, 1024))
             ]) if n else np.zeros(0)
-            self.trace = float(np.trace(self.A.astype(np.float64, copy=False)))
+            self.trace = float(np.trace(self.A, dtype=np.float64))
         self.n = self.A.shape[0]
 
     def numpy(self, cols: np.ndarray) -> np.ndarray:
@@ -318,26 +326,42 @@ class _ColumnChain:
         dense = X.new_zeros((n, b)).scatter(0, rows, X)
         return chain_matmul(self.structs[: self.dense_factors], values[: self.dense_factors], dense)
 
-    def peak_rows(self) -> int:
-        return int(self.levels[-1].support.numel()) if self.levels else 0
-
 
 def _chunks(cols: np.ndarray, size: int):
     for i in range(0, len(cols), size):
         yield cols[i : i + size]
 
 
-def _squared_residuals(chain, values, columns: _Columns, cols: np.ndarray, scale, chunk, device, dtype) -> np.ndarray:
-    """||A[:, j] / scale - P[:, j]||^2 for each j in cols, in float64."""
-    out = np.empty(len(cols), dtype=np.float64)
+def _column_products(chain, values, columns: _Columns, cols: np.ndarray, scale, chunk, device, dtype) -> np.ndarray:
+    """Per column j of cols: ||T_j - P_j||^2, <T_j, P_j> and ||P_j||^2 (T = A / scale), float64, shape (3, |cols|)."""
+    out = np.empty((3, len(cols)), dtype=np.float64)
     with torch.no_grad():
         i = 0
         for c in _chunks(cols, chunk):
             J = torch.from_numpy(c).to(device)
-            R = chain(values, J) - columns.torch(c, device, dtype, scale)
-            out[i : i + len(c)] = (R * R).sum(0, dtype=torch.float64).cpu().numpy()
+            P = chain(values, J)
+            T = columns.torch(c, device, dtype, scale)
+            R = P - T
+            sums = torch.stack([(R * R).sum(0, dtype=torch.float64), (T * P).sum(0, dtype=torch.float64),
+                                (P * P).sum(0, dtype=torch.float64)])
+            out[:, i : i + len(c)] = sums.cpu().numpy()
             i += len(c)
     return out
+
+
+def _rescaled(products: np.ndarray) -> tuple[float, np.ndarray]:
+    """The least-squares output scale c = sum <T_j, P_j> / sum ||P_j||^2 and the residuals of c P.
+
+    ||T_j - c P_j||^2 = r_j + 2 (1 - c) x_j + (c^2 - 1) p_j, written around c = 1 so
+    that a good fit keeps the precision of the direct residual r_j. c <= 0 is not
+    used (it would flip the sign of a factor): c = 1 then.
+    """
+    r, x, p = products
+    sum_x, sum_p = float(x.sum()), float(p.sum())
+    c = sum_x / sum_p if sum_p > 0 and sum_x > 0 else 1.0
+    if not math.isfinite(c):
+        c = 1.0
+    return c, np.maximum(r + 2.0 * (1.0 - c) * x + (c * c - 1.0) * p, 0.0)
 
 
 # -- error estimates ---------------------------------------------------------------
@@ -379,7 +403,8 @@ def _estimate(r: np.ndarray, a: np.ndarray, n: int, a_total: float, confidence: 
     resid = dr - beta * da
     dof = m - (2 if beta else 1)
     var = float(resid @ resid) / dof if dof > 0 else math.inf
-    se = n * math.sqrt((1.0 - m / n) * var / m)
+    # floor: float64 round-off of the sums, so that a perfect regression (P = 0) keeps a non-empty interval
+    se = max(n * math.sqrt((1.0 - m / n) * var / m), 1e-9 * a_total)
     low, high = max(total - z * se, 0.0), max(total + z * se, 0.0)
     return {
         "rel_error_estimate": math.sqrt(max(total, 0.0) / a_total),
@@ -593,7 +618,10 @@ def fit_sampled(
     dtype : {"float32", "float64"}, default="float32"
     error_sample : int, default=1024
         Columns in the error sample evaluated after every epoch; the best
-        factors by this estimate are returned.
+        factors by this estimate are returned, multiplied by the output
+        scale c = <A, P> / ||P||^2 measured on the sample (a least-squares
+        step along the product's scale, which never raises the error on the
+        sample; ``history`` records it as ``output_scale``).
     exact_error : bool, default=False
         Also compute the exact error of the returned factors, streaming over
         all columns (about a third of an epoch); ``rel_error`` is then exact.
@@ -685,14 +713,19 @@ def fit_sampled(
 
     sample = sample_columns(n, error_sample, seed)
 
-    def estimate() -> dict:
-        """Sample estimate of the current factors, the sample split over the ranks."""
-        mine = _share(np.arange(len(sample)), rank, world)
-        r = np.zeros(len(sample), dtype=np.float64)
-        r[mine] = _squared_residuals(chain, params, columns, sample[mine], scale, chunk, dev, tdtype)
+    def products(values, cols: np.ndarray) -> np.ndarray:
+        """:func:`_column_products` for cols, the columns split over the ranks."""
+        mine = _share(np.arange(len(cols)), rank, world)
+        out = np.zeros((3, len(cols)), dtype=np.float64)
+        out[:, mine] = _column_products(chain, values, columns, cols[mine], scale, chunk, dev, tdtype)
         if world > 1:
-            r = _all_reduce(torch.from_numpy(r).to(_reduce_device(dev, world)), world).cpu().numpy()
-        return _estimate(r, a_scaled[sample], n, a_total_scaled, confidence)
+            out = _all_reduce(torch.from_numpy(out).to(_reduce_device(dev, world)), world).cpu().numpy()
+        return out
+
+    def estimate() -> dict:
+        """Sample estimate of the current factors with their best output scale (see :func:`_rescaled`)."""
+        c, r = _rescaled(products(params, sample))
+        return {**_estimate(r, a_scaled[sample], n, a_total_scaled, confidence), "output_scale": c}
 
     history: list[dict] = []
     state = {"step": 0, "epochs_done": 0}
@@ -702,7 +735,7 @@ def fit_sampled(
         est = estimate()
         entry = {"epoch": epoch, "iteration": state["step"], "evaluations": state["step"],
                  "seconds": time.perf_counter() - t0, "rel_error": est["rel_error_estimate"],
-                 "rel_error_ci": est["rel_error_ci"], "train_rel_error": train_rel}
+                 "rel_error_ci": est["rel_error_ci"], "output_scale": est["output_scale"], "train_rel_error": train_rel}
         history.append(entry)
         if best["est"] is None or est["rel_error_estimate"] < best["est"]["rel_error_estimate"]:
             best["est"] = est
@@ -717,6 +750,12 @@ def fit_sampled(
 
     stopped = "epochs"
     initial = checkpoint(0, None)
+    # The product is fitted as c W(1)...W(M), c = <A, P> / ||P||^2 tracked over the last steps'
+    # blocks and held fixed within a step: a reparametrisation of the same objective (c^(1/M)
+    # goes into every factor at the end) whose gradient lacks the component that only shrinks
+    # P, the one that takes Adam to the saddle P = 0 (docs/scale.md).
+    output_scale = initial["output_scale"]
+    running = [0.0, 0.0]
     try:
         for epoch in range(1, epochs + 1):
             order = np.random.default_rng([int(seed), epoch]).permutation(n).astype(np.int64)
@@ -725,20 +764,29 @@ def fit_sampled(
                 block = order[start_col : start_col + batch_columns]
                 for p in params:
                     p.grad = None
-                loss = 0.0
+                loss, cross, power = 0.0, 0.0, 0.0
                 for c in _chunks(_share(block, rank, world), chunk):
                     J = torch.from_numpy(c).to(dev)
-                    R = chain(params, J) - columns.torch(c, dev, tdtype, scale)
+                    P = chain(params, J)
+                    T = columns.torch(c, dev, tdtype, scale)
+                    R = output_scale * P - T
                     part = 0.5 * (R * R).sum()
                     part.backward()
                     loss += float(part.detach())
+                    with torch.no_grad():
+                        cross += float((T * P).sum(dtype=torch.float64))
+                        power += float((P * P).sum(dtype=torch.float64))
                 for p in params:
                     if p.grad is None:  # a rank with no columns this step
                         p.grad = torch.zeros_like(p)
                 _reduce_gradients(params, world, dev)
-                loss, nonfinite, by_time = _all_reduce(torch.tensor(
-                    [loss, not math.isfinite(loss), time_limit is not None and time.perf_counter() - t0 >= time_limit],
-                    dtype=torch.float64, device=_reduce_device(dev, world)), world).tolist()
+                loss, nonfinite, by_time, cross, power = _all_reduce(torch.tensor(
+                    [loss, not math.isfinite(loss), time_limit is not None and time.perf_counter() - t0 >= time_limit,
+                     cross, power], dtype=torch.float64, device=_reduce_device(dev, world)), world).tolist()
+                running[0] = SCALE_DECAY * running[0] + cross
+                running[1] = SCALE_DECAY * running[1] + power
+                if running[0] > 0 and running[1] > 0:
+                    output_scale = running[0] / running[1]
                 for p in params:
                     p.grad.mul_(n / len(block))  # unbiased estimate of the full gradient
                 opt.step(lr_at(state["step"]))
@@ -776,13 +824,13 @@ def fit_sampled(
 
     chosen = best["est"]
     exact = None
+    c = chosen["output_scale"]
     if exact_error and stopped != "interrupted":
-        mine = _share(np.arange(n, dtype=np.int64), rank, world)
-        sq = float(_squared_residuals(chain, best["values"], columns, mine, scale, chunk, dev, tdtype).sum())
-        sq = float(_all_reduce(torch.tensor([sq], dtype=torch.float64, device=_reduce_device(dev, world)), world).item())
-        exact = math.sqrt(max(sq, 0.0))
+        r, x, p = products(best["values"], np.arange(n, dtype=np.int64)).sum(axis=1)
+        exact = math.sqrt(max(r + 2.0 * (1.0 - c) * x + (c * c - 1.0) * p, 0.0))
 
-    values = [(v.detach().double() * scale ** (1.0 / pat.factors)).cpu().numpy() for v in best["values"]]
+    # A's scale and the output scale back into the factors, evenly
+    values = [(v.detach().double() * (scale * c) ** (1.0 / pat.factors)).cpu().numpy() for v in best["values"]]
     np_dtype = np.float32 if tdtype == torch.float32 else np.float64
     approx = SparseFactors.from_pattern(pat, [v.astype(np_dtype) for v in values])
     is_estimate = exact is None and not chosen["exact"]
