@@ -58,7 +58,8 @@ from sfa_cli import baselines
 from sfa_cli.baselines import NotApplicable, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import DENSE_FIT_LIMIT, block_columns, blockwise_loss_and_grad, column_blocks, fit, unit_columns
+from sfa_cli.fit import (DENSE_FIT_LIMIT, block_columns, blockwise_loss_and_grad, column_blocks, default_max_iter, fit,
+                         unit_columns)
 from sfa_cli.kernels import FactorStructure, chain_matmul, resolve_device, resolve_dtype
 from sfa_cli.metrics import column_block, frobenius_norm
 
@@ -76,8 +77,9 @@ LEARNED_DEFAULTS = {
 }
 #: A refit whose relative error is above this ran away (the objective is a polynomial of degree 2M).
 _RUNAWAY = 1e3
-#: The hysteresis is halved after each rejected round; below this the rounds stop.
-_MIN_HYSTERESIS = 1e-3
+#: After a rejected round the hysteresis is divided by this; after _REJECTIONS of them the rounds stop.
+_BACKOFF = 4.0
+_REJECTIONS = 3
 #: Largest n for which the start takes an exact SVD (above it a seeded randomized SVD).
 _EXACT_SVD_LIMIT = 1024
 
@@ -93,8 +95,12 @@ def default_inner_iter(n: int) -> int:
 
 
 def default_polish_iter(n: int) -> int:
-    """L-BFGS iterations on the final supports: 200 up to n = 512, fewer above (50 at n = 4096)."""
-    return int(max(50, min(200, round(200 * 512 / n))))
+    """L-BFGS iterations on the final supports: 200 up to n = 512, 100 at n = 1024, none above.
+
+    (Above n = 1024 an L-BFGS iteration costs several seconds; two factors are
+    polished by alternating least squares instead.)
+    """
+    return 0 if n > 1024 else int(min(200, round(200 * 512 / n)))
 
 
 # -- the chain of factors with free supports ------------------------------------------
@@ -137,6 +143,24 @@ class _Chain:
             return X
         return chain_matmul(self.structs[lo:hi], self.values[lo:hi], X, transpose=transpose)
 
+    def dense(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+        """The dense n x n product S(lo+1) ... S(hi): the last factor scattered, the others applied (n * nnz work)."""
+        hi = self.factors if hi is None else hi
+        like = self.values[0]
+        out = torch.zeros((self.n, self.n), dtype=like.dtype, device=like.device)
+        if hi <= lo:
+            return out.fill_diagonal_(1.0)
+        s = self.structs[hi - 1]
+        out[s.rows, s.col] = self.values[hi - 1].detach()
+        return self.product(out, lo=lo, hi=hi - 1)
+
+    def csr(self, m: int, *, transpose: bool = False) -> torch.Tensor:
+        """Factor m (or its transpose) as a torch sparse CSR tensor."""
+        s, v = self.structs[m], self.values[m].detach()
+        if transpose:
+            return torch.sparse_csr_tensor(s.crow_t, s.col_t, v[s.perm_t], (self.n, self.n), check_invariants=False)
+        return torch.sparse_csr_tensor(s.crow, s.col, v, (self.n, self.n), check_invariants=False)
+
     def to_scipy(self, scale: float = 1.0, dtype=np.float64) -> list[sp.csr_matrix]:
         factor_scale = scale ** (1.0 / self.factors)
         mats = []
@@ -152,6 +176,7 @@ class _Objective:
     def __init__(self, T: torch.Tensor):
         n = T.shape[0]
         self.T = T
+        self.T_t = T.T.contiguous()
         self.blocks = column_blocks(n, block_columns(n))
         self.unit_blocks = [unit_columns(n, cols, T) for cols in self.blocks] if n <= 4096 else None
 
@@ -167,7 +192,7 @@ class _Objective:
     def residual(self, chain: _Chain) -> torch.Tensor:
         """R = T - S(1)...S(M), a dense n x n matrix (n * nnz work)."""
         with torch.no_grad():
-            return self.T - chain.product(torch.eye(self.T.shape[0], dtype=self.T.dtype, device=self.T.device))
+            return self.T - chain.dense()
 
 
 class _Runaway(Exception):
@@ -204,38 +229,57 @@ def _refine(chain: _Chain, objective: _Objective, iters: int, deadline: float) -
     return chain.with_values(best["values"]), best["loss"]
 
 
-def _solve_lines(n: int, lines: np.ndarray, others: np.ndarray, H: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
-    """x in the order of (lines, others): for each line i, H[J, J] x_i = Y[i, J] with J its entries' others.
+class _LineSystems:
+    """The small least-squares systems of one factor's lines, indexed once and solved at every sweep.
 
-    The small systems are solved (Cholesky, float64) in batches of similar size,
-    with a tiny ridge so that an empty atom's entry gets zero.
+    A line is a row of S(1) or a column of S(2); line i with unknowns at J solves
+    H[J, J] x = Y[J, i] (Cholesky, float64, a tiny ridge so that an unused
+    atom's entry gets zero). Lines of similar length are batched (lengths rounded
+    up by at most a quarter), at most ``max_entries`` matrix entries per batch.
     """
-    nnz = len(lines)
-    x = torch.zeros(nnz, dtype=H.dtype, device=H.device)
-    if nnz == 0:
+
+    def __init__(self, n: int, lines: np.ndarray, others: np.ndarray, device, max_entries: int = 1 << 22):
+        self.n, self.nnz = n, len(lines)
+        counts = np.bincount(lines, minlength=n)
+        starts = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(counts, out=starts[1:])
+        grain = np.maximum(1, 1 << np.maximum(np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) - 2, 0))
+        width = np.where(counts > 0, -(-counts // grain) * grain, 0)
+        self.batches = []
+        total = int(np.sum(width.astype(np.int64) ** 2))
+        cache = total <= (1 << 24)  # flat indices of every batch kept when they are small (<= 128 MiB)
+        for k in np.unique(width[width > 0]):
+            ids_all = np.nonzero(width == k)[0]
+            step = max(1, max_entries // int(k * k))
+            for b0 in range(0, len(ids_all), step):
+                ids = ids_all[b0:b0 + step]
+                pos = starts[ids][:, None] + np.arange(k)[None, :]
+                valid = np.arange(k)[None, :] < counts[ids][:, None]
+                # padding points at row/column n of the padded H and Y, which hold zeros
+                J = torch.from_numpy(np.where(valid, others[np.where(valid, pos, 0)], n)).to(device)
+                flat = J[:, :, None] * (n + 1) + J[:, None, :] if cache else None
+                V = torch.from_numpy(valid).to(device)
+                pad = (~V).to(torch.float64)  # 1 on the padding's diagonal keeps the systems definite
+                self.batches.append((J, flat, V, pad, torch.from_numpy(ids).to(device)[:, None],
+                                     torch.from_numpy(pos[valid]).to(device)))
+
+    def solve(self, H: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """x in the order of (lines, others): H[J, J] x_i = Y[J, i] for every line i."""
+        n = self.n
+        x = torch.zeros(self.nnz, dtype=H.dtype, device=H.device)
+        ridge = 1e-7 * float(torch.diagonal(H).abs().max()) + 1e-30
+        Hp = H.new_zeros((n + 1, n + 1))
+        Hp[:n, :n] = H
+        Yp = Y.new_zeros((n + 1, n))
+        Yp[:n] = Y
+        Hp = Hp.reshape(-1)
+        for J, flat, V, pad, line, dest in self.batches:
+            Hs = Hp[flat if flat is not None else J[:, :, None] * (n + 1) + J[:, None, :]].double()
+            Hs.diagonal(dim1=1, dim2=2).add_(pad).add_(ridge)
+            ys = Yp[J, line].double()
+            L, _ = torch.linalg.cholesky_ex(Hs)
+            x[dest] = torch.cholesky_solve(ys.unsqueeze(-1), L).squeeze(-1)[V].to(H.dtype)
         return x
-    counts = np.bincount(lines, minlength=n)
-    starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=starts[1:])
-    H64 = H.double()
-    ridge = 1e-7 * float(torch.diagonal(H64).abs().max()) + 1e-30
-    # batch widths: counts rounded up to a quarter of their power of two (padding stays under 25%)
-    grain = np.maximum(1, 1 << np.maximum(np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) - 2, 0))
-    width = np.where(counts > 0, -(-counts // grain) * grain, 0)
-    for k in np.unique(width[width > 0]):
-        ids = np.nonzero(width == k)[0]
-        pos = starts[ids][:, None] + np.arange(k)[None, :]
-        valid = np.arange(k)[None, :] < counts[ids][:, None]
-        pos = np.where(valid, pos, 0)
-        J = torch.from_numpy(np.where(valid, others[pos], 0)).to(H.device)
-        V = torch.from_numpy(valid).to(device=H.device, dtype=torch.float64)
-        Hs = H64.view(-1)[J[:, :, None] * n + J[:, None, :]] * (V[:, :, None] * V[:, None, :])
-        Hs.diagonal(dim1=1, dim2=2).add_(V * ridge + (1 - V))
-        ys = Y[torch.from_numpy(ids).to(H.device)[:, None], J].double() * V
-        L, _ = torch.linalg.cholesky_ex(Hs)
-        sol = torch.cholesky_solve(ys.unsqueeze(-1), L).squeeze(-1)
-        x[torch.from_numpy(pos[valid]).to(H.device)] = sol[torch.from_numpy(valid).to(H.device)].to(H.dtype)
-    return x
 
 
 def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: float) -> tuple[_Chain, float]:
@@ -243,27 +287,28 @@ def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: flo
 
     Row i of S(1) on its support J: (S2 S2^T)[J, J] x = (T S2^T)[i, J]; column l of
     S(2) likewise with S1^T S1 and S1^T T. Each half-step minimises the error over
-    one factor, so it never increases; cost 2 n * nnz plus the small solves.
+    one factor, so it never increases. Per sweep: two sparse-dense products with
+    T and two for the Gram matrices (n * nnz each), and the small solves.
     """
     T, n = objective.T, chain.n
-    eye = torch.eye(n, dtype=T.dtype, device=T.device)
     values = [v.detach() for v in chain.values]
+    order = np.lexsort((chain.rows[1], chain.cols[1]))  # S(2) entries by column, then row
+    order_t = torch.from_numpy(order).to(T.device)
+    rows_of_first = _LineSystems(n, chain.rows[0], chain.cols[0], T.device)
+    columns_of_last = _LineSystems(n, chain.cols[1][order], chain.rows[1][order], T.device)
     with torch.no_grad():
         for _ in range(sweeps):
-            # S(1) given S(2)
             c = chain.with_values(values)
-            S2t = c.product(eye, transpose=True, lo=1)  # S2^T, dense
-            H = c.product(S2t.contiguous(), lo=1)  # S2 S2^T
-            Y = c.product(T.T.contiguous(), lo=1).T  # T S2^T
-            values[0] = _solve_lines(n, chain.rows[0], chain.cols[0], H, Y)
-            # S(2) given S(1): columns of S(2) are rows of S(2)^T
+            S2 = c.csr(1)
+            H = S2 @ c.dense(lo=1).T.contiguous()  # S2 S2^T
+            Y = S2 @ objective.T_t  # S2 T^T = (T S2^T)^T: Y[j, i]
+            values[0] = rows_of_first.solve(H, Y)
             c = chain.with_values(values)
-            S1 = c.product(eye, hi=1)  # dense S1
-            H = c.product(S1, transpose=True, hi=1)  # S1^T S1
-            Y = c.product(T, transpose=True, hi=1).T  # (S1^T T)^T
-            order = np.lexsort((chain.rows[1], chain.cols[1]))  # S(2) entries by column, then row
-            x = _solve_lines(n, chain.cols[1][order], chain.rows[1][order], H, Y)
-            values[1] = torch.empty_like(x).index_copy_(0, torch.from_numpy(order).to(x.device), x)
+            S1t = c.csr(0, transpose=True)
+            H = S1t @ c.dense(hi=1)  # S1^T S1
+            Y = S1t @ T  # S1^T T: Y[j, l]
+            x = columns_of_last.solve(H, Y)
+            values[1] = torch.empty_like(x).index_copy_(0, order_t, x)
             if time.perf_counter() > deadline:
                 break
     out = chain.with_values(values)
@@ -281,7 +326,7 @@ def _curvatures(chain: _Chain, m: int, like: torch.Tensor) -> tuple[torch.Tensor
         v = chain.values[0].detach()
         a = like.new_zeros(n).index_add_(0, chain.structs[0].col, v * v)
     else:
-        P = chain.product(torch.eye(n, dtype=like.dtype, device=like.device), hi=m)
+        P = chain.dense(hi=m)
         a = (P * P).sum(0)
     if m == M - 1:
         b = ones
@@ -289,15 +334,15 @@ def _curvatures(chain: _Chain, m: int, like: torch.Tensor) -> tuple[torch.Tensor
         v = chain.values[M - 1].detach()
         b = like.new_zeros(n).index_add_(0, chain.structs[M - 1].rows, v * v)
     else:
-        Pt = chain.product(torch.eye(n, dtype=like.dtype, device=like.device), transpose=True, lo=m + 1)
-        b = (Pt * Pt).sum(0)
+        P = chain.dense(lo=m + 1)
+        b = (P * P).sum(1)
     return a, b
 
 
 def _negative_gradient(chain: _Chain, m: int, R: torch.Tensor) -> torch.Tensor:
     """P_l^T R P_r^T for factor m: two chains applied to the residual (n * nnz work)."""
     X = chain.product(R, transpose=True, hi=m)
-    if m < chain.factors - 1:
+    if m < chain.factors - 1:  # X P_r^T = (P_r X^T)^T
         X = chain.product(X.T.contiguous(), lo=m + 1).T
     return X
 
@@ -468,6 +513,43 @@ def _chord_start(A, budget: int, seed: int, options: dict):
     return rows, [W.indices.astype(np.int64) for W in mats], [W.data.astype(np.float64) for W in mats]
 
 
+def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, deadline, refine, one_round, callback):
+    """Refit each start and give it one round; the best continues with rounds until no round helps.
+
+    A round whose refit is not better is undone and the hysteresis divided by
+    ``_BACKOFF``; after ``_REJECTIONS`` such rounds, or an improvement below
+    ``tol``, the rounds stop. Returns (info, chain, loss, start_rel_error, rounds done).
+    """
+    best = None
+    for info, chain in starts:
+        if best is not None and time.perf_counter() > deadline:
+            break
+        if projection != "total" or chain.params > budget:  # project the start: held entries only compete
+            chain = _select(chain, objective.residual(chain), budget, projection, 0.0, LEARNED_DEFAULTS["step"], False)
+        chain, loss = refine(chain)
+        new, new_loss = one_round(chain, hysteresis)
+        if new_loss < loss:
+            chain, loss = new, new_loss
+        if best is None or loss < best[2]:
+            best = (info, chain, loss)
+    info, chain, loss = best
+    start_rel = math.sqrt(2 * loss)
+    gamma, done, rejected = hysteresis, 1, 0
+    stopped = (callback is not None and callback(done, start_rel)) or loss <= 5e-15
+    while not stopped and done < rounds and rejected < _REJECTIONS and time.perf_counter() < deadline:
+        new, new_loss = one_round(chain, gamma)
+        done += 1
+        if new_loss < loss:
+            improvement = 1 - math.sqrt(new_loss / loss)
+            chain, loss = new, new_loss
+            stopped = (callback is not None and callback(done, math.sqrt(2 * loss))) or improvement < tol \
+                or loss <= 5e-15
+        else:
+            gamma /= _BACKOFF
+            rejected += 1
+    return info, chain, loss, start_rel, done
+
+
 # -- the method --------------------------------------------------------------------------------
 def learned_sparse(
     A,
@@ -484,7 +566,7 @@ def learned_sparse(
     polish_iter: int | None = None,
     hysteresis: float = LEARNED_DEFAULTS["hysteresis"],
     refit: str = "auto",
-    sweeps: int = 3,
+    sweeps: int | None = None,
     callback=None,
 ) -> SparseFactors:
     """Sparse factors S(1)...S(M) whose supports are learned, with at most ``budget`` non-zeros in all.
@@ -547,7 +629,7 @@ def learned_sparse(
         raise SfaError(f"unknown projection {projection!r}; choose from {', '.join(PROJECTIONS)}")
     if factors is not None and (int(factors) != factors or factors < 2):
         raise SfaError(f"factors must be an integer >= 2 for the learned-support method; got {factors!r}")
-    if not 0 < hysteresis <= 1:
+    if not 0 < hysteresis <= 1:  # 0 would freeze the supports
         raise SfaError(f"hysteresis must be in (0, 1]; got {hysteresis}")
     if n > DENSE_FIT_LIMIT:
         raise NotApplicable(f"the learned-support fit keeps dense n x n residuals; n={n} > {DENSE_FIT_LIMIT}")
@@ -561,6 +643,7 @@ def learned_sparse(
     deadline = t0 + time_limit if time_limit else math.inf
     tol = float(options.get("tol") or LEARNED_DEFAULTS["tol"])
     rounds = default_rounds(n) if rounds is None else int(rounds)
+    sweeps = (3 if n <= 1024 else 2) if sweeps is None else int(sweeps)
     inner_iter = default_inner_iter(n) if inner_iter is None else int(inner_iter)
     polish_iter = default_polish_iter(n) if polish_iter is None else int(polish_iter)
     if options.get("max_iter"):
@@ -579,7 +662,7 @@ def learned_sparse(
 
     # -- starts: one round from each, keep the best
     use_chord = init == "chord"
-    starts = []
+    starts, exact = [], False
     if use_chord:
         chord_options = {k: v for k, v in options.items() if k not in ("time_limit",)}
         rows, cols, vals = _chord_start(A, budget, seed, chord_options)
@@ -597,6 +680,11 @@ def learned_sparse(
                 raise SfaError(f"splits must be fractions in [0, 1]; got {list(splits)}")
             r = min(int(f * (budget - middle * n)) // (2 * n), n - 1)
             plans.setdefault(r, f)
+        nonzero = D != 0
+        exact = np.count_nonzero(nonzero) + min(np.count_nonzero(nonzero.any(1)), np.count_nonzero(nonzero.any(0))) \
+            + middle * n <= budget
+        if exact:
+            plans = {0: 0.0}  # every entry of A fits with its slot: the start is exact
         r_max = max(plans)
         left_all, right_all = _svd_parts(D, r_max, seed)
         for r, f in sorted(plans.items()):
@@ -613,46 +701,25 @@ def learned_sparse(
             return _refine_als(chain, objective, sweeps, deadline)
         return _refine(chain, objective, inner_iter, deadline)
 
-    def one_round(chain, loss, gamma):
+    def one_round(chain, gamma):
         R = objective.residual(chain)
         candidate = _select(chain, R, budget, projection, gamma, step, revive)
         del R
         return refine(candidate)
 
-    # one refit of each start, then one round; the best continues
-    best = None
-    for info, chain in starts:
-        chain, loss = refine(chain)
-        if chain.params > budget:  # a Chord warm start over the budget is trimmed by the first round
-            loss = math.inf
-        new, new_loss = one_round(chain, loss, hysteresis)
-        if new_loss < loss:
-            chain, loss = new, new_loss
-        if best is None or loss < best[2]:
-            best = (info, chain, loss)
-    info, chain, loss = best
-    start_rel = math.sqrt(2 * loss) if loss < math.inf else float("nan")
-    history = [start_rel]
-    gamma, done = hysteresis, 1
-    stopped = callback is not None and callback(done, start_rel)
-    while not stopped and done < rounds and time.perf_counter() < deadline and gamma >= _MIN_HYSTERESIS:
-        new, new_loss = one_round(chain, loss, gamma)
-        done += 1
-        if new.params <= budget and new_loss < loss:
-            improvement = 1 - math.sqrt(new_loss / loss) if loss > 0 else 0.0
-            chain, loss = new, new_loss
-            history.append(math.sqrt(2 * loss))
-            if callback is not None and callback(done, math.sqrt(2 * loss)):
-                break
-            if improvement < tol:
-                break
-        else:
-            gamma *= 0.5
-        if loss <= 5e-15:
-            break
-    if chain.params > budget:  # only a Chord start that never improved; it cannot happen with a fitting start
-        raise NotApplicable(f"the Chord warm start needs {chain.params} > budget {budget}")
-    chain, loss = _refine(chain, objective, polish_iter, deadline)
+    if exact:  # the start holds A itself; nothing to fit
+        info, chain = starts[0]
+        loss = objective.loss(chain)
+        start_rel, done = math.sqrt(2 * loss), 0
+        if callback is not None:
+            callback(done, start_rel)
+    else:
+        info, chain, loss, start_rel, done = _rounds(starts, objective, budget, projection, hysteresis, rounds,
+                                                     tol, deadline, refine, one_round, callback)
+        if use_als:
+            chain, loss = _refine_als(chain, objective, 2 * sweeps, deadline)
+        if polish_iter > 0:
+            chain, loss = _refine(chain, objective, polish_iter, deadline)
     # drop entries the fit zeroed: they cost budget and carry nothing
     keep = [(v != 0).cpu().numpy() for v in chain.values]
     if not all(k.all() for k in keep):
@@ -705,7 +772,7 @@ def chord_plus_sparse(
     *,
     seed: int = 0,
     fit_options: dict | None = None,
-    splits=(0.25, 0.5, 0.75, 1.0),
+    splits=(0.5, 1.0),
     alternations: int = 2,
 ) -> SumApproximation:
     """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
@@ -727,8 +794,10 @@ def chord_plus_sparse(
     fit_options : dict, optional
         Options of :func:`sfa_cli.fit.fit` for the Chord fits (max_iter,
         time_limit per fit, device, ...); ``symmetric`` and ``self_link`` choose
-        the Chord variant.
-    splits : sequence of float, default=(0.25, 0.5, 0.75, 1.0)
+        the Chord variant. Without max_iter each fit runs a tenth of
+        :func:`sfa_cli.fit.default_max_iter` (at least 100): the method makes
+        ``len(splits) * alternations`` fits.
+    splits : sequence of float, default=(0.5, 1.0)
         Fractions of the budget offered to the Chord part.
     alternations : int, default=2
         Chord/sparse alternations per split.
@@ -756,6 +825,8 @@ def chord_plus_sparse(
     variant = {k: options.pop(k) for k in ("symmetric", "self_link") if options.get(k) is not None}
     for key in ("base", "factors", "permute", "pattern"):
         options.pop(key, None)
+    if options.get("max_iter") is None:
+        options["max_iter"] = max(100, default_max_iter(n) // 10)
 
     top = baselines.top_k(A, budget)
     top_rest = max(frobenius_norm(A) ** 2 - float(np.sum(top.matrix.data.astype(np.float64) ** 2)), 0.0)

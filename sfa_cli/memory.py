@@ -11,7 +11,7 @@ Example
 >>> from sfa_cli.memory import human_bytes, require_memory
 >>> human_bytes(40_000_000_000)
 '37.3 GiB'
->>> require_memory(10**18, "densifying big.mtx (n=1000000000)", "use --sampled", dtype="float32")
+>>> require_memory(10**18, "densifying big.mtx (n=1000000000)", "use --sampled", dtype="float32")  # doctest: +ELLIPSIS
 Traceback (most recent call last):
 ...
 sfa_cli.errors.SfaError: densifying big.mtx (n=1000000000) needs 888.2 PiB in float32; ... available; use --sampled

@@ -82,8 +82,8 @@ SAMPLED_FIT_ABOVE = DENSE_FIT_LIMIT
 #: a product with all n columns); above it they estimate it from a column sample.
 EXACT_ERROR_UP_TO = DENSE_FIT_LIMIT
 #: A right-hand block of P[:, J] stays in the sparse "relative" form while its support
-#: is at most this fraction of n (scripts/bench_scale.py: 0.15 was the fastest at n = 65536).
-SPARSE_START_FRACTION = 0.15
+#: is at most this fraction of n (scripts/bench_scale.py: 0.02-0.1 were the fastest at n = 65536).
+SPARSE_START_FRACTION = 0.05
 #: Bytes of working memory one chunk of columns may use (forward activations and gradients).
 CHUNK_BYTES = 1 << 30
 #: Columns per chunk at most: about where the sparse products reach their best time per column.
@@ -282,7 +282,8 @@ class _ColumnChain:
     on rows J_c - S_h with S_h the sums of h offsets, the same set for every
     column. Those factors are applied in that compact form (|S_h| rows instead
     of n) until S_h covers ``SPARSE_START_FRACTION`` of n; for the Chord
-    pattern at n = 65536 this skips about a third of the work. The remaining
+    pattern at n = 65536 (4 factors in compact form) a block took about 15%
+    less time than with chain_matmul alone. The remaining
     factors use :func:`sfa_cli.kernels.chain_matmul`.
     """
 
@@ -508,16 +509,17 @@ STARTS = ("identity", "paper")
 
 
 def default_lr(pattern: Pattern) -> float:
-    """Adam's step size when none is given: 0.5 / (M K), K the non-zeros per row.
+    """Adam's step size when none is given: 0.25 / (M K), K the non-zeros per row.
 
     Adam moves every value by about lr per step, and an entry of the product
     depends on M K values, so the step that keeps the product's change
-    moderate shrinks with M K: 0.0032 at n = 4096 (Chord: M = 12, K = 13),
-    0.0018 at n = 65536. Measured on grid Laplacians and sparse random graphs
-    at n = 4096 and 8192 (docs/scale.md): 3x larger diverges at first on the
-    grid, 3x smaller stalls on the graph.
+    moderate shrinks with M K: 0.0016 at n = 4096 (Chord: M = 12, K = 13),
+    0.0009 at n = 65536. Measured on grid Laplacians and sparse random graphs
+    at n = 4096 and 8192 (docs/scale.md): twice this made the grid's error
+    rise during the first epoch before it fell; random graphs gain from 3-6
+    times this (``lr=``), the grid does not.
     """
-    return 0.5 / (pattern.factors * pattern.nnz_per_row)
+    return 0.25 / (pattern.factors * pattern.nnz_per_row)
 
 
 def _start_values(structs, n: int, start: str, seed: int, dtype, norm: float = 1.0) -> list[torch.Tensor]:
@@ -603,8 +605,8 @@ def fit_sampled(
     epochs : int, default=10
         Passes over all columns, each in a fresh seeded random order.
     lr : float, optional
-        Adam's peak step size (default :func:`default_lr`: 0.5 / (M (L+1)),
-        0.0032 at n = 4096), reached after a linear warm-up over the first 5%
+        Adam's peak step size (default :func:`default_lr`: 0.25 / (M (L+1)),
+        0.0016 at n = 4096), reached after a linear warm-up over the first 5%
         of the planned steps, then decayed along a cosine to 5% of it at the
         end of the planned ``epochs``.
     optimizer : {"adam"}
@@ -631,10 +633,9 @@ def fit_sampled(
         The initial factors: ``identity`` makes every factor the identity with
         1% noise on its other entries, scaled so that ||W(1)...W(M)||_F =
         ||A||_F; ``paper`` is the authors' row-averaging start of
-        :func:`sfa_cli.fit.fit`. Adam from the averaging start falls to the
-        saddle P = 0 (relative error 1.0) on sparse graphs and Laplacians;
-        from the identity it does not (docs/scale.md). A pattern without a
-        self link always uses ``paper``.
+        :func:`sfa_cli.fit.fit`. From the averaging start Adam made slower
+        progress on sparse graphs and Laplacians (docs/scale.md). A pattern
+        without a self link always uses ``paper``.
     init : SparseFactors, optional
         Warm start with the pattern's structure (``start`` is then unused).
     callback : callable, optional
@@ -660,7 +661,6 @@ def fit_sampled(
         raise SfaError(f"confidence must be between 0 and 1; got {confidence}")
     if start not in STARTS:
         raise SfaError(f"unknown start {start!r}; choose from {', '.join(STARTS)}")
-    start_at = start
     if lr is not None and lr <= 0:
         raise SfaError(f"lr must be positive; got {lr}")
     batch_columns, epochs = min(int(batch_columns), n), int(epochs)
@@ -689,14 +689,14 @@ def fit_sampled(
     if init is not None:
         if init.n != n or init.num_factors != pat.factors:
             raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, {pat.factors}")
-        start = [v.to(device=dev, dtype=tdtype) / scale ** (1.0 / pat.factors)
+        first = [v.to(device=dev, dtype=tdtype) / scale ** (1.0 / pat.factors)
                  for v in init.torch_chain(dtype=torch.float64)[1]]
     else:
         # The multiple of I closest to A has norm cos(A, I) = trace(A) / (||A||_F sqrt(n)); an
         # adjacency matrix (zero diagonal) would start at P = 0, Adam's saddle, hence the floor.
         norm = min(max(columns.trace / (scale * math.sqrt(n)), SAMPLED_DEFAULTS["start_norm_min"]), 1.0)
-        start = [v.to(dev) for v in _start_values(structs, n, start_at, seed, tdtype, norm)]
-    params = [v.clone().requires_grad_(True) for v in start]
+        first = [v.to(dev) for v in _start_values(structs, n, start, seed, tdtype, norm)]
+    params = [v.clone().requires_grad_(True) for v in first]
     opt = _Adam(params)
     steps_per_epoch = -(-n // batch_columns)
     total_steps = epochs * steps_per_epoch
@@ -793,7 +793,8 @@ def fit_sampled(
                 state["step"] += 1
                 train_sq += 2.0 * loss
                 seen += len(block)
-                train_rel = math.sqrt(max(train_sq / seen, 0.0))  # in units of ||A||_F (scaled A)
+                # the blocks seen so far estimate ||A - cP||_F^2 / ||A||_F^2 as n / seen times their sum
+                train_rel = math.sqrt(max(train_sq * n / seen, 0.0))
                 seconds = time.perf_counter() - t0
                 wants_stop = callback is not None and bool(callback(SampledFitStep(
                     state["step"], state["step"], seconds, train_rel,
