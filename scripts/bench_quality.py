@@ -9,15 +9,20 @@ camera image, Gaussian) at three budgets (the Chord budget, 5% and 1% of N^2):
       the budget split evenly over the factors), same run;
   (b) N = 256: the learned-support method with a time limit of a tenth of the
       best pyfaust run's seconds, and whether it reaches that run's error;
-  (c) N = 1024, 4096 (``--large``): sfa's methods only.
+  (c) N = 1024, 4096 (``--large``): sfa's methods only (by default the ones that
+      finish within minutes there: the learned method and the baselines);
+  (d) ``--study``: options of the learned method at N = 256 (3 factors, the
+      Chord warm start, the per-row projection, L-BFGS refits).
 
 Prints a table per size, writes JSON (bench_out/bench_quality.json) and, with
 --markdown, the tables, the targets and the machine as markdown.
 
 Usage:
     python scripts/bench_quality.py                                  # N = 256
-    python scripts/bench_quality.py --large 1024,4096 --markdown docs/quality.md
-    python scripts/bench_quality.py --sizes 64 --large "" --matrices graph,rbf   # smoke test
+    python scripts/bench_quality.py --study --large 1024,4096@0.05 --markdown docs/quality.md
+    python scripts/bench_quality.py --sizes 64 --matrices graph,rbf  # smoke test
+
+A large size may name its budgets: ``4096@0.05`` (one budget), ``4096@chord+0.01``.
 """
 from __future__ import annotations
 
@@ -47,6 +52,9 @@ MATRICES = ("graph", "grid", "lowrank", "rbf", "camera", "gauss")
 BUDGETS = ("chord", 0.05, 0.01)
 #: The reference methods of the targets (pyfaust joins when installed).
 REFERENCES = ("tsvd", "topk", "lowrank+sparse")
+#: sfa's methods at N = 1024 and 4096 by default: the Chord, butterfly and Chord + sparse fits
+#: take their full iteration counts there (many minutes each); name them to include them.
+LARGE_METHODS = ("sparse", "tsvd", "rsvd", "topk", "monarch", "lowrank+sparse")
 
 
 # -- matrices ----------------------------------------------------------------------------
@@ -162,7 +170,7 @@ def warm_up(with_pyfaust: bool) -> None:
 
 
 # -- one size --------------------------------------------------------------------------------
-def bench_size(n, matrices, methods, fit_options, with_pyfaust, time_check):
+def bench_size(n, matrices, methods, fit_options, with_pyfaust, time_check, budgets=BUDGETS):
     rows = []
     for name in matrices:
         try:
@@ -170,7 +178,7 @@ def bench_size(n, matrices, methods, fit_options, with_pyfaust, time_check):
         except (ValueError, FileNotFoundError) as exc:
             print(f"skip {name} at n={n}: {exc}", file=sys.stderr)
             continue
-        for b in BUDGETS:
+        for b in budgets:
             budget = resolve_budget(n, None if b == "chord" else b)
             results = []
             for method, function in methods.items():
@@ -225,6 +233,41 @@ def time_limited(A, budget, row) -> dict:
     error = relative_error(A, F)
     return {"tenth_limit_s": limit, "tenth_seconds": seconds, "tenth_error": error,
             "tenth_reached": bool(error <= row["pyfaust_error"])}
+
+
+#: Options of the learned method compared in the study (d).
+STUDY = {
+    "sparse": {},
+    "3 factors": {"factors": 3},
+    "Chord warm start": {"init": "chord", "fit_options": {"max_iter": 500}},
+    "per-row projection": {"projection": "row"},
+    "L-BFGS refits": {"refit": "lbfgs"},
+}
+
+
+def bench_study(n, matrices):
+    """The learned method's options side by side: error and seconds per (matrix, budget)."""
+    rows = []
+    for name in matrices:
+        try:
+            A = make_matrix(name, n)
+        except (ValueError, FileNotFoundError):
+            continue
+        for b in BUDGETS:
+            budget = resolve_budget(n, None if b == "chord" else b)
+            results = []
+            for label, options in STUDY.items():
+                t0 = time.perf_counter()
+                try:
+                    F = learned_sparse(A, budget, **options)
+                except NotApplicable as exc:
+                    results.append({"method": label, "status": "not applicable", "note": str(exc)})
+                    continue
+                results.append({"method": label, "status": "ok", "rel_error": relative_error(A, F),
+                                "seconds": time.perf_counter() - t0, "params": F.params})
+                print_result(name, n, b, budget, results[-1])
+            rows.append({"matrix": name, "n": n, "budget": b, "params": budget, "results": results})
+    return rows
 
 
 # -- output ------------------------------------------------------------------------------------
@@ -341,23 +384,30 @@ def markdown(report) -> str:
                         f"| {row.get('reference_best', '-')} {fmt(row.get('reference_error'))} "
                         f"| {fmt(row.get('ratio'), 3)} | {tenth} |")
         out += best + [""]
-        out += ["Targets: " + ", ".join(f"{k} {v}" for k, v in target_summary(rows).items()), ""]
+        if any("at_or_below" in r for r in rows):
+            out += ["Targets: " + ", ".join(f"{k} {v}" for k, v in target_summary(rows).items()), ""]
+    if report.get("study"):
+        out += [f"## Options of the learned method (N = {report['study'][0]['n']})", "",
+                error_table(report["study"], list(STUDY)), ""]
     return "\n".join(out) + "\n"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", default="256", help="sizes with every method and pyfaust (comma-separated)")
-    p.add_argument("--large", default="", help="sizes with sfa's methods only, e.g. 1024,4096")
+    p.add_argument("--sizes", default="256", help="sizes with every method and pyfaust (comma-separated; '' for none)")
+    p.add_argument("--large", default="", help="sizes with sfa's methods only, e.g. 1024,4096@0.05")
+    p.add_argument("--study", action="store_true", help="also compare the learned method's options at N = 256")
     p.add_argument("--matrices", default=",".join(MATRICES))
     p.add_argument("--methods", default=None, help="sfa methods (default: all)")
-    p.add_argument("--large-methods", default=None, help="sfa methods at the large sizes (default: all)")
+    p.add_argument("--large-methods", default=",".join(LARGE_METHODS),
+                   help="sfa methods at the large sizes  [default: %(default)s]")
     p.add_argument("--large-time-limit", type=float, default=300.0,
-                   help="seconds per Chord/butterfly fit at the large sizes (the learned method has none)")
+                   help="seconds per fit of the Chord-based methods at the large sizes (the learned method has none)")
     p.add_argument("--no-pyfaust", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch threads (pyfaust follows OMP_NUM_THREADS)")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "bench_quality.json"))
     p.add_argument("--markdown", default=None, help="write the report as markdown to this file")
+    p.add_argument("--merge", default=None, help="a JSON report of an earlier run whose sizes and study are kept")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     matrices = [m for m in args.matrices.split(",") if m]
@@ -372,15 +422,26 @@ def main(argv=None):
     if not with_pyfaust and not args.no_pyfaust:
         print("pyfaust is not installed: benchmarking sfa's methods only", file=sys.stderr)
     warm_up(with_pyfaust)
-    report = {"command": "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "machine": machine(), "sizes": []}
+    command = "python scripts/bench_quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    report = {"command": command, "machine": machine(), "sizes": []}
+    if args.merge:
+        earlier = json.loads(Path(args.merge).read_text())
+        report["command"] = earlier["command"] + "; then " + command
+        report["sizes"] = earlier["sizes"]
+        if earlier.get("study"):
+            report["study"] = earlier["study"]
     for n in [int(s) for s in args.sizes.split(",") if s]:
         rows = bench_size(n, matrices, pick(args.methods), None, with_pyfaust, time_check=with_pyfaust)
         report["sizes"].append({"n": n, "rows": rows, "targets": target_summary(rows)})
         print(json.dumps(report["sizes"][-1]["targets"]))
-    for n in [int(s) for s in args.large.split(",") if s]:
-        rows = bench_size(n, matrices, pick(args.large_methods), {"time_limit": args.large_time_limit}, False, False)
-        report["sizes"].append({"n": n, "rows": rows})
+    if args.study:
+        report["study"] = bench_study(256, matrices)
+    for item in [s for s in args.large.split(",") if s]:
+        size, _, names = item.partition("@")
+        budgets = [b if b == "chord" else float(b) for b in names.split("+")] if names else BUDGETS
+        rows = bench_size(int(size), matrices, pick(args.large_methods), {"time_limit": args.large_time_limit},
+                          False, False, budgets)
+        report["sizes"].append({"n": int(size), "rows": rows})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))

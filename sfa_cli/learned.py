@@ -8,26 +8,28 @@ pattern. It alternates two steps:
 * **re-select the supports** (a projection): for every factor and every entry
   (i, j), the negative gradient g = (P_l^T R P_r^T)[i, j] of 0.5 ||A - S(1)...S(M)||^2
   and the curvature c = ||P_l[:, i]||^2 ||P_r[j, :]||^2 (P_l, P_r the products
-  left and right of the factor, R the residual) give the error change of
-  adding the entry alone, g^2 / c, or of removing a held entry of value s,
-  c s^2. The budget keeps the entries with the largest of these scores, over
-  all factors together (``projection="total"``), per factor, per row or per
-  column, new entries being discounted by a hysteresis factor so that only
-  clearly better ones swap in;
-* **fit the values on the supports** by L-BFGS over column blocks, the engine
-  of :mod:`sfa_cli.fit`.
+  left and right of the factor, R the residual) give the error decrease of
+  adding the entry alone, g^2 / c, and the increase of removing a held entry of
+  value s, c s^2. The budget keeps the entries with the largest of these
+  scores, over all factors together (``projection="total"``), per factor, per
+  row or per column; a new entry starts at a damped Newton step 0.25 g / c;
+* **fit the values on the supports**: for two factors, alternating least
+  squares (every row of S(1), then every column of S(2), solved exactly on its
+  support); for more, L-BFGS over column blocks, the engine of :mod:`sfa_cli.fit`.
 
-A round whose refit is not better than the last accepted one is undone and the
-hysteresis tightened, so the error never increases. Every product is a
-sparse-dense product with n x b blocks or n x n dense matrices (cost n * nnz);
-nothing costs n^3: the gradient of every entry of a factor is
-P_l^T (R P_r^T), two chains of sparse factors applied to the residual.
+A round whose refit is not better than the last accepted one is undone and new
+entries are discounted (their scores divided by 4) in the next, so the error
+never increases; three such rounds end the fit. Every product is a sparse-dense
+product with n x b blocks or n x n dense matrices (cost n * nnz); nothing costs
+n^3: the gradient of every entry of a factor is P_l^T (R P_r^T), chains of
+sparse factors applied to the residual.
 
 The start is a low-rank plus sparse split written as two sparse factors
 (``init="lowrank+sparse"``, the default): S(1) = [U_r sqrt(s) | e_i ...],
 S(2) = [sqrt(s) V_r^T ; residual rows], one "slot" column e_i in S(1) for each
-residual row that holds kept entries. ``init="chord"`` warm-starts from a Chord
-fit at the budget instead.
+residual row that holds kept entries (or the transposed layout); A itself when
+all its entries fit. ``init="chord"`` warm-starts from a Chord fit at the
+budget instead.
 
 :func:`chord_plus_sparse` spends part of the budget on Chord factors and the
 rest on the largest entries of the residual, with the split chosen like
@@ -71,8 +73,8 @@ PROJECTIONS = ("total", "factor", "row", "column")
 LEARNED_DEFAULTS = {
     "factors": 2,
     "splits": (0.5, 0.9),
-    "hysteresis": 0.25,
-    "step": 0.5,
+    "hysteresis": 1.0,
+    "step": 0.25,
     "tol": 1e-3,
 }
 #: A refit whose relative error is above this ran away (the objective is a polynomial of degree 2M).
@@ -195,8 +197,8 @@ class _Objective:
             return self.T - chain.dense()
 
 
-class _Runaway(Exception):
-    pass
+class _StopRefit(Exception):
+    """Raised inside the L-BFGS closure: the error ran away, or the time is up."""
 
 
 def _refine(chain: _Chain, objective: _Objective, iters: int, deadline: float) -> tuple[_Chain, float]:
@@ -212,17 +214,17 @@ def _refine(chain: _Chain, objective: _Objective, iters: int, deadline: float) -
         opt.zero_grad(set_to_none=False)
         loss = blockwise_loss_and_grad(chain.structs, params, objective.T, objective.blocks, objective.unit_blocks)
         if not math.sqrt(max(2 * loss, 0.0)) < _RUNAWAY:  # also NaN
-            raise _Runaway
+            raise _StopRefit
         if loss < best["loss"]:
             best["loss"] = loss
             best["values"] = [p.detach().clone() for p in params]
         if time.perf_counter() > deadline:
-            raise _Runaway
+            raise _StopRefit
         return loss
 
     try:
         opt.step(closure)
-    except _Runaway:
+    except _StopRefit:
         pass
     if best["loss"] == math.inf:
         return chain, objective.loss(chain)
@@ -457,8 +459,10 @@ def _svd_parts(A, r: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def _lowrank_sparse_start(D: np.ndarray, left: np.ndarray, right: np.ndarray, budget: int, middle: int):
     """Supports and values of [left | slots] (I ...) [right ; residual rows] within the budget.
 
-    D is the residual A - left @ right (dense, scaled). ``middle`` identity factors
-    sit between the two. Returns (rows, cols, values) lists and the kept energy.
+    D is the residual A - left @ right (dense, scaled); ``middle`` identity factors
+    sit between the two. The residual's largest entries are kept in the layout
+    (rows of S(2) behind slots e_i of S(1), or the transpose) that keeps more of
+    its energy. Returns the lists rows, cols, values (one array per factor).
     """
     n, r = left.shape
     k = budget - 2 * n * r - middle * n
@@ -565,6 +569,7 @@ def learned_sparse(
     inner_iter: int | None = None,
     polish_iter: int | None = None,
     hysteresis: float = LEARNED_DEFAULTS["hysteresis"],
+    tol: float = LEARNED_DEFAULTS["tol"],
     refit: str = "auto",
     sweeps: int | None = None,
     callback=None,
@@ -584,28 +589,38 @@ def learned_sparse(
         Seeds the randomized SVD of the start (n > 1024) and the Chord warm start;
         the same seed gives the same factors on the same device.
     fit_options : dict, optional
-        ``device``, ``dtype``, ``time_limit`` (seconds for the whole method),
-        ``max_iter`` (caps the final L-BFGS iterations) and ``tol`` (stop the
-        rounds when one improves the error by less than this fraction, default
-        1e-3) are used; the other options of :func:`sfa_cli.fit.fit` are ignored,
-        except by the Chord warm start, which passes them on.
+        ``device``, ``dtype``, ``time_limit`` (seconds for the whole method; the
+        best factors so far are returned) and ``max_iter`` (caps the final
+        L-BFGS iterations) are used; the other options of :func:`sfa_cli.fit.fit`
+        are ignored, except by the Chord warm start, which passes them on.
     init : {"auto", "lowrank+sparse", "chord"}, default="auto"
         ``lowrank+sparse`` (auto): a rank-r part plus residual entries written as
         factors, the best of ``splits`` (fractions of the budget for the rank-r
-        part) after one round each; ``chord``: a Chord fit at the budget.
+        part) after one round each (A itself when all its entries fit);
+        ``chord``: a Chord fit at the budget (M = its factor count).
     projection : {"total", "factor", "row", "column"}, default="total"
         Where the budget applies: the k largest over all factors, over each
         factor (budget / M), in each row, or in each column (budget / (M n)).
     splits : sequence of float, default=(0.5, 0.9)
     rounds, inner_iter, polish_iter : int, optional
-        Selection rounds, L-BFGS iterations per round and on the final supports
-        (defaults: :func:`default_rounds`, :func:`default_inner_iter`,
-        :func:`default_polish_iter`).
-    hysteresis : float, default=0.25
+        Selection rounds, L-BFGS iterations per round (L-BFGS refits) and on the
+        final supports (defaults: :func:`default_rounds`, :func:`default_inner_iter`;
+        :func:`default_polish_iter` with L-BFGS refits, none after ALS, which
+        ends with a double polish sweep count).
+    hysteresis : float, default=1.0
         A new entry's score g^2 / c is multiplied by this before it competes with
-        held entries; halved after each rejected round.
+        held entries; divided by 4 after each rejected round (3 rejections stop),
+        so that fewer, only clearly better entries swap in.
+    tol : float, default=1e-3
+        The rounds stop when one improves the relative error by less than this fraction.
+    refit : {"auto", "als", "lbfgs"}, default="auto"
+        How values are fitted on a support: alternating least squares (rows of
+        S(1), columns of S(2), exactly; two factors only, the auto choice) or L-BFGS.
+    sweeps : int, default=2
+        ALS sweeps per round (the final polish makes twice as many).
     callback : callable, optional
-        ``callback(round, rel_error)`` after each round; returning True stops.
+        ``callback(round, rel_error)`` after the start and after each accepted
+        round; returning True stops.
 
     Returns
     -------
@@ -631,6 +646,11 @@ def learned_sparse(
         raise SfaError(f"factors must be an integer >= 2 for the learned-support method; got {factors!r}")
     if not 0 < hysteresis <= 1:  # 0 would freeze the supports
         raise SfaError(f"hysteresis must be in (0, 1]; got {hysteresis}")
+    if refit not in ("auto", "als", "lbfgs"):
+        raise SfaError(f"unknown refit {refit!r}; choose from auto, als, lbfgs")
+    for name, value in (("rounds", rounds), ("sweeps", sweeps)):
+        if value is not None and (int(value) != value or value < 1):
+            raise SfaError(f"{name} must be a positive integer; got {value!r}")
     if n > DENSE_FIT_LIMIT:
         raise NotApplicable(f"the learned-support fit keeps dense n x n residuals; n={n} > {DENSE_FIT_LIMIT}")
     if budget < 2:
@@ -641,13 +661,9 @@ def learned_sparse(
     dtype = resolve_dtype(options.get("dtype", "float32") or "float32")
     time_limit = options.get("time_limit")
     deadline = t0 + time_limit if time_limit else math.inf
-    tol = float(options.get("tol") or LEARNED_DEFAULTS["tol"])
     rounds = default_rounds(n) if rounds is None else int(rounds)
-    sweeps = (3 if n <= 1024 else 2) if sweeps is None else int(sweeps)
+    sweeps = 2 if sweeps is None else int(sweeps)
     inner_iter = default_inner_iter(n) if inner_iter is None else int(inner_iter)
-    polish_iter = default_polish_iter(n) if polish_iter is None else int(polish_iter)
-    if options.get("max_iter"):
-        polish_iter = min(polish_iter, int(options["max_iter"]))
 
     scale = frobenius_norm(A)
     if scale == 0.0:
@@ -695,6 +711,10 @@ def learned_sparse(
     revive = M == 2
     step = LEARNED_DEFAULTS["step"]
     use_als = M == 2 and refit in ("auto", "als")
+    if polish_iter is None:  # ALS leaves nothing for L-BFGS to polish (docs/quality.md)
+        polish_iter = 0 if use_als else default_polish_iter(n)
+    if options.get("max_iter"):
+        polish_iter = min(int(polish_iter), int(options["max_iter"]))
 
     def refine(chain):
         if use_als:
