@@ -184,7 +184,7 @@ def bench_chain(n: int, columns: int = 64, repeats: int = 3) -> list[dict]:
     values = [v.requires_grad_(True) for v in initial_values(structs, seed=0, dtype=torch.float32)]
     J = torch.from_numpy(np.random.default_rng(0).choice(n, columns, replace=False))
     rows = []
-    for fraction in (0.0, 0.05, SPARSE_START_FRACTION, 0.3):
+    for fraction in sorted({0.0, 0.02, 0.05, 0.1, SPARSE_START_FRACTION, 0.3}):
         chain = _ColumnChain(structs, n, "cpu", max_fraction=fraction)
         times = []
         for _ in range(repeats + 1):

@@ -409,7 +409,7 @@ def compare_command(matrices, methods, budget, sweep, as_json, csv_path, plot_pa
 
     Methods: chord (the paper's sparse factorization), butterfly, tsvd
     (truncated SVD), rsvd (randomized SVD), topk (largest entries), monarch,
-    lowrank+sparse. A bad file gets a one-line error and the others still
+    lowrank+sparse, sparse (learned supports), chord+sparse. A bad file gets a one-line error and the others still
     run; the exit code is 1 if any file failed.
     """
     for path in (csv_path, plot_path):

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from sfa_cli import baselines
+from sfa_cli import baselines, learned
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import SfaError
 from sfa_cli.fit import fit
@@ -79,6 +79,15 @@ def _butterfly(A, budget, *, seed=0, fit_options=None, **_):
     return result.approximation, note
 
 
+def _learned(function):
+    def run(A, budget, *, seed=0, fit_options=None, **_):
+        approx = function(A, budget, seed=seed, fit_options=fit_options)
+        return approx, approx.info.get("note", "")
+
+    run.__doc__ = function.__doc__
+    return run
+
+
 def _baseline(function):
     def run(A, budget, *, seed=0, **_):
         return function(A, budget, seed=seed), ""
@@ -96,6 +105,8 @@ METHODS = {
     "topk": _baseline(baselines.top_k),
     "monarch": _baseline(baselines.monarch),
     "lowrank+sparse": _baseline(baselines.lowrank_plus_sparse),
+    "sparse": _learned(learned.learned_sparse),
+    "chord+sparse": _learned(learned.chord_plus_sparse),
 }
 
 

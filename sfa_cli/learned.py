@@ -300,6 +300,8 @@ def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: flo
     columns_of_last = _LineSystems(n, chain.cols[1][order], chain.rows[1][order], T.device)
     with torch.no_grad():
         for _ in range(sweeps):
+            if time.perf_counter() > deadline:
+                break
             c = chain.with_values(values)
             S2 = c.csr(1)
             H = S2 @ c.dense(lo=1).T.contiguous()  # S2 S2^T
@@ -311,8 +313,6 @@ def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: flo
             Y = S1t @ T  # S1^T T: Y[j, l]
             x = columns_of_last.solve(H, Y)
             values[1] = torch.empty_like(x).index_copy_(0, order_t, x)
-            if time.perf_counter() > deadline:
-                break
     out = chain.with_values(values)
     return out, objective.loss(out)
 
@@ -531,9 +531,10 @@ def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, dead
         if projection != "total" or chain.params > budget:  # project the start: held entries only compete
             chain = _select(chain, objective.residual(chain), budget, projection, 0.0, LEARNED_DEFAULTS["step"], False)
         chain, loss = refine(chain)
-        new, new_loss = one_round(chain, hysteresis)
-        if new_loss < loss:
-            chain, loss = new, new_loss
+        if time.perf_counter() < deadline:
+            new, new_loss = one_round(chain, hysteresis)
+            if new_loss < loss:
+                chain, loss = new, new_loss
         if best is None or loss < best[2]:
             best = (info, chain, loss)
     info, chain, loss = best
@@ -583,8 +584,10 @@ def learned_sparse(
     budget : int
         Non-zeros allowed over all factors.
     factors : int, optional
-        M >= 2; default 2 (the best at every budget measured in docs/quality.md),
-        or the Chord fit's count with ``init="chord"``.
+        M >= 2; default 2, whose values are refitted exactly (alternating least
+        squares) and which was the better choice in the study of docs/quality.md;
+        with ``init="chord"`` the Chord fit's count. More factors start with
+        identity factors in the middle (n non-zeros each) and refit by L-BFGS.
     seed : int, default=0
         Seeds the randomized SVD of the start (n > 1024) and the Chord warm start;
         the same seed gives the same factors on the same device.
@@ -736,9 +739,9 @@ def learned_sparse(
     else:
         info, chain, loss, start_rel, done = _rounds(starts, objective, budget, projection, hysteresis, rounds,
                                                      tol, deadline, refine, one_round, callback)
-        if use_als:
+        if use_als and time.perf_counter() < deadline:
             chain, loss = _refine_als(chain, objective, 2 * sweeps, deadline)
-        if polish_iter > 0:
+        if polish_iter > 0 and time.perf_counter() < deadline:
             chain, loss = _refine(chain, objective, polish_iter, deadline)
     # drop entries the fit zeroed: they cost budget and carry nothing
     keep = [(v != 0).cpu().numpy() for v in chain.values]
