@@ -214,7 +214,8 @@ def targets(results) -> dict:
     pf = [r for r in ok if r["method"].startswith("pyfaust")]
     if pf:
         best_pf = min(pf, key=lambda r: r["rel_error"])
-        out.update(pyfaust_error=best_pf["rel_error"], pyfaust_seconds=best_pf["seconds"], pyfaust_best=best_pf["method"])
+        out.update(pyfaust_error=best_pf["rel_error"], pyfaust_seconds=best_pf["seconds"],
+                   pyfaust_best=best_pf["method"])
     learned = next((r for r in ok if r["method"] == "sparse"), None)
     if learned:
         out.update(learned_error=learned["rel_error"], learned_seconds=learned["seconds"])
@@ -451,7 +452,8 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch threads (pyfaust follows OMP_NUM_THREADS)")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "bench_quality.json"))
     p.add_argument("--markdown", default=None, help="write the report as markdown to this file")
-    p.add_argument("--merge", default=None, help="JSON reports of earlier runs (comma-separated) whose results are kept")
+    p.add_argument("--merge", default=None,
+                   help="JSON reports of earlier runs (comma-separated) whose results are kept")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     matrices = [m for m in args.matrices.split(",") if m]

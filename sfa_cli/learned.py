@@ -659,7 +659,8 @@ def learned_sparse(
     if budget < 2:
         raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
     if projection in ("row", "column") and budget < (factors or 2) * n:
-        raise NotApplicable(f"one non-zero per {projection} of every factor needs {(factors or 2) * n} > budget {budget}")
+        need = (factors or 2) * n
+        raise NotApplicable(f"one non-zero per {projection} of every factor needs {need} > budget {budget}")
     device = resolve_device(options.get("device", "auto") or "auto")
     dtype = resolve_dtype(options.get("dtype", "float32") or "float32")
     time_limit = options.get("time_limit")
@@ -692,7 +693,8 @@ def learned_sparse(
         M = int(factors or LEARNED_DEFAULTS["factors"])
         middle = M - 2
         if budget < middle * n + 2:
-            raise NotApplicable(f"{M} factors start with {middle} identity factors ({middle * n} non-zeros) > budget {budget}")
+            raise NotApplicable(
+                f"{M} factors start with {middle} identity factors ({middle * n} non-zeros) > budget {budget}")
         plans = {}
         for f in sorted({float(f) for f in splits}):
             if not 0 <= f <= 1:
