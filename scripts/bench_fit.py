@@ -33,7 +33,6 @@ from pathlib import Path
 
 import numpy as np
 import scipy.io
-import scipy.sparse as sp
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +42,7 @@ from sfa_cli.factors import SparseFactors, initial_values, pattern_structures  #
 from sfa_cli.fit import fit  # noqa: E402
 from sfa_cli.kernels import chain_matmul, resolve_device  # noqa: E402
 from sfa_cli.patterns import chord_pattern  # noqa: E402
+from sfa_cli.synthetic import grid_laplacian  # noqa: E402
 
 ANCHORS = ROOT.parent / "shared" / "data" / "anchors"
 #: The authors' MATLAB/Octave results at N = 64 (anchors/README.md): error after 1000 BFGS iterations, seconds.
@@ -202,12 +202,6 @@ def bench_products(n, repeats):
 
 
 # -- (e) a full `sfa fit` at N = 4096 ---------------------------------------------------------
-def grid_laplacian(side: int) -> sp.csr_matrix:
-    path = sp.diags([1.0, 1.0], [-1, 1], shape=(side, side))
-    A = sp.kron(sp.eye(side), path) + sp.kron(path, sp.eye(side))
-    return (sp.diags(np.asarray(A.sum(axis=1)).ravel()) - A).tocsr()
-
-
 def bench_large_fit(side: int, extra_args):
     n = side * side
     with tempfile.TemporaryDirectory() as tmp:

@@ -47,33 +47,13 @@ sys.path.insert(0, str(ROOT))
 from sfa_cli.fit import make_pattern  # noqa: E402
 from sfa_cli.factors import initial_values, pattern_structures  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
+from sfa_cli.synthetic import grid_laplacian, random_graph  # noqa: E402
 from sfa_cli.sampled import SPARSE_START_FRACTION, _ColumnChain, estimate_relative_error, fit_sampled, init_distributed  # noqa: E402
 
 KINDS = ("grid", "graph")
 
 
 # -- matrices ------------------------------------------------------------------------
-def grid_laplacian(rows: int, cols: int) -> sp.csr_matrix:
-    """Graph Laplacian of a rows x cols grid (5-point stencil; n = rows * cols)."""
-    def path(k):
-        return sp.diags([1.0, 1.0], [-1, 1], shape=(k, k))
-
-    A = sp.kron(sp.eye(rows), path(cols)) + sp.kron(path(rows), sp.eye(cols))
-    return (sp.diags(np.asarray(A.sum(axis=1)).ravel()) - A).tocsr()
-
-
-def random_graph(n: int, degree: float = 5.0, seed: int = 0) -> sp.csr_matrix:
-    """Symmetric 0/1 adjacency of a random graph with about ``degree`` edges per node."""
-    rng = np.random.default_rng(seed)
-    m = int(n * degree / 2)
-    i, j = rng.integers(0, n, m), rng.integers(0, n, m)
-    keep = i != j
-    U = sp.coo_matrix((np.ones(keep.sum()), (i[keep], j[keep])), shape=(n, n)).tocsr()
-    A = (U + U.T).tocsr()
-    A.data[:] = 1.0
-    return A
-
-
 def make_matrix(kind: str, n: int) -> tuple[sp.csr_matrix, str]:
     if kind == "grid":
         k = n.bit_length() - 1

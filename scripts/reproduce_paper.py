@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -29,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 from sfa_cli.compare import METHODS, compare  # noqa: E402
 from sfa_cli.info import matrix_info  # noqa: E402
 from sfa_cli.io import load_matrix  # noqa: E402
+from sfa_cli.synthetic import grid_laplacian  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 
@@ -38,10 +38,7 @@ def synthetic(n: int = 256, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     U = np.triu(rng.random((n, n)) < 5 / (n - 1), 1)
     graph = (U | U.T).astype(float)
-    side = int(round(np.sqrt(n)))
-    path = sp.diags([1.0, 1.0], [-1, 1], shape=(side, side))
-    adj = sp.kron(sp.eye(side), path) + sp.kron(path, sp.eye(side))
-    grid = (sp.diags(np.asarray(adj.sum(axis=1)).ravel()) - adj).toarray()
+    grid = grid_laplacian(int(round(np.sqrt(n)))).toarray()
     lowrank = rng.standard_normal((n, 10)) @ rng.standard_normal((10, n)) + 0.01 * rng.standard_normal((n, n))
     gauss = rng.standard_normal((n, n))
     pts = rng.random((n, 2))

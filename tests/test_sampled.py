@@ -14,6 +14,7 @@ import torch
 from sfa_cli import memory
 from sfa_cli.baselines import truncated_svd
 from sfa_cli.errors import SfaError
+from sfa_cli.synthetic import grid_laplacian, random_graph
 from sfa_cli.factors import SparseFactors, pattern_structures
 from sfa_cli.fit import make_pattern
 from sfa_cli.kernels import chain_matmul
@@ -32,22 +33,6 @@ from sfa_cli.sampled import (
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def grid_laplacian(side: int) -> sp.csr_matrix:
-    path = sp.diags([1.0, 1.0], [-1, 1], shape=(side, side))
-    A = sp.kron(sp.eye(side), path) + sp.kron(path, sp.eye(side))
-    return (sp.diags(np.asarray(A.sum(axis=1)).ravel()) - A).tocsr()
-
-
-def random_graph(n: int, degree: float = 5.0, seed: int = 0) -> sp.csr_matrix:
-    """Symmetric 0/1 adjacency of a random graph with about ``degree`` edges per node."""
-    rng = np.random.default_rng(seed)
-    m = int(n * degree / 2)
-    i, j = rng.integers(0, n, m), rng.integers(0, n, m)
-    keep = i != j
-    U = sp.coo_matrix((np.ones(keep.sum()), (i[keep], j[keep])), shape=(n, n)).tocsr()
-    A = (U + U.T).tocsr()
-    A.data[:] = 1.0
-    return A
 
 
 @pytest.fixture(scope="module")
