@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+import scipy.sparse as sp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -18,7 +19,8 @@ from sfa_cli.approximation import DENSE_LIMIT, load_approximation
 from sfa_cli.baselines import tsvd_at_rank
 from sfa_cli.compare import METHODS, compare
 from sfa_cli.errors import SfaError
-from sfa_cli.fit import DEFAULTS, OPTIMIZERS, default_max_iter, fit
+from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
+from sfa_cli.sampled import SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
 from sfa_cli.info import matrix_info
 from sfa_cli.io import atomic_output, check_writable, load_array, load_matrix, save_matrix
 from sfa_cli.metrics import relative_error
@@ -193,8 +195,9 @@ def _pattern_options(kw: dict) -> dict:
 class _FitProgress:
     """A rich progress line on stderr fed by the fit callback."""
 
-    def __init__(self, label: str, max_iter: int, enabled: bool, start_line: str = ""):
+    def __init__(self, label: str, max_iter: int, enabled: bool, start_line: str = "", count: str = "iteration"):
         self.enabled = enabled
+        self.count = count  # the FitStep field the bar counts: iteration, or epoch for the sampled fit
         self.start_line = start_line  # printed (also to logs) once the first evaluation is done
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), TextColumn("it {task.completed:>5.0f}/{task.total:.0f}"),
@@ -214,7 +217,7 @@ class _FitProgress:
         if self.start_line and self.enabled:
             self.progress.console.print(self.start_line, markup=False, highlight=False, soft_wrap=True)
             self.start_line = ""
-        self.progress.update(self.task, completed=step.iteration, err=f"{step.best_rel_error:.4g}")
+        self.progress.update(self.task, completed=getattr(step, self.count), err=f"{step.best_rel_error:.4g}")
         return False
 
 
@@ -235,11 +238,20 @@ Example:
 @pattern_size_options
 @pattern_variant_options
 @optimizer_options
+@click.option("--sampled", is_flag=True,
+              help=f"Fit from blocks of columns with Adam, never forming N x N (automatic for sparse inputs above N = {DENSE_FIT_LIMIT}).")
+@click.option("--batch-columns", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["batch_columns"], show_default=True,
+              help="With --sampled: columns per step (over all processes).")
+@click.option("--epochs", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["epochs"], show_default=True,
+              help="With --sampled: passes over all columns.")
+@click.option("--exact-error", is_flag=True,
+              help="With --sampled: report the exact error (one more pass) instead of the sample estimate.")
 @click.option("--no-baseline", is_flag=True, help="Skip the equal-budget truncated SVD.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, force, **kw):
+def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, force, sampled, batch_columns, epochs,
+                exact_error, **kw):
     """Fit sparse factors W(1)...W(M) to MATRIX and save them.
 
     Minimises ||A - W(1)...W(M)||_F over the non-zeros of a fixed pattern
@@ -254,6 +266,9 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
     total = kw["max_iter"] or default_max_iter(A.shape[0])
     start_line = (f"fitting {matrix}: n={A.shape[0]}, {pattern} pattern, up to {total} iterations "
                   f"(Ctrl-C stops and keeps the best factors)")
+    if sampled or (sp.issparse(A) and A.shape[0] > DENSE_FIT_LIMIT):
+        return _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns,
+                                    epochs, exact_error, kw)
     with _FitProgress(Path(matrix).name, total, enabled=not quiet, start_line=start_line) as progress:
         result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw), **_fit_options(kw))
     approx = result.approximation
@@ -264,7 +279,12 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
         rank = max(1, approx.params // (2 * approx.n))
         summary["tsvd_rank"] = rank
         summary["tsvd_rel_error"] = relative_error(A, tsvd_at_rank(A, rank))
-    approx.info.update({"rel_error": rel_error, "input": str(matrix), "stopped_because": result.stopped_because})
+    _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
+
+
+def _write_fit_outputs(approx, result, summary, matrix, output, report, as_json):
+    """Save the factors and the report, print the summary; exit 130 after an interrupt."""
+    approx.info.update({"rel_error": summary["rel_error"], "input": str(matrix), "stopped_because": result.stopped_because})
     approx.save(output)
     if report:
         write_json(report, {**summary, "history": result.history})
@@ -275,6 +295,28 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
     if result.interrupted:
         err.print(f"interrupted: the best factors so far were written to {output}")
         raise click.exceptions.Exit(130)
+
+
+def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns, epochs,
+                         exact_error, kw):
+    """`sfa fit` by column blocks (also under torchrun: rank 0 writes and prints)."""
+    rank, _world = init_distributed(kw["device"])
+    # the sampled fit always uses Adam with its schedule; max_iter and tol belong to the full-batch fit
+    options = {k: v for k, v in _fit_options(kw).items() if k not in ("max_iter", "tol", "optimizer")}
+    with _FitProgress(Path(matrix).name, epochs, enabled=not quiet and rank == 0, count="epoch") as progress:
+        result = fit_sampled(A, pattern=pattern, seed=kw["seed"], batch_columns=batch_columns, epochs=epochs,
+                             exact_error=exact_error, callback=lambda step: progress(step) if step.epoch_end else False,
+                             **_pattern_options(kw), **options)
+    approx = result.approximation
+    summary = {"path": matrix, "output": output, **result.to_dict()}
+    if not no_baseline:
+        tsvd_rank = max(1, approx.params // (2 * approx.n))
+        tsvd = error_report(A, tsvd_at_rank(A, tsvd_rank), exact_error=exact_error,
+                            sample=result.error_sample, seed=kw["seed"])  # the same columns as the fit's
+        summary.update(tsvd_rank=tsvd_rank, tsvd_rel_error=tsvd["rel_error"],
+                       tsvd_rel_error_ci=tsvd.get("rel_error_ci"))
+    if rank == 0:
+        _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
 
 
 EVAL_EXAMPLE = """

@@ -151,3 +151,27 @@ def test_sigint_writes_best_factors_and_exits_130(tmp_path):
     assert summary["stopped_because"] == "interrupted" and summary["interrupted"] is True
     assert json.loads(report.read_text())["interrupted"] is True
     assert [p.name for p in tmp_path.iterdir()] and not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+
+
+def test_sampled_fit_through_the_cli(run_cli, tmp_path):
+    from sfa_cli.synthetic import grid_laplacian
+
+    path = tmp_path / "grid.mtx"
+    sio.mmwrite(path, grid_laplacian(12))  # n = 144
+    out = tmp_path / "F.npz"
+    result = run_cli("fit", path, "-o", out, "--sampled", "--epochs", "3", "--batch-columns", "48", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["sampled"] is True and summary["epochs"] == 3 and summary["batch_columns"] == 48
+    low, high = summary["rel_error_ci"]
+    assert low <= summary["rel_error_estimate"] <= high and summary["rel_error"] == summary["rel_error_estimate"]
+    assert summary["tsvd_rel_error"] > 0 and "tsvd_rel_error_ci" in summary
+    F = load_approximation(out)
+    assert F.n == 144 and F.info["rel_error"] == summary["rel_error"]
+    exact = run_cli("fit", path, "-o", tmp_path / "G.npz", "--sampled", "--epochs", "1", "--exact-error", "--json", "-q")
+    assert exact.exit_code == 0, exact.output
+    s = json.loads(exact.stdout)
+    G = load_approximation(tmp_path / "G.npz")
+    A = grid_laplacian(12).toarray()
+    assert s["rel_error_is_estimate"] is False
+    assert np.linalg.norm(A - G.to_dense()) / np.linalg.norm(A) == pytest.approx(s["rel_error"], rel=1e-4)
