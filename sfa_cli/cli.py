@@ -6,6 +6,7 @@ errors go to stderr, so ``sfa compare m.mtx --json | jq`` works.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import click
@@ -266,7 +267,11 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
     total = kw["max_iter"] or default_max_iter(A.shape[0])
     start_line = (f"fitting {matrix}: n={A.shape[0]}, {pattern} pattern, up to {total} iterations "
                   f"(Ctrl-C stops and keeps the best factors)")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not sampled:
+        raise click.UsageError("runs under torchrun need --sampled (the full-batch fit runs in one process)")
     if sampled or (sp.issparse(A) and A.shape[0] > DENSE_FIT_LIMIT):
+        if kw["optimizer"] != "lbfgs" or kw["max_iter"] is not None:
+            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
         return _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns,
                                     epochs, exact_error, kw)
     with _FitProgress(Path(matrix).name, total, enabled=not quiet, start_line=start_line) as progress:
@@ -309,7 +314,7 @@ def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_jso
                              **_pattern_options(kw), **options)
     approx = result.approximation
     summary = {"path": matrix, "output": output, **result.to_dict()}
-    if not no_baseline:
+    if not no_baseline and rank == 0:
         tsvd_rank = max(1, approx.params // (2 * approx.n))
         tsvd = error_report(A, tsvd_at_rank(A, tsvd_rank), exact_error=exact_error,
                             sample=result.error_sample, seed=kw["seed"])  # the same columns as the fit's

@@ -15,7 +15,7 @@ from sfa_cli import memory
 from sfa_cli.baselines import truncated_svd
 from sfa_cli.errors import SfaError
 from sfa_cli.synthetic import grid_laplacian, random_graph
-from sfa_cli.factors import SparseFactors, pattern_structures
+from sfa_cli.factors import pattern_structures
 from sfa_cli.fit import make_pattern
 from sfa_cli.kernels import chain_matmul
 from sfa_cli.metrics import relative_error
@@ -31,8 +31,6 @@ from sfa_cli.sampled import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
 
 
 @pytest.fixture(scope="module")
