@@ -66,11 +66,12 @@ def make_matrix(kind: str, n: int) -> tuple[sp.csr_matrix, str]:
 
 # -- one configuration in its own process ------------------------------------------------
 def worker(spec: dict) -> None:
-    rank, world = init_distributed("cpu")
+    device = spec.get("device", "cpu")
+    rank, world = init_distributed(device)
     A, label = make_matrix(spec["kind"], spec["n"])
     t0 = time.perf_counter()
     r = fit_sampled(A, epochs=spec["epochs"], batch_columns=spec["batch_columns"], time_limit=spec.get("time_limit"),
-                    seed=spec.get("seed", 0), device="cpu", exact_error=spec.get("exact_error", False))
+                    seed=spec.get("seed", 0), device=device, exact_error=spec.get("exact_error", False))
     wall = time.perf_counter() - t0
     if rank != 0:
         return
@@ -88,7 +89,8 @@ def worker(spec: dict) -> None:
         "epochs_done": r.epochs, "epoch_fraction": r.history[-1]["epoch"], "stopped_because": r.stopped_because,
         "initial_rel_error": r.initial_rel_error, "rel_error_estimate": r.rel_error_estimate,
         "rel_error_ci": list(r.rel_error_ci), "exact_rel_error": r.exact_rel_error,
-        "peak_rss_bytes": r.peak_memory_bytes, "epochs": epochs,
+        "peak_rss_bytes": r.peak_memory_bytes, "peak_device_bytes": r.peak_device_memory_bytes,
+        "device": device if device == "cpu" else torch.cuda.get_device_name(0), "epochs": epochs,
     }
     Path(spec["out"]).write_text(json.dumps(row))
 
@@ -119,6 +121,7 @@ def bench_scale(args, tmp: Path) -> list[dict]:
         large = n >= args.large_from
         for kind in args.kinds:
             spec = {"kind": kind, "n": n, "batch_columns": args.batch_columns, "out": str(tmp / "row.json"),
+                    "device": args.device,
                     "epochs": args.max_epochs_large if large else args.epochs,
                     "time_limit": (args.time_limit_large or None) if large else None}
             row = run_config(spec, processes=args.processes)
@@ -139,7 +142,8 @@ def print_scale_row(row: dict) -> None:
     errs = "  ".join(f"e{e['epoch']:.3g}: {e['rel_error']:.4f} [{e['ci'][0]:.4f}, {e['ci'][1]:.4f}]" for e in row["epochs"])
     print(f"[scale] {row['kind']:5s} n={row['n']:6d} nnz={row['nnz']:7d} epoch_s={epoch_seconds(row):8.1f} "
           f"done={row['epoch_fraction']:.3g} peak={row['peak_rss_bytes'] / 2**30:.2f} GiB "
-          f"start={row['initial_rel_error']:.4f}  {errs}", flush=True)
+          + (f"gpu_peak={row['peak_device_bytes'] / 2**30:.2f} GiB " if row.get("peak_device_bytes") else "")
+          + f"start={row['initial_rel_error']:.4f}  {errs}", flush=True)
 
 
 # -- (b) processes ------------------------------------------------------------------------
@@ -266,6 +270,7 @@ def main(argv=None):
     p.add_argument("--time-limit-large", type=float, default=300.0,
                    help="seconds per run at large N; 0 for none (default 300: the 5-minute epoch target)")
     p.add_argument("--batch-columns", type=int, default=256)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the scale runs; default cpu)")
     p.add_argument("--processes", type=int, default=1, help="processes per scale run (torchrun when > 1)")
     p.add_argument("--dist-n", type=int, default=4096, help="N of the 1 vs 2 process comparison (0 skips it)")
     p.add_argument("--dist-epochs", type=int, default=2)

@@ -172,7 +172,7 @@ optimizer_options = _stack(
                  help=f"Stop when the error improved by less than this fraction over {DEFAULTS['window']} iterations."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial factors (and of randomized methods)."),
     click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                 help="Where to fit: auto picks CUDA when available."),
+                 help="Where to fit: auto picks CUDA when available and N >= 512 (below, the CPU is faster)."),
     click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
 )
 

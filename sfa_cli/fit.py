@@ -232,7 +232,7 @@ def fit(
         raise SfaError(f"max_iter must be >= 1; got {max_iter}")
     if time_limit is not None and time_limit <= 0:
         raise SfaError(f"time_limit must be positive; got {time_limit}")
-    dev, tdtype = resolve_device(device), resolve_dtype(dtype)
+    dev, tdtype = resolve_device(device, n), resolve_dtype(dtype)
     pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
     structs, _ = pattern_structures(pat, dev)
 

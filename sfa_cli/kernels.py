@@ -39,20 +39,34 @@ __all__ = ["FactorStructure", "SparseMatmul", "sparse_matmul", "chain_matmul", "
 
 # torch warns once per process that CSR support is "beta"; it is what we rely on.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+# torch 2.11 warns on every CSR construction unless invariant checks were opted in or out globally;
+# sfa builds its structures itself and passes check_invariants=False, so the warning is noise.
+warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
 
 _CSR_DTYPES = {torch.float32, torch.float64}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Map ``auto|cpu|cuda|cuda:K`` to a torch device (``auto`` picks CUDA when present)."""
+# Below this n, ``auto`` stays on the CPU even with a GPU: an evaluation there is bound by kernel
+# launches (about 4 ms on an H100 at any n up to 2048, against 3.3 ms on one CPU core at n = 256
+# and 11 ms at n = 512; docs/performance.md).
+AUTO_CUDA_MIN_N = 512
+
+
+def resolve_device(device: str | torch.device = "auto", n: int | None = None) -> torch.device:
+    """Map ``auto|cpu|cuda|cuda:K`` to a torch device.
+
+    ``auto`` picks CUDA when present, unless the problem size ``n`` is given and below
+    :data:`AUTO_CUDA_MIN_N`, where the CPU is faster.
+    """
     from sfa_cli.errors import SfaError
 
     if isinstance(device, torch.device):
         return device
     name = str(device).lower()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        small = n is not None and n < AUTO_CUDA_MIN_N
+        return torch.device("cuda" if torch.cuda.is_available() and not small else "cpu")
     if name == "cpu":
         return torch.device("cpu")
     if name.startswith("cuda"):

@@ -661,7 +661,7 @@ def learned_sparse(
     if projection in ("row", "column") and budget < (factors or 2) * n:
         need = (factors or 2) * n
         raise NotApplicable(f"one non-zero per {projection} of every factor needs {need} > budget {budget}")
-    device = resolve_device(options.get("device", "auto") or "auto")
+    device = resolve_device(options.get("device", "auto") or "auto", n)
     dtype = resolve_dtype(options.get("dtype", "float32") or "float32")
     time_limit = options.get("time_limit")
     deadline = t0 + time_limit if time_limit else math.inf

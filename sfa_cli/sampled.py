@@ -255,8 +255,24 @@ class _Columns:
         return block.toarray() if sp.issparse(block) else np.asarray(block)
 
     def torch(self, cols: np.ndarray, device, dtype, scale: float) -> torch.Tensor:
-        block = torch.from_numpy(np.ascontiguousarray(self.numpy(cols)))
-        return (block.to(device=device, dtype=dtype) / scale) if scale != 1.0 else block.to(device=device, dtype=dtype)
+        """A[:, cols] / scale as a dense (n, |cols|) tensor on `device`.
+
+        A sparse block travels as its non-zeros and is scattered on the device: at
+        n = 65536 and 256 columns, densifying on the host and copying 128 MB per
+        step made a GPU step about 4x slower than the chain itself.
+        """
+        if not sp.issparse(self.A):
+            block = torch.from_numpy(np.ascontiguousarray(self.A[:, cols])).to(device=device, dtype=dtype)
+            return block / scale if scale != 1.0 else block
+        block = self.A[:, cols]
+        counts = np.diff(block.indptr)
+        out = torch.zeros((self.n, len(cols)), device=device, dtype=dtype)
+        if block.nnz:
+            rows = torch.from_numpy(block.indices.astype(np.int64)).to(device)
+            where = torch.from_numpy(np.repeat(np.arange(len(cols), dtype=np.int64), counts)).to(device)
+            data = torch.from_numpy(block.data).to(device=device, dtype=dtype)
+            out.index_put_((rows, where), data / scale if scale != 1.0 else data, accumulate=True)
+        return out
 
 
 def _check_square(A) -> int:

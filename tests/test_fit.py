@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 
 from sfa_cli.errors import SfaError
 from sfa_cli.fit import DEFAULTS, default_max_iter, fit
@@ -118,3 +119,13 @@ def test_runaway_line_search_restarts_from_the_best_point(monkeypatch):
     assert r.stopped_because == "diverged"
     assert r.evaluations == fit_module.MAX_RESTARTS + 1
     assert r.rel_error == pytest.approx(normal.initial_rel_error)  # the best (= start) point is returned
+
+
+def test_auto_device_stays_on_cpu_for_small_n(monkeypatch):
+    from sfa_cli.kernels import AUTO_CUDA_MIN_N, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto", AUTO_CUDA_MIN_N - 1).type == "cpu"
+    assert resolve_device("auto", AUTO_CUDA_MIN_N).type == "cuda"
+    assert resolve_device("auto").type == "cuda"
+    assert resolve_device("cpu", 10**6).type == "cpu"
