@@ -47,6 +47,57 @@ def test_gradient_matches_finite_differences():
     assert torch.autograd.gradcheck(lambda v, X: sparse_matmul(s, v, X, transpose=True), (vb, X))
 
 
+def _chain_value_and_grads(structs, values, X, transpose):
+    Y = chain_matmul(structs, values, X, transpose=transpose)
+    w = torch.linspace(-1, 1, Y.numel(), dtype=Y.dtype).reshape(Y.shape)
+    return [Y.detach()] + list(torch.autograd.grad((Y * w).sum(), values + [X]))
+
+
+@pytest.fixture
+def compiled_path(monkeypatch):
+    """The compiled circulant kernels switched on for small n (they start at COMPILE_MIN_N)."""
+    from sfa_cli import kernels
+
+    monkeypatch.setattr(kernels, "COMPILE_MIN_N", 8)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setitem(kernels._compile, "enabled", True)
+    return kernels
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_compiled_circulant_kernels_match_csr(compiled_path, transpose):
+    kernels = compiled_path
+    pattern = chord_pattern(40)
+    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
+    gen = torch.Generator().manual_seed(1)
+    values = [torch.randn(s.nnz, dtype=torch.float64, generator=gen, requires_grad=True) for s in structs]
+    X = torch.randn(40, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    got = _chain_value_and_grads(structs, values, X, transpose)
+    if not kernels._compile["enabled"]:
+        pytest.skip("torch.compile is not usable here (no C++ compiler?); the CSR fallback ran")
+    assert kernels._compiled, "the compiled path was not taken"
+    kernels._compile["enabled"] = False
+    want = _chain_value_and_grads(structs, values, X, transpose)
+    for g, w in zip(got, want):
+        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_compiled_path_falls_back_to_csr_when_compiling_fails(compiled_path, monkeypatch):
+    kernels = compiled_path
+
+    def broken(*args):
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_make_circulant_kernels", lambda offsets: (broken, broken, broken))
+    s = FactorStructure.from_table(chord_pattern(16).tables[0])[0]
+    v = torch.randn(s.nnz, dtype=torch.float64)
+    X = torch.randn(16, 3, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        Y = sparse_matmul(s, v, X)
+    assert kernels._compile["enabled"] is False
+    assert torch.allclose(Y, _dense_factor(s, v, 16) @ X, atol=1e-12)
+
+
 def test_bfloat16_gather_fallback_matches_float32():
     s = FactorStructure.from_table(chord_pattern(20).tables[0])[0]
     v, X = torch.randn(s.nnz), torch.randn(20, 4)
