@@ -18,11 +18,13 @@ from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeEl
 from sfa_cli._version import __version__
 from sfa_cli.approximation import DENSE_LIMIT, load_approximation
 from sfa_cli.baselines import tsvd_at_rank
-from sfa_cli.compare import METHODS, compare
+from sfa_cli.compare import METHODS, chord_at_budget, compare, resolve_budget, run_method
 from sfa_cli.errors import SfaError
 from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
 from sfa_cli.sampled import SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
+from sfa_cli.factors import SparseFactors
 from sfa_cli.info import matrix_info
+from sfa_cli.learned import ORDERS
 from sfa_cli.io import atomic_output, check_writable, load_array, load_matrix, save_matrix
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import PATTERNS
@@ -136,6 +138,34 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool) -> None:
 
 
 # -- options shared by `fit` and `compare` -------------------------------------------
+def _budget_list(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers; got {value!r}") from None
+
+
+def _budget_value(ctx, param, value):
+    if value is None:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a parameter count or a fraction of N^2; got {value!r}") from None
+
+
+def _method_list(ctx, param, value):
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    unknown = [v for v in names if v not in METHODS]
+    if unknown:
+        raise click.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    return names
+
+
 def _stack(*decorators):
     def apply(f):
         for d in reversed(decorators):
@@ -147,7 +177,7 @@ def _stack(*decorators):
 
 pattern_size_options = _stack(
     click.option("--factors", type=click.IntRange(min=1), default=None, metavar="M",
-                 help="Number of factors M.  [default: ceil(log_base N)]"),
+                 help="Number of factors M.  [default: ceil(log_base N); --method sparse: 2]"),
     click.option("--base", type=click.IntRange(min=2), default=None,
                  help="Chord offsets are powers of this base.  [default: 2]"),
 )
@@ -228,13 +258,66 @@ Example:
     sfa fit data/lesmis.mtx -o lesmis.npz
     sfa fit graph.mtx -o F.h5 --time-limit 60 --device cuda --json
     sfa fit A.npz -o F.npz --pattern butterfly --report fit.json
+    sfa fit A.npz -o F.npz --budget 0.05                 # the Chord pattern sized to 5% of N^2
+    sfa fit A.npz -o S.npz --method sparse --budget 0.05 # learned supports (see sfa compare)
+    sfa fit A.npz -o T.npz --method tsvd --json
 """
+
+_FIT_OPTION_NAMES = ("optimizer", "lr", "max_iter", "time_limit", "tol", "device", "dtype")
+#: Options of `sfa fit` that only some methods use: all of them Chord's, and --order the learned method's.
+_METHOD_SPECIFIC = ("pattern", "factors", "base", "symmetric", "no_self_link", "permute", "sampled", "batch_columns",
+                    "epochs", "exact_error", "order") + _FIT_OPTION_NAMES
+#: The method-specific options each method other than chord takes (what compare passes it).
+_FIT_METHOD_OPTIONS = {
+    "butterfly": _FIT_OPTION_NAMES,
+    "sparse": ("factors", "order", "max_iter", "time_limit", "device", "dtype"),
+    "chord+sparse": _FIT_OPTION_NAMES + ("symmetric", "no_self_link"),
+}
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Names of the options set on the command line (or the environment), not left at their defaults."""
+    defaults = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
+    return {name for name in ctx.params if ctx.get_parameter_source(name) not in defaults}
+
+
+def _option_flag(ctx: click.Context, name: str) -> str:
+    param = next(p for p in ctx.command.params if p.name == name)
+    return max(param.opts, key=len)
+
+
+def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
+    """Usage errors for options the chosen method does not use."""
+    given = _given(ctx)
+    if method == "chord":
+        if "order" in given:
+            raise click.UsageError("--order applies to --method sparse (the learned supports)")
+        if budget is not None and ctx.params["pattern"] != "chord":
+            raise click.UsageError("--budget sizes the Chord pattern; for a butterfly at a budget use --method butterfly")
+        if budget is not None and given & {"factors", "base"}:
+            raise click.UsageError("--budget chooses the Chord factor count and base; give --budget or --factors/--base")
+        return
+    allowed = _FIT_METHOD_OPTIONS.get(method, ())
+    bad = [name for name in _METHOD_SPECIFIC if name in given and name not in allowed]
+    if bad:
+        uses = ", ".join(_option_flag(ctx, name) for name in allowed) or "none of the fitting options"
+        raise click.UsageError(f"{_option_flag(ctx, bad[0])} does not apply to --method {method} (it takes {uses})")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise click.UsageError(f"--method {method} runs in one process; under torchrun only the Chord --sampled fit runs")
 
 
 @cli.command("fit", epilog=FIT_EXAMPLE)
 @click.argument("matrix")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Factor file to write (.npz or .h5).")
 @click.option("--report", type=click.Path(dir_okay=False), default=None, help="Also write a JSON report with the history.")
+@click.option("--method", type=click.Choice(list(METHODS)), default="chord", show_default=True,
+              help="What to fit: the Chord factorization, or any method of sfa compare.")
+@click.option("--budget", callback=_budget_value, default=None, metavar="PARAMS",
+              help="Parameters allowed: a count, or a fraction of N^2 below 1 (as in sfa compare).  "
+                   "[default: chord: its full pattern; other methods: the Chord budget M*N*(L+1)]")
+@click.option("--order", type=click.Choice(ORDERS), default=None,
+              help="With --method sparse and --factors > 2: fit all supports jointly, or FAuST's hierarchy of "
+                   "two-factor splits.  [default: joint]")
 @click.option("--pattern", type=click.Choice(list(PATTERNS)), default="chord", show_default=True, help="Sparsity pattern.")
 @pattern_size_options
 @pattern_variant_options
@@ -251,19 +334,31 @@ Example:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, force, sampled, batch_columns, epochs,
-                exact_error, **kw):
+def fit_command(matrix, output, report, method, budget, order, pattern, no_baseline, as_json, quiet, force, sampled,
+                batch_columns, epochs, exact_error, **kw):
     """Fit sparse factors W(1)...W(M) to MATRIX and save them.
 
     Minimises ||A - W(1)...W(M)||_F over the non-zeros of a fixed pattern
     (Chord by default: M = ceil(log2 N) factors with floor(log2 N)+1 non-zeros
     per row). Ctrl-C stops the fit and still writes the best factors so far
-    (exit code 130).
+    (exit code 130). --method runs another method of sfa compare at --budget
+    instead (e.g. sparse: factors whose supports are learned) and saves its
+    approximation; sfa eval, apply and reconstruct read every one.
     """
+    _check_fit_method_options(click.get_current_context(), method, budget)
     check_writable(output, force)
     if report:
         check_writable(report, force)
     A = load_matrix(matrix)
+    if method != "chord":
+        return _fit_method_command(A, matrix, output, report, method, budget, order, no_baseline, as_json, quiet, kw)
+    extra = {}
+    if budget is not None:
+        variant = {k: v for k, v in _pattern_options(kw).items() if k in ("symmetric", "self_link") and v is not None}
+        params = resolve_budget(A.shape[0], budget)
+        sizes, note = chord_at_budget(A.shape[0], params, **variant)
+        kw.update(sizes)
+        extra = {"budget": params, **({"note": note} if note else {})}
     total = kw["max_iter"] or default_max_iter(A.shape[0])
     start_line = (f"fitting {matrix}: n={A.shape[0]}, {pattern} pattern, up to {total} iterations "
                   f"(Ctrl-C stops and keeps the best factors)")
@@ -273,7 +368,7 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
         if kw["optimizer"] != "lbfgs" or kw["max_iter"] is not None:
             raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
         return _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns,
-                                    epochs, exact_error, kw)
+                                    epochs, exact_error, kw, extra)
     with _FitProgress(Path(matrix).name, total, enabled=not quiet, start_line=start_line) as progress:
         result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw), **_fit_options(kw))
     approx = result.approximation
@@ -284,26 +379,36 @@ def fit_command(matrix, output, report, pattern, no_baseline, as_json, quiet, fo
         rank = max(1, approx.params // (2 * approx.n))
         summary["tsvd_rank"] = rank
         summary["tsvd_rel_error"] = relative_error(A, tsvd_at_rank(A, rank))
+    summary.update(extra)
     _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
 
 
 def _write_fit_outputs(approx, result, summary, matrix, output, report, as_json):
-    """Save the factors and the report, print the summary; exit 130 after an interrupt."""
-    approx.info.update({"rel_error": summary["rel_error"], "input": str(matrix), "stopped_because": result.stopped_because})
+    """Save the factors and the report, print the summary; exit 130 after an interrupt.
+
+    ``result`` is the FitResult of a Chord fit, or None for the other methods
+    (their report holds ``details``, the facts the method recorded, instead of a history).
+    """
+    facts = {"rel_error": summary["rel_error"], "input": str(matrix)}
+    if result is not None:
+        facts["stopped_because"] = result.stopped_because
+    details = dict(approx.info)
+    approx.info.update(facts)
     approx.save(output)
     if report:
-        write_json(report, {**summary, "history": result.history})
+        write_json(report, {**summary, "history": result.history} if result is not None
+                   else {**summary, "details": details})
     if as_json:
         emit_json(summary)
     else:
         out.print(fit_table(summary))
-    if result.interrupted:
+    if result is not None and result.interrupted:
         err.print(f"interrupted: the best factors so far were written to {output}")
         raise click.exceptions.Exit(130)
 
 
 def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns, epochs,
-                         exact_error, kw):
+                         exact_error, kw, extra):
     """`sfa fit` by column blocks (also under torchrun: rank 0 writes and prints)."""
     rank, _world = init_distributed(kw["device"])
     # the sampled fit always uses Adam with its schedule; max_iter and tol belong to the full-batch fit
@@ -320,8 +425,40 @@ def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_jso
                             sample=result.error_sample, seed=kw["seed"])  # the same columns as the fit's
         summary.update(tsvd_rank=tsvd_rank, tsvd_rel_error=tsvd["rel_error"],
                        tsvd_rel_error_ci=tsvd.get("rel_error_ci"))
+    summary.update(extra)
     if rank == 0:
         _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
+
+
+def _fit_method_command(A, matrix, output, report, method, budget, order, no_baseline, as_json, quiet, kw):
+    """`sfa fit --method NAME`: one method of sfa compare at the budget, through compare's own code."""
+    fit_options = {**_fit_options(kw), **{k: v for k, v in _pattern_options(kw).items() if k not in ("factors", "base")}}
+    options = {}
+    if method == "sparse":
+        options = {k: v for k, v in (("order", order), ("factors", kw["factors"])) if v is not None}
+    n = A.shape[0]
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True,
+                  disable=quiet or not err.is_terminal) as progress:
+        progress.add_task(f"{Path(matrix).name}: {method} (n={n})", total=None)
+        result = run_method(A, method, budget, seed=kw["seed"], fit_options=fit_options, options=options)
+    if result.status != "ok":
+        what = "does not apply" if result.status == "not applicable" else "failed"
+        raise SfaError(f"{matrix}: method {method} {what}: {result.note}")
+    approx = result.approximation
+    summary = {"path": matrix, "output": output, "method": method, "n": n}
+    if isinstance(approx, SparseFactors):
+        summary["factors"] = approx.num_factors
+    summary.update(budget=result.budget, params=approx.params, compression=n**2 / approx.params,
+                   rel_error=result.rel_error, seconds=result.seconds, dtype=approx.dtype.name)
+    if isinstance(approx, SparseFactors):
+        summary["pattern"] = approx.pattern
+    if result.note:
+        summary["note"] = result.note
+    if not no_baseline and method != "tsvd":
+        rank = max(1, approx.params // (2 * n))
+        summary["tsvd_rank"] = rank
+        summary["tsvd_rel_error"] = relative_error(A, tsvd_at_rank(A, rank))
+    _write_fit_outputs(approx, None, summary, matrix, output, report, as_json)
 
 
 EVAL_EXAMPLE = """
@@ -405,34 +542,6 @@ Example:
 """
 
 
-def _budget_list(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers; got {value!r}") from None
-
-
-def _budget_value(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"expected a parameter count or a fraction of N^2; got {value!r}") from None
-
-
-def _method_list(ctx, param, value):
-    if value is None:
-        return None
-    names = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [v for v in names if v not in METHODS]
-    if unknown:
-        raise click.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    return names
-
-
 @cli.command("compare", epilog=COMPARE_EXAMPLE)
 @click.argument("matrices", nargs=-1, required=True, metavar="MATRIX...")
 @click.option("--methods", callback=_method_list, default=None,
@@ -441,6 +550,9 @@ def _method_list(ctx, param, value):
               help="Parameter budget: a count, or a fraction of N^2 below 1.  [default: the Chord budget M*N*(L+1)]")
 @click.option("--sweep", callback=_budget_list, default=None, metavar="B1,B2,...",
               help="Several budgets: the error-versus-parameters curve of every method.")
+@click.option("--order", type=click.Choice(ORDERS), default=None,
+              help="Method sparse: joint supports or FAuST's hierarchy (matters with more than 2 factors).  "
+                   "[default: joint]")
 @pattern_variant_options
 @optimizer_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: an object per matrix (a list for several).")
@@ -451,7 +563,7 @@ def _method_list(ctx, param, value):
 @click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Keep every method's approximation here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def compare_command(matrices, methods, budget, sweep, as_json, csv_path, plot_path, save_dir, quiet, force, **kw):
+def compare_command(matrices, methods, budget, sweep, order, as_json, csv_path, plot_path, save_dir, quiet, force, **kw):
     """Compare every method at the same parameter budget on each MATRIX.
 
     Methods: chord (the paper's sparse factorization), butterfly, tsvd
@@ -474,7 +586,7 @@ def compare_command(matrices, methods, budget, sweep, as_json, csv_path, plot_pa
                 A = load_matrix(path)
                 comparison = compare(
                     A, methods=methods, budget=budget, sweep=sweep, seed=kw["seed"], fit_options=fit_options,
-                    keep=save_dir is not None,
+                    keep=save_dir is not None, method_options={"sparse": {"order": order}} if order else None,
                     callback=lambda m, b, p=path: progress.update(task, description=f"{p}: {m} (budget {b})"),
                 )
             except SfaError as exc:

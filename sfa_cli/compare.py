@@ -25,7 +25,8 @@ from sfa_cli.fit import fit
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import _ceil_log, chord_budget, chord_offsets
 
-__all__ = ["compare", "resolve_budget", "chord_at_budget", "METHODS", "MethodResult", "Comparison"]
+__all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHODS", "METHOD_OPTIONS", "MethodResult",
+           "Comparison"]
 
 
 def chord_at_budget(n: int, budget: int, *, symmetric: bool = False, self_link: bool = True) -> tuple[dict, str]:
@@ -80,8 +81,8 @@ def _butterfly(A, budget, *, seed=0, fit_options=None, **_):
 
 
 def _learned(function):
-    def run(A, budget, *, seed=0, fit_options=None, **_):
-        approx = function(A, budget, seed=seed, fit_options=fit_options)
+    def run(A, budget, *, seed=0, fit_options=None, **options):
+        approx = function(A, budget, seed=seed, fit_options=fit_options, **options)
         return approx, approx.info.get("note", "")
 
     run.__doc__ = function.__doc__
@@ -96,7 +97,7 @@ def _baseline(function):
     return run
 
 
-#: name -> callable(A, budget, *, seed, fit_options) -> (Approximation, note)
+#: name -> callable(A, budget, *, seed, fit_options, **options) -> (Approximation, note)
 METHODS = {
     "chord": _chord,
     "butterfly": _butterfly,
@@ -108,6 +109,10 @@ METHODS = {
     "sparse": _learned(learned.learned_sparse),
     "chord+sparse": _learned(learned.chord_plus_sparse),
 }
+
+
+#: The method options (beyond seed and fit_options) each method takes, passed by ``compare(method_options=...)``.
+METHOD_OPTIONS = {"sparse": ("order", "factors")}
 
 
 def check_methods(methods) -> list[str]:
@@ -225,6 +230,7 @@ def compare(
     fit_options: dict | None = None,
     keep: bool = False,
     callback=None,
+    method_options: dict | None = None,
 ) -> Comparison:
     """Run methods at an equal parameter budget and measure their relative errors.
 
@@ -244,8 +250,12 @@ def compare(
         Keep every approximation in its MethodResult (for saving).
     callback : callable, optional
         ``callback(method, budget)`` before each method runs.
+    method_options : dict, optional
+        ``{method: {option: value}}``, options of one method (see METHOD_OPTIONS),
+        e.g. ``{"sparse": {"order": "hierarchical", "factors": 3}}``.
     """
     methods = check_methods(methods)
+    method_options = _check_method_options(method_options)
     n = A.shape[0]
     budgets = [resolve_budget(n, b) for b in (sweep if sweep else [budget])]
     nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
@@ -254,14 +264,38 @@ def compare(
         for name in methods:
             if callback is not None:
                 callback(name, b)
-            results.append(_run_method(A, name, b, seed, fit_options, keep))
+            results.append(_run_method(A, name, b, seed, fit_options, keep, method_options.get(name)))
     return Comparison(n=n, nnz=nnz, budgets=budgets, results=results)
 
 
-def _run_method(A, name, budget, seed, fit_options, keep) -> MethodResult:
+def run_method(A, method: str, budget: float | int | None = None, *, seed: int = 0, fit_options: dict | None = None,
+               options: dict | None = None) -> MethodResult:
+    """Run one method of METHODS at a budget, as :func:`compare` does, keeping its approximation.
+
+    ``budget`` as in :func:`resolve_budget`; ``options`` the method's own options
+    (METHOD_OPTIONS). A method that does not apply gives status "not applicable"
+    and the reason in ``note``; MethodResult.approximation holds the result otherwise.
+    """
+    check_methods([method])
+    options = _check_method_options({method: options or {}})[method]
+    return _run_method(A, method, resolve_budget(A.shape[0], budget), seed, fit_options, True, options)
+
+
+def _check_method_options(method_options) -> dict:
+    method_options = dict(method_options or {})
+    for name, opts in method_options.items():
+        check_methods([name])
+        unknown = [k for k in (opts or {}) if k not in METHOD_OPTIONS.get(name, ())]
+        if unknown:
+            allowed = ", ".join(METHOD_OPTIONS.get(name, ())) or "none"
+            raise SfaError(f"method {name} has no option {unknown[0]!r} (its options: {allowed})")
+    return {name: dict(opts or {}) for name, opts in method_options.items()}
+
+
+def _run_method(A, name, budget, seed, fit_options, keep, options=None) -> MethodResult:
     t0 = time.perf_counter()
     try:
-        approx, note = METHODS[name](A, budget, seed=seed, fit_options=fit_options)
+        approx, note = METHODS[name](A, budget, seed=seed, fit_options=fit_options, **(options or {}))
     except baselines.NotApplicable as exc:
         return MethodResult(name, budget, None, None, time.perf_counter() - t0, "not applicable", str(exc))
     except MemoryError:

@@ -65,13 +65,16 @@ from sfa_cli.fit import (DENSE_FIT_LIMIT, block_columns, blockwise_loss_and_grad
 from sfa_cli.kernels import FactorStructure, chain_matmul, resolve_device, resolve_dtype
 from sfa_cli.metrics import column_block, frobenius_norm
 
-__all__ = ["learned_sparse", "chord_plus_sparse", "INITS", "PROJECTIONS", "LEARNED_DEFAULTS"]
+__all__ = ["learned_sparse", "chord_plus_sparse", "INITS", "PROJECTIONS", "ORDERS", "LEARNED_DEFAULTS"]
 
 INITS = ("auto", "lowrank+sparse", "chord")
 PROJECTIONS = ("total", "factor", "row", "column")
+#: How more than two factors are fitted: all supports together, or FAuST's hierarchy of two-factor splits.
+ORDERS = ("joint", "hierarchical")
 #: Defaults, chosen from scripts/bench_quality.py measurements (docs/quality.md).
 LEARNED_DEFAULTS = {
     "factors": 2,
+    "order": "joint",
     "splits": (0.5, 0.9),
     "hysteresis": 1.0,
     "step": 0.25,
@@ -367,7 +370,7 @@ def _top_mask(scores: torch.Tensor, k: int, dim: int | None = None) -> torch.Ten
 
 
 def _select(chain: _Chain, R: torch.Tensor, budget: int, projection: str, hysteresis: float, step: float,
-            revive: bool) -> _Chain:
+            revive: bool, shares=None) -> _Chain:
     """New supports: the entries with the largest error scores (held: c s^2; new: hysteresis * g^2 / c).
 
     New entries start at ``step * g / c`` (a damped diagonal Newton step); with
@@ -410,7 +413,7 @@ def _select(chain: _Chain, R: torch.Tensor, budget: int, projection: str, hyster
             # a slot is worth the best entry it carries, so it is kept whenever one of them is
             scores[0][slot_rows, atoms] = row_scores.amax(1) * (1 + 1e-6)
             values[0][slot_rows, atoms] = 1.0
-    masks = _project(scores, budget, projection, n)
+    masks = _project(scores, budget, projection, n, shares)
     if slot_rows is not None:  # drop slots without entries and entries without their slot
         slot_kept = masks[0][slot_rows, atoms]
         carried = masks[1][atoms].any(1)
@@ -425,14 +428,18 @@ def _select(chain: _Chain, R: torch.Tensor, budget: int, projection: str, hyster
     return _Chain(n, rows, cols, vals, R.device)
 
 
-def _project(scores, budget: int, projection: str, n: int) -> list[torch.Tensor]:
-    """Masks keeping the largest scores under the budget, split as the projection says."""
+def _project(scores, budget: int, projection: str, n: int, shares=None) -> list[torch.Tensor]:
+    """Masks keeping the largest scores under the budget, split as the projection says.
+
+    ``shares`` (projection "factor"): the non-zeros of each factor; default an even split.
+    """
     M = len(scores)
     if projection == "total":
         flat = torch.stack(scores)
         return list(_top_mask(flat, budget))
     if projection == "factor":
-        shares = [budget // M + (1 if m < budget % M else 0) for m in range(M)]
+        if shares is None:
+            shares = [budget // M + (1 if m < budget % M else 0) for m in range(M)]
         return [_top_mask(s, k) for s, k in zip(scores, shares)]
     per = budget // (M * n)
     dim = 1 if projection == "row" else 0
@@ -517,7 +524,8 @@ def _chord_start(A, budget: int, seed: int, options: dict):
     return rows, [W.indices.astype(np.int64) for W in mats], [W.data.astype(np.float64) for W in mats]
 
 
-def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, deadline, refine, one_round, callback):
+def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, deadline, refine, one_round, callback,
+            shares=None):
     """Refit each start and give it one round; the best continues with rounds until no round helps.
 
     A round whose refit is not better is undone and the hysteresis divided by
@@ -529,7 +537,8 @@ def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, dead
         if best is not None and time.perf_counter() > deadline:
             break
         if projection != "total" or chain.params > budget:  # project the start: held entries only compete
-            chain = _select(chain, objective.residual(chain), budget, projection, 0.0, LEARNED_DEFAULTS["step"], False)
+            chain = _select(chain, objective.residual(chain), budget, projection, 0.0, LEARNED_DEFAULTS["step"], False,
+                            shares)
         chain, loss = refine(chain)
         if time.perf_counter() < deadline:
             new, new_loss = one_round(chain, hysteresis)
@@ -555,6 +564,49 @@ def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, dead
     return info, chain, loss, start_rel, done
 
 
+def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, t0, deadline, options, callback):
+    """FAuST's hierarchical order: T ~ S(1) R(1), R(1) ~ S(2) R(2), ..., with a global refit after each split.
+
+    Split l is a two-factor learned fit of R(l-1) (R(0) = D) under the budget
+    left, S(l) held to budget // M non-zeros and R(l) to the rest; then L-BFGS
+    refits the values of S(1) ... S(l) R(l) against D on their supports.
+    Returns (info, chain, loss, rel_error after the first split, splits done).
+    """
+    share = budget // M
+    left_rows, left_cols, left_vals = [], [], []
+    target, start_rel = D, None
+    for split in range(M - 1):
+        level_budget = budget - sum(len(r) for r in left_rows)
+        sub = {k: options[k] for k in ("device", "dtype") if options.get(k) is not None}
+        if deadline < math.inf:
+            sub["time_limit"] = max(deadline - time.perf_counter(), 1e-3)
+        F = learned_sparse(target, level_budget, factors=2, seed=seed, fit_options=sub, projection="factor",
+                           factor_budgets=(share, level_budget - share), polish_iter=0, **level)
+        parts = [(np.repeat(np.arange(W.shape[0]), np.diff(W.indptr)), W.indices.astype(np.int64),
+                  W.data.astype(np.float64)) for W in F.factors]
+        rows = left_rows + [p[0] for p in parts]
+        cols = left_cols + [p[1] for p in parts]
+        chain = as_chain(rows, cols, left_vals + [p[2] for p in parts])
+        if split == 0:  # the first split is a fit against D already
+            loss = objective.loss(chain)
+        else:
+            chain, loss = _refine(chain, objective, inner_iter, deadline)
+        if start_rel is None:
+            start_rel = math.sqrt(2 * loss)
+        if callback is not None and callback(split + 1, math.sqrt(2 * loss)):
+            break
+        if split == M - 2 or time.perf_counter() > deadline:
+            break
+        values = [v.detach().double().cpu().numpy() for v in chain.values]
+        left_rows, left_cols, left_vals = chain.rows[:-1], chain.cols[:-1], values[:-1]
+        last = sp.csr_matrix((values[-1], (chain.rows[-1], chain.cols[-1])), shape=D.shape)
+        target = last.toarray()
+        if not np.any(target):  # the split left nothing to factor further
+            break
+    # stopped early (time, callback, or nothing left to split): fewer factors than asked, said by the pattern
+    return {"init": "lowrank+sparse", "levels": split + 1}, chain, loss, start_rel, split + 1
+
+
 # -- the method --------------------------------------------------------------------------------
 def learned_sparse(
     A,
@@ -565,6 +617,8 @@ def learned_sparse(
     fit_options: dict | None = None,
     init: str = "auto",
     projection: str = "total",
+    order: str = LEARNED_DEFAULTS["order"],
+    factor_budgets=None,
     splits=LEARNED_DEFAULTS["splits"],
     rounds: int | None = None,
     inner_iter: int | None = None,
@@ -603,7 +657,20 @@ def learned_sparse(
         ``chord``: a Chord fit at the budget (M = its factor count).
     projection : {"total", "factor", "row", "column"}, default="total"
         Where the budget applies: the k largest over all factors, over each
-        factor (budget / M), in each row, or in each column (budget / (M n)).
+        factor (budget / M, or ``factor_budgets``), in each row, or in each
+        column (budget / (M n)).
+    order : {"joint", "hierarchical"}, default="joint"
+        How M > 2 factors are fitted. ``joint``: the start holds M - 2 identity
+        factors in the middle and every round re-selects all supports together.
+        ``hierarchical`` (FAuST's order, Le Magoarou & Gribonval 2016): split
+        A ~ S(1) R(1) with S(1) held to budget / M non-zeros, then R(1) ~ S(2) R(2),
+        ..., each split a two-factor learned fit (``projection="factor"`` with
+        shares budget / M and the rest), each followed by an L-BFGS refit of all
+        factors so far against A; a final L-BFGS polish. The same as ``joint`` for
+        M = 2. docs/quality.md measures both (joint is the default).
+    factor_budgets : sequence of int, optional
+        With ``projection="factor"``: the non-zeros allowed in each factor
+        (M numbers summing to at most ``budget``); default an even split.
     splits : sequence of float, default=(0.5, 0.9)
     rounds, inner_iter, polish_iter : int, optional
         Selection rounds, L-BFGS iterations per round (L-BFGS refits) and on the
@@ -645,6 +712,20 @@ def learned_sparse(
         raise SfaError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
     if projection not in PROJECTIONS:
         raise SfaError(f"unknown projection {projection!r}; choose from {', '.join(PROJECTIONS)}")
+    if order not in ORDERS:
+        raise SfaError(f"unknown order {order!r}; choose from {', '.join(ORDERS)}")
+    hierarchical = order == "hierarchical" and (factors or LEARNED_DEFAULTS["factors"]) > 2
+    if hierarchical and (init == "chord" or projection not in ("total", "factor") or factor_budgets is not None):
+        raise SfaError("order='hierarchical' starts from low-rank + sparse splits with budget / M non-zeros per "
+                       "factor: it takes neither init='chord', a row/column projection nor factor_budgets")
+    if factor_budgets is not None:
+        factor_budgets = [int(k) for k in factor_budgets]
+        if projection != "factor" or init == "chord" \
+                or len(factor_budgets) != (factors or LEARNED_DEFAULTS["factors"]) \
+                or min(factor_budgets) < 1 or sum(factor_budgets) > budget:
+            raise SfaError(f"factor_budgets must give each of the factors (projection='factor', "
+                           f"factors={factors or LEARNED_DEFAULTS['factors']}) at least 1 non-zero and sum to at most "
+                           f"the budget {budget}; got {factor_budgets}")
     if factors is not None and (int(factors) != factors or factors < 2):
         raise SfaError(f"factors must be an integer >= 2 for the learned-support method; got {factors!r}")
     if not 0 < hysteresis <= 1:  # 0 would freeze the supports
@@ -683,7 +764,12 @@ def learned_sparse(
     # -- starts: one round from each, keep the best
     use_chord = init == "chord"
     starts, exact = [], False
-    if use_chord:
+    if hierarchical:
+        M = int(factors)
+        shares = budget // M
+        if shares < 1 or budget - (M - 2) * shares < 2:
+            raise NotApplicable(f"{M} hierarchical factors need at least one non-zero each; budget {budget}")
+    elif use_chord:
         chord_options = {k: v for k, v in options.items() if k not in ("time_limit",)}
         rows, cols, vals = _chord_start(A, budget, seed, chord_options)
         M = len(rows)
@@ -713,7 +799,7 @@ def learned_sparse(
             Dr = D - left @ right
             rows, cols, vals = _lowrank_sparse_start(Dr, left, right, budget, middle)
             starts.append(({"init": "lowrank+sparse", "split": f, "rank": r}, as_chain(rows, cols, vals)))
-    revive = M == 2
+    revive = M == 2 and projection in ("total", "factor")
     step = LEARNED_DEFAULTS["step"]
     use_als = M == 2 and refit in ("auto", "als")
     if polish_iter is None:  # ALS leaves nothing for L-BFGS to polish (docs/quality.md)
@@ -728,11 +814,18 @@ def learned_sparse(
 
     def one_round(chain, gamma):
         R = objective.residual(chain)
-        candidate = _select(chain, R, budget, projection, gamma, step, revive)
+        candidate = _select(chain, R, budget, projection, gamma, step, revive, factor_budgets)
         del R
         return refine(candidate)
 
-    if exact:  # the start holds A itself; nothing to fit
+    if hierarchical:
+        level = {"splits": splits, "rounds": rounds, "hysteresis": hysteresis, "tol": tol, "refit": refit,
+                 "sweeps": sweeps}
+        info, chain, loss, start_rel, done = _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter,
+                                                        t0, deadline, options, callback)
+        if polish_iter > 0 and time.perf_counter() < deadline:
+            chain, loss = _refine(chain, objective, polish_iter, deadline)
+    elif exact:  # the start holds A itself; nothing to fit
         info, chain = starts[0]
         loss = objective.loss(chain)
         start_rel, done = math.sqrt(2 * loss), 0
@@ -740,7 +833,7 @@ def learned_sparse(
             callback(done, start_rel)
     else:
         info, chain, loss, start_rel, done = _rounds(starts, objective, budget, projection, hysteresis, rounds,
-                                                     tol, deadline, refine, one_round, callback)
+                                                     tol, deadline, refine, one_round, callback, factor_budgets)
         if use_als and time.perf_counter() < deadline:
             chain, loss = _refine_als(chain, objective, 2 * sweeps, deadline)
         if polish_iter > 0 and time.perf_counter() < deadline:
@@ -752,13 +845,14 @@ def learned_sparse(
                        [v[torch.from_numpy(k).to(v.device)] for v, k in zip(chain.values, keep)], device)
     rel = math.sqrt(max(2 * loss, 0.0))
     np_dtype = np.float32 if dtype == torch.float32 else np.float64
-    pattern = {"name": "learned", "factors": M, "projection": projection, **info}
+    pattern = {"name": "learned", "factors": chain.factors, "projection": projection, "order": "hierarchical" if hierarchical
+               else "joint", **info}
     facts = {
         "rel_error": rel,
         "start_rel_error": start_rel,
         "rounds": done,
         "seconds": time.perf_counter() - t0,
-        "note": f"{M} learned factors, {chain.params} non-zeros ({info['init']} start)",
+        "note": f"{chain.factors} learned factors, {chain.params} non-zeros ({info['init']} start)",
     }
     return SparseFactors(chain.to_scipy(scale, np_dtype), method="sparse", pattern=pattern, info=facts)
 

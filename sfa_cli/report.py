@@ -112,8 +112,9 @@ def key_value_table(row: dict, title: str | None = None, keys=None) -> Table:
     return table
 
 
-FIT_KEYS = ("path", "output", "n", "factors", "params", "compression", "rel_error", "tsvd_rank", "tsvd_rel_error",
-            "iterations", "evaluations", "seconds", "device", "dtype", "optimizer", "stopped_because")
+FIT_KEYS = ("path", "output", "method", "n", "factors", "budget", "params", "compression", "rel_error", "tsvd_rank",
+            "tsvd_rel_error", "iterations", "evaluations", "seconds", "device", "dtype", "optimizer", "stopped_because",
+            "note")
 
 
 def fit_table(summary: dict) -> Table:

@@ -175,3 +175,115 @@ def test_sampled_fit_through_the_cli(run_cli, tmp_path):
     A = grid_laplacian(12).toarray()
     assert s["rel_error_is_estimate"] is False
     assert np.linalg.norm(A - G.to_dense()) / np.linalg.norm(A) == pytest.approx(s["rel_error"], rel=1e-4)
+
+
+# -- sfa fit --method: every method of sfa compare ------------------------------------------------
+@pytest.fixture
+def kernel_mtx(tmp_path):
+    """A dense 40 x 40 RBF kernel as a Matrix Market file (not sparse: no method is exact on it)."""
+    X = np.random.default_rng(3).random((40, 2))
+    A = np.exp(-((X[:, None] - X[None]) ** 2).sum(-1) / (2 * 0.15**2))
+    path = tmp_path / "kernel.mtx"
+    sio.mmwrite(path, A)
+    return path, A
+
+
+def test_fit_method_sparse_writes_a_file_that_eval_apply_reconstruct_read(run_cli, kernel_mtx, tmp_path):
+    path, A = kernel_mtx
+    out, report = tmp_path / "S.npz", tmp_path / "fit.json"
+    summary = _fit_json(run_cli, path, "-o", out, "--method", "sparse", "--budget", "0.1", "--report", report)
+    assert {"path", "output", "method", "n", "factors", "budget", "params", "compression", "rel_error", "seconds",
+            "dtype", "pattern", "note", "tsvd_rank", "tsvd_rel_error"} <= summary.keys()
+    assert summary["method"] == "sparse" and summary["n"] == 40 and summary["budget"] == 160
+    assert summary["params"] <= 160 and summary["factors"] == 2 and summary["pattern"]["name"] == "learned"
+    assert summary["pattern"]["order"] == "joint"
+    assert 0 < summary["rel_error"] < summary["tsvd_rel_error"]
+    F = load_approximation(out)
+    assert F.method == "sparse" and F.info["rel_error"] == summary["rel_error"] and F.info["input"] == str(path)
+    result = run_cli("eval", out, path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rel_error"] == pytest.approx(summary["rel_error"], abs=1e-5)
+    assert run_cli("reconstruct", out, "-o", tmp_path / "dense.npy").exit_code == 0
+    P = np.load(tmp_path / "dense.npy")
+    assert np.linalg.norm(A - P) / np.linalg.norm(A) == pytest.approx(summary["rel_error"], abs=1e-5)
+    X = np.random.default_rng(0).standard_normal((40, 2))
+    np.save(tmp_path / "X.npy", X)
+    assert run_cli("apply", out, tmp_path / "X.npy", "-o", tmp_path / "Y.npy").exit_code == 0
+    assert np.allclose(np.load(tmp_path / "Y.npy"), P @ X, atol=1e-4)
+    rep = json.loads(report.read_text())
+    assert rep["rel_error"] == summary["rel_error"] and rep["details"]["rounds"] >= 1 and "history" not in rep
+
+
+@pytest.mark.parametrize("method", ["tsvd", "rsvd", "topk", "monarch", "lowrank+sparse", "chord+sparse"])
+def test_fit_method_baselines_round_trip_through_eval(run_cli, kernel_mtx, tmp_path, method):
+    path, _ = kernel_mtx
+    out = tmp_path / "F.h5"
+    extra = ("--max-iter", "20") if method == "chord+sparse" else ()
+    summary = _fit_json(run_cli, path, "-o", out, "--method", method, "--budget", "600", *extra)
+    assert summary["method"] == method and summary["budget"] == 600 and summary["params"] <= 600
+    assert ("tsvd_rel_error" in summary) == (method != "tsvd")
+    assert load_approximation(out).method == method
+    result = run_cli("eval", out, path, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["rel_error"] == pytest.approx(summary["rel_error"], abs=1e-5)
+
+
+def test_fit_method_table_and_default_budget(run_cli, kernel_mtx, tmp_path):
+    path, _ = kernel_mtx
+    result = run_cli("fit", path, "-o", tmp_path / "T.npz", "--method", "tsvd", "--no-baseline")
+    assert result.exit_code == 0, result.output
+    assert "method" in result.stdout and "tsvd" in result.stdout and "budget" in result.stdout
+    summary = _fit_json(run_cli, path, "-o", tmp_path / "T2.npz", "--method", "topk", "--no-baseline")
+    assert summary["budget"] == 6 * 40 * 6 and "tsvd_rel_error" not in summary  # the Chord budget M N (L+1)
+
+
+def test_fit_method_not_applicable_is_one_error_line(cli_error, kernel_mtx, tmp_path):
+    path, _ = kernel_mtx
+    line = cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "butterfly")
+    assert str(path) in line and "butterfly" in line and "power of two" in line
+    assert not (tmp_path / "B.npz").exists()
+    line = cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "sparse", "--budget", "1")
+    assert str(path) in line and "does not apply" in line
+    assert "must be positive" in cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "topk", "--budget", "-3")
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--method", "sparse", "--pattern", "butterfly"), "--pattern does not apply to --method sparse"),
+    (("--method", "tsvd", "--sampled"), "--sampled does not apply to --method tsvd"),
+    (("--method", "topk", "--max-iter", "5"), "--max-iter does not apply to --method topk"),
+    (("--method", "butterfly", "--symmetric"), "--symmetric does not apply"),
+    (("--method", "sparse", "--optimizer", "adam"), "--optimizer does not apply"),
+    (("--order", "hierarchical"), "--order applies to --method sparse"),
+    (("--budget", "0.1", "--factors", "3"), "give --budget or --factors/--base"),
+    (("--budget", "0.1", "--pattern", "butterfly"), "--method butterfly"),
+    (("--budget", "lots",), "expected a parameter count"),
+    (("--method", "svd",), "Invalid value for '--method'"),
+])
+def test_fit_method_usage_errors(run_cli, kernel_mtx, tmp_path, args, message):
+    path, _ = kernel_mtx
+    result = run_cli("fit", path, "-o", tmp_path / "F.npz", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not (tmp_path / "F.npz").exists()
+
+
+def test_fit_chord_at_a_budget(run_cli, kernel_mtx, tmp_path):
+    path, _ = kernel_mtx
+    summary = _fit_json(run_cli, path, "-o", tmp_path / "F.npz", "--budget", "0.2", "--max-iter", "20")
+    assert summary["budget"] == 320 and summary["params"] <= 320
+    assert summary["pattern"]["name"] == "chord" and summary["note"] and "method" not in summary
+    full = _fit_json(run_cli, path, "-o", tmp_path / "G.npz", "--method", "chord", "--budget", "5000", "--max-iter", "5")
+    assert full["budget"] == 5000 and full["factors"] == 6 and "note" not in full  # the paper's pattern fits
+
+
+def test_fit_method_sparse_hierarchical_order(run_cli, kernel_mtx, tmp_path):
+    path, _ = kernel_mtx
+    out = tmp_path / "H.npz"
+    summary = _fit_json(run_cli, path, "-o", out, "--method", "sparse", "--budget", "0.15", "--factors", "3",
+                        "--order", "hierarchical", "--no-baseline")
+    assert summary["factors"] == 3 and summary["pattern"]["order"] == "hierarchical" and summary["params"] <= 240
+    result = run_cli("eval", out, path, "--json")
+    assert json.loads(result.stdout)["rel_error"] == pytest.approx(summary["rel_error"], abs=1e-5)
+    result = run_cli("compare", path, "--methods", "sparse,topk", "--budget", "0.15", "--order", "hierarchical", "--json")
+    assert result.exit_code == 0, result.output
+    assert [r["status"] for r in json.loads(result.stdout)["results"]] == ["ok", "ok"]

@@ -131,3 +131,21 @@ def test_cli_plot(run_cli, matrices, tmp_path):
         return
     assert result.exit_code == 0, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_run_method_is_compares_code_path_with_method_options():
+    from sfa_cli.compare import run_method
+
+    A = _graph(32) + np.eye(32)
+    r = run_method(A, "sparse", 0.2, options={"factors": 3, "order": "hierarchical"})
+    assert r.status == "ok" and r.budget == resolve_budget(32, 0.2) and r.params <= r.budget
+    assert r.approximation.num_factors == 3 and r.approximation.pattern["order"] == "hierarchical"
+    assert relative_error(A, r.approximation) == pytest.approx(r.rel_error)
+    c = compare(A, methods=["sparse"], budget=0.2, method_options={"sparse": {"factors": 3, "order": "hierarchical"}})
+    assert c.results[0].rel_error == pytest.approx(r.rel_error, rel=1e-6)
+    na = run_method(np.eye(12) + 1, "butterfly")
+    assert na.status == "not applicable" and "power of two" in na.note and na.approximation is None
+    with pytest.raises(SfaError, match="no option 'order'"):
+        run_method(A, "tsvd", options={"order": "joint"})
+    with pytest.raises(SfaError, match="unknown method"):
+        run_method(A, "svd")

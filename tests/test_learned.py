@@ -167,3 +167,45 @@ def test_chord_plus_sparse_uses_the_chord_part_when_it_helps():
     S = chord_plus_sparse(A, chord_budget(n)["params"], fit_options={"max_iter": 300})
     assert S.info["chord_params"] > 0 and S.info["split"] > 0
     assert relative_error(A, S) < relative_error(A, top_k(A, chord_budget(n)["params"]))
+
+
+# -- order: joint or hierarchical; per-factor budgets ------------------------------------------------------
+def test_hierarchical_order_holds_each_split_to_its_share_and_records_it():
+    n = 40
+    A = _rbf(n)
+    B = int(0.15 * n * n)
+    F = learned_sparse(A, B, factors=3, order="hierarchical", rounds=3)
+    assert F.num_factors == 3 and F.params <= B
+    assert all(W.nnz <= B // 3 for W in F.factors[:2])  # S(1), S(2) at budget / M; R(2) the rest
+    assert F.pattern["order"] == "hierarchical" and F.pattern["levels"] == 2
+    assert relative_error(A, F) == pytest.approx(F.info["rel_error"], abs=1e-4)
+    assert relative_error(A, F) < 0.5
+    joint = learned_sparse(A, B, factors=3, rounds=3)
+    assert joint.pattern["order"] == "joint"
+
+
+def test_hierarchical_order_with_two_factors_is_the_joint_fit():
+    A = _lowrank(32, seed=2)
+    F = learned_sparse(A, 200, order="hierarchical", rounds=2)
+    G = learned_sparse(A, 200, order="joint", rounds=2)
+    assert F.pattern == G.pattern and F.pattern["order"] == "joint"
+    for W1, W2 in zip(F.factors, G.factors):
+        assert (W1 != W2).nnz == 0
+
+
+def test_factor_budgets_and_order_validation():
+    A = _rbf(32)
+    F = learned_sparse(A, 200, projection="factor", factor_budgets=(60, 140), rounds=3)
+    assert F.factors[0].nnz <= 60 and F.factors[1].nnz <= 140
+    with pytest.raises(SfaError, match="unknown order"):
+        learned_sparse(A, 200, order="random")
+    with pytest.raises(SfaError, match="factor_budgets"):
+        learned_sparse(A, 200, projection="factor", factor_budgets=(150, 150))
+    with pytest.raises(SfaError, match="factor_budgets"):
+        learned_sparse(A, 200, factor_budgets=(50, 50))  # needs projection="factor"
+    with pytest.raises(SfaError, match="hierarchical"):
+        learned_sparse(A, 200, factors=3, order="hierarchical", init="chord")
+    with pytest.raises(SfaError, match="hierarchical"):
+        learned_sparse(A, 200, factors=3, order="hierarchical", projection="row")
+    with pytest.raises(NotApplicable, match="hierarchical"):
+        learned_sparse(A, 3, factors=4, order="hierarchical")
