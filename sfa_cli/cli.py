@@ -373,7 +373,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw), **_fit_options(kw))
     approx = result.approximation
     rel_error = relative_error(A, approx)  # float64, from the factors as saved
-    summary = {"path": matrix, "output": output, **result.to_dict(), "rel_error": rel_error,
+    summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "rel_error": rel_error,
                "fit_rel_error": result.rel_error}
     if not no_baseline:
         rank = max(1, approx.params // (2 * approx.n))
@@ -418,7 +418,7 @@ def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_jso
                              exact_error=exact_error, callback=lambda step: progress(step) if step.epoch_end else False,
                              **_pattern_options(kw), **options)
     approx = result.approximation
-    summary = {"path": matrix, "output": output, **result.to_dict()}
+    summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict()}
     if not no_baseline and rank == 0:
         tsvd_rank = max(1, approx.params // (2 * approx.n))
         tsvd = error_report(A, tsvd_at_rank(A, tsvd_rank), exact_error=exact_error,

@@ -271,7 +271,7 @@ def test_fit_chord_at_a_budget(run_cli, kernel_mtx, tmp_path):
     path, _ = kernel_mtx
     summary = _fit_json(run_cli, path, "-o", tmp_path / "F.npz", "--budget", "0.2", "--max-iter", "20")
     assert summary["budget"] == 320 and summary["params"] <= 320
-    assert summary["pattern"]["name"] == "chord" and summary["note"] and "method" not in summary
+    assert summary["pattern"]["name"] == "chord" and summary["note"] and summary["method"] == "chord"
     full = _fit_json(run_cli, path, "-o", tmp_path / "G.npz", "--method", "chord", "--budget", "5000", "--max-iter", "5")
     assert full["budget"] == 5000 and full["factors"] == 6 and "note" not in full  # the paper's pattern fits
 
