@@ -26,6 +26,7 @@ from scipy.sparse.linalg import LinearOperator
 
 from sfa_cli._version import __version__
 from sfa_cli.errors import SfaError
+from sfa_cli.memory import require_memory
 
 __all__ = ["Approximation", "load_approximation", "FORMAT_NAME", "FORMAT_VERSION", "DENSE_LIMIT"]
 
@@ -78,13 +79,19 @@ class Approximation(ABC):
         return self._checked(X, self._rmatmul)
 
     def to_dense(self, max_n: int = DENSE_LIMIT) -> np.ndarray:
-        """The n x n matrix A_hat; refuses when n > max_n."""
+        """The n x n matrix A_hat; refuses when n > max_n or the memory for it is not available."""
         if self.n > max_n:
             raise SfaError(
                 f"forming the dense {self.n} x {self.n} matrix needs {self.n**2 * self.dtype.itemsize / 2**30:.1f} GiB; "
                 f"the limit is n <= {max_n} (use matmul on blocks instead)"
             )
+        require_memory(self.dense_bytes(), f"forming the dense {self.n} x {self.n} matrix",
+                       "use matmul on column blocks instead (sfa apply)", dtype=self.dtype.name)
         return self._to_dense()
+
+    def dense_bytes(self) -> int:
+        """Bytes :meth:`to_dense` allocates: the result and one n x n working array (the identity it multiplies)."""
+        return 2 * self.n * self.n * self.dtype.itemsize
 
     def as_linear_operator(self) -> LinearOperator:
         """A scipy LinearOperator view (matvec, rmatvec, matmat)."""

@@ -320,7 +320,7 @@ class Monarch(Approximation):
 
 
 # -- methods ---------------------------------------------------------------------
-def truncated_svd(A, budget: int, *, seed: int = 0) -> LowRank:
+def truncated_svd(A, budget: int, *, seed: int = 0, solver: str = "auto") -> LowRank:
     """Best rank-r approximation with r = floor(budget / 2n), capped at n.
 
     Parameters
@@ -329,7 +329,9 @@ def truncated_svd(A, budget: int, *, seed: int = 0) -> LowRank:
     budget : int
         Parameters allowed; the result stores 2 n r <= budget numbers.
     seed : int, default=0
-        Start vector of ARPACK (used above n = 4096 only).
+        Start vector of ARPACK (used above n = 4096, or with ``solver="svds"``).
+    solver : {"auto", "svds"}, default="auto"
+        As in :func:`tsvd_at_rank`.
 
     Returns
     -------
@@ -343,10 +345,10 @@ def truncated_svd(A, budget: int, *, seed: int = 0) -> LowRank:
     """
     A = _as_matrix(A)
     n, budget = A.shape[0], _check_budget(budget)
-    return tsvd_at_rank(A, _rank_for(n, budget), seed=seed)
+    return tsvd_at_rank(A, _rank_for(n, budget), seed=seed, solver=solver)
 
 
-def tsvd_at_rank(A, rank: int, *, seed: int = 0) -> LowRank:
+def tsvd_at_rank(A, rank: int, *, seed: int = 0, solver: str = "auto") -> LowRank:
     """Best rank-``rank`` approximation (Eckart-Young) of A.
 
     An exact LAPACK SVD of the dense matrix up to n = 4096; above that
@@ -359,6 +361,9 @@ def tsvd_at_rank(A, rank: int, *, seed: int = 0) -> LowRank:
         At least 1; capped at n.
     seed : int, default=0
         Start vector of ARPACK.
+    solver : {"auto", "svds"}, default="auto"
+        ``svds`` always uses ARPACK on A as given (a sparse A is never densified;
+        what ``compare`` uses at scale); it needs rank < n - 1.
 
     Returns
     -------
@@ -369,8 +374,12 @@ def tsvd_at_rank(A, rank: int, *, seed: int = 0) -> LowRank:
     n = A.shape[0]
     if int(rank) != rank or rank < 1:
         raise SfaError(f"the truncated-SVD rank must be a positive integer; got {rank!r}")
+    if solver not in ("auto", "svds"):
+        raise SfaError(f"unknown truncated-SVD solver {solver!r}; choose auto or svds")
     r = min(int(rank), n)
-    if n <= EXACT_SVD_LIMIT or r >= n - 1:
+    if solver == "svds" and r >= n - 1:
+        raise NotApplicable(f"svds computes rank < n - 1 = {n - 1}; rank {r} needs the dense SVD")
+    if solver == "auto" and (n <= EXACT_SVD_LIMIT or r >= n - 1):
         U, s, Vt = _full_svd(_dense(A))
     else:
         from scipy.sparse.linalg import svds
@@ -382,7 +391,7 @@ def tsvd_at_rank(A, rank: int, *, seed: int = 0) -> LowRank:
     return LowRank(U[:, :r] * s[:r], Vt[:r], method="tsvd", info=info)
 
 
-def randomized_svd(A, budget: int, *, seed: int = 0, n_iter: int = 4) -> LowRank:
+def randomized_svd(A, budget: int, *, seed: int = 0, n_iter: int = 4, keep_sparse: bool = False) -> LowRank:
     """Rank r = floor(budget / 2n) approximation by ``torch.svd_lowrank`` (randomized range finder).
 
     Parameters
@@ -395,6 +404,8 @@ def randomized_svd(A, budget: int, *, seed: int = 0, n_iter: int = 4) -> LowRank
         Seeds torch inside ``torch.random.fork_rng``; the global torch state is untouched.
     n_iter : int, default=4
         Power (subspace) iterations.
+    keep_sparse : bool, default=False
+        Pass a sparse A to torch as a sparse tensor at any n (``compare`` at scale).
 
     Returns
     -------
@@ -411,7 +422,7 @@ def randomized_svd(A, budget: int, *, seed: int = 0, n_iter: int = 4) -> LowRank
     if int(n_iter) != n_iter or n_iter < 0:
         raise SfaError(f"n_iter must be a non-negative integer; got {n_iter!r}")
     r = _rank_for(n, budget)
-    left, right = _randomized_low_rank(A, r, seed=seed, n_iter=int(n_iter))
+    left, right = _randomized_low_rank(A, r, seed=seed, n_iter=int(n_iter), keep_sparse=keep_sparse)
     return LowRank(left, right, method="rsvd", info={"n_iter": int(n_iter), "oversampling": OVERSAMPLING})
 
 
@@ -658,10 +669,10 @@ def _minus_sparse(A, S: sp.csr_matrix):
     return D
 
 
-def _randomized_low_rank(A, r: int, *, seed: int, n_iter: int):
+def _randomized_low_rank(A, r: int, *, seed: int, n_iter: int, keep_sparse: bool = False):
     """(left, right) of a rank-r approximation by torch.svd_lowrank, seeded without touching global state."""
     n = A.shape[0]
-    if sp.issparse(A) and n > ALTERNATION_EXACT_LIMIT:
+    if sp.issparse(A) and (keep_sparse or n > ALTERNATION_EXACT_LIMIT):
         coo = A.tocoo()
         T = torch.sparse_coo_tensor(
             np.vstack([coo.row, coo.col]), coo.data, (n, n), check_invariants=False

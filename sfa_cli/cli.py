@@ -21,7 +21,7 @@ from sfa_cli.baselines import tsvd_at_rank
 from sfa_cli.compare import METHODS, chord_at_budget, compare, resolve_budget, run_method
 from sfa_cli.errors import SfaError
 from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
-from sfa_cli.sampled import SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
+from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
 from sfa_cli.factors import SparseFactors
 from sfa_cli.info import matrix_info
 from sfa_cli.learned import ORDERS
@@ -29,7 +29,7 @@ from sfa_cli.io import atomic_output, check_writable, load_array, load_matrix, s
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import PATTERNS
 from sfa_cli.report import (
-    compare_rows, compare_table, fit_table, info_notes, info_tables, key_value_table, plot_comparisons,
+    compare_rows, compare_table, eval_table, fit_table, info_notes, info_tables, plot_comparisons,
     require_matplotlib, save_approximations, write_csv, write_json,
 )
 
@@ -226,12 +226,13 @@ def _pattern_options(kw: dict) -> dict:
 class _FitProgress:
     """A rich progress line on stderr fed by the fit callback."""
 
-    def __init__(self, label: str, max_iter: int, enabled: bool, start_line: str = "", count: str = "iteration"):
+    def __init__(self, label: str, max_iter: int, enabled: bool, start_line: str = "", unit: str = "it"):
         self.enabled = enabled
-        self.count = count  # the FitStep field the bar counts: iteration, or epoch for the sampled fit
+        self.label = label
         self.start_line = start_line  # printed (also to logs) once the first evaluation is done
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), TextColumn("it {task.completed:>5.0f}/{task.total:.0f}"),
+            TextColumn("{task.description}"), BarColumn(),
+            TextColumn(unit + " {task.completed:>5.0f}/{task.total:.0f}"),
             TextColumn("rel.err {task.fields[err]}"), TimeElapsedColumn(), console=err, transient=True,
             disable=not (enabled and err.is_terminal),
         )
@@ -248,8 +249,16 @@ class _FitProgress:
         if self.start_line and self.enabled:
             self.progress.console.print(self.start_line, markup=False, highlight=False, soft_wrap=True)
             self.start_line = ""
-        self.progress.update(self.task, completed=getattr(step, self.count), err=f"{step.best_rel_error:.4g}")
+        # the sampled fit's steps also say which epoch they belong to; its error is the sample estimate
+        epoch = f" epoch {step.epoch}/{step.epochs}" if getattr(step, "epochs", 0) else ""
+        self.progress.update(self.task, completed=step.iteration, err=f"{step.best_rel_error:.4g}",
+                             description=self.label + epoch)
         return False
+
+
+error_sample_option = click.option(
+    "--error-sample", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["error_sample"], show_default=True,
+    metavar="COLUMNS", help="Columns of the seeded sample that estimates the error (the same for every method).")
 
 
 FIT_EXAMPLE = """
@@ -261,6 +270,7 @@ Example:
     sfa fit A.npz -o F.npz --budget 0.05                 # the Chord pattern sized to 5% of N^2
     sfa fit A.npz -o S.npz --method sparse --budget 0.05 # learned supports (see sfa compare)
     sfa fit A.npz -o T.npz --method tsvd --json
+    sfa fit big.mtx -o F.npz --sampled --epochs 5 --error-sample 2048
 """
 
 _FIT_OPTION_NAMES = ("optimizer", "lr", "max_iter", "time_limit", "tol", "device", "dtype")
@@ -330,12 +340,13 @@ def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
               help="With --sampled: passes over all columns.")
 @click.option("--exact-error", is_flag=True,
               help="With --sampled: report the exact error (one more pass) instead of the sample estimate.")
+@error_sample_option
 @click.option("--no-baseline", is_flag=True, help="Skip the equal-budget truncated SVD.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
 def fit_command(matrix, output, report, method, budget, order, pattern, no_baseline, as_json, quiet, force, sampled,
-                batch_columns, epochs, exact_error, **kw):
+                batch_columns, epochs, exact_error, error_sample, **kw):
     """Fit sparse factors W(1)...W(M) to MATRIX and save them.
 
     Minimises ||A - W(1)...W(M)||_F over the non-zeros of a fixed pattern
@@ -368,9 +379,13 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         if kw["optimizer"] != "lbfgs" or kw["max_iter"] is not None:
             raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
         return _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns,
-                                    epochs, exact_error, kw, extra)
+                                    epochs, exact_error, error_sample, kw, extra)
     with _FitProgress(Path(matrix).name, total, enabled=not quiet, start_line=start_line) as progress:
-        result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw), **_fit_options(kw))
+        try:
+            result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw),
+                         **_fit_options(kw))
+        except SfaError as exc:  # e.g. the memory guard: say which file
+            raise SfaError(f"{matrix}: {exc}") from None
     approx = result.approximation
     rel_error = relative_error(A, approx)  # float64, from the factors as saved
     summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "rel_error": rel_error,
@@ -408,17 +423,22 @@ def _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
 
 
 def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns, epochs,
-                         exact_error, kw, extra):
+                         exact_error, error_sample, kw, extra):
     """`sfa fit` by column blocks (also under torchrun: rank 0 writes and prints)."""
     rank, _world = init_distributed(kw["device"])
     # the sampled fit always uses Adam with its schedule; max_iter and tol belong to the full-batch fit
     options = {k: v for k, v in _fit_options(kw).items() if k not in ("max_iter", "tol", "optimizer")}
-    with _FitProgress(Path(matrix).name, epochs, enabled=not quiet and rank == 0, count="epoch") as progress:
+    n = A.shape[0]
+    per_epoch = -(-n // min(batch_columns, n))
+    start_line = (f"fitting {matrix} by column blocks: n={n}, {pattern} pattern, {epochs} epochs of {per_epoch} steps "
+                  f"x {min(batch_columns, n)} columns (Ctrl-C stops and keeps the best factors)")
+    with _FitProgress(Path(matrix).name, epochs * per_epoch, enabled=not quiet and rank == 0, start_line=start_line,
+                      unit="step") as progress:
         result = fit_sampled(A, pattern=pattern, seed=kw["seed"], batch_columns=batch_columns, epochs=epochs,
-                             exact_error=exact_error, callback=lambda step: progress(step) if step.epoch_end else False,
+                             exact_error=exact_error, error_sample=error_sample, callback=progress,
                              **_pattern_options(kw), **options)
     approx = result.approximation
-    summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict()}
+    summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "seed": kw["seed"]}
     if not no_baseline and rank == 0:
         tsvd_rank = max(1, approx.params // (2 * approx.n))
         tsvd = error_report(A, tsvd_at_rank(A, tsvd_rank), exact_error=exact_error,
@@ -466,25 +486,43 @@ EVAL_EXAMPLE = """
 Example:
     sfa eval lesmis.npz data/lesmis.mtx
     sfa eval F.h5 other_matrix.mtx --json
+    sfa eval F.npz big.mtx --error-sample 4096 --seed 1     # an estimate with its 95% interval
+    sfa eval F.npz big.mtx --exact-error                    # every column, streamed
 """
 
 
 @cli.command("eval", epilog=EVAL_EXAMPLE)
 @click.argument("factors")
 @click.argument("matrix")
+@click.option("--sampled", "estimate", is_flag=True,
+              help=f"Estimate the error from a column sample even for N <= {EXACT_ERROR_UP_TO}.")
+@error_sample_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the error sample.")
+@click.option("--exact-error", is_flag=True,
+              help=f"Exact error over all columns (streamed) even for N > {EXACT_ERROR_UP_TO}.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def eval_command(factors, matrix, as_json):
-    """Relative error of saved FACTORS (any sfa approximation file) on MATRIX."""
+def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_json):
+    """Relative error of saved FACTORS (any sfa approximation file) on MATRIX.
+
+    Exact up to N = 8192; above, an estimate from a seeded sample of columns with
+    its 95% confidence interval (rel_error_estimate, rel_error_ci), labelled as
+    an estimate. The same --seed and --error-sample give the same columns as
+    `sfa fit --sampled` and `sfa compare`.
+    """
+    if estimate and exact_error:
+        raise click.UsageError("--sampled and --exact-error exclude each other")
     approx = load_approximation(factors)
     A = load_matrix(matrix)
     if A.shape[0] != approx.n:
         raise SfaError(f"{factors}: the approximation is {approx.n} x {approx.n} but {matrix} is {A.shape[0]} x {A.shape[0]}")
+    error = error_report(A, approx, exact_error=True if exact_error else False if estimate else None,
+                         sample=error_sample, seed=seed)
     row = {"factors": factors, "path": matrix, "n": approx.n, "method": approx.method, "params": approx.params,
-           "compression": approx.n**2 / approx.params, "rel_error": relative_error(A, approx)}
+           "compression": approx.n**2 / approx.params, **error}
     if as_json:
         emit_json(row)
     else:
-        out.print(key_value_table(row, title="sfa eval"))
+        out.print(eval_table(row))
 
 
 APPLY_EXAMPLE = """
@@ -539,6 +577,7 @@ Example:
     sfa compare *.mtx --methods chord,tsvd,topk --json > results.json
     sfa compare A.npz --budget 0.05 --csv results.csv --plot errors.png
     sfa compare A.npz --sweep 0.01,0.02,0.05,0.1 --plot sweep.png
+    sfa compare big.mtx --epochs 2 --error-sample 2048 --json   # N > 8192: at scale, estimated errors
 """
 
 
@@ -561,15 +600,30 @@ Example:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw the errors (or sweep curves); needs matplotlib (pip install 'sfa[plot]').")
 @click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Keep every method's approximation here.")
+@click.option("--sampled", "at_scale", is_flag=True,
+              help=f"Compare at scale (nothing N x N formed) even for small N; automatic for sparse inputs above N = {DENSE_FIT_LIMIT}.")
+@click.option("--epochs", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["epochs"], show_default=True,
+              help="At scale: passes of the sampled fit (chord, butterfly).")
+@click.option("--batch-columns", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["batch_columns"], show_default=True,
+              help="At scale: columns per step of the sampled fit.")
+@error_sample_option
+@click.option("--exact-error", is_flag=True, help="Exact errors over all columns (streamed), also at scale.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def compare_command(matrices, methods, budget, sweep, order, as_json, csv_path, plot_path, save_dir, quiet, force, **kw):
+def compare_command(matrices, methods, budget, sweep, order, as_json, csv_path, plot_path, save_dir, at_scale, epochs,
+                    batch_columns, error_sample, exact_error, quiet, force, **kw):
     """Compare every method at the same parameter budget on each MATRIX.
 
     Methods: chord (the paper's sparse factorization), butterfly, tsvd
     (truncated SVD), rsvd (randomized SVD), topk (largest entries), monarch,
     lowrank+sparse, sparse (learned supports), chord+sparse. A bad file gets a one-line error and the others still
     run; the exit code is 1 if any file failed.
+
+    A sparse MATRIX with N > 8192 is compared at scale: chord and butterfly by
+    the sampled fit, tsvd by svds and rsvd on the sparse matrix, topk keeps it
+    sparse, the methods that need dense N x N work are "not applicable", and
+    every error is an estimate on the same seeded column sample, with its 95%
+    interval.
     """
     for path in (csv_path, plot_path):
         if path:
@@ -587,6 +641,9 @@ def compare_command(matrices, methods, budget, sweep, order, as_json, csv_path, 
                 comparison = compare(
                     A, methods=methods, budget=budget, sweep=sweep, seed=kw["seed"], fit_options=fit_options,
                     keep=save_dir is not None, method_options={"sparse": {"order": order}} if order else None,
+                    scale=True if at_scale else None,
+                    sampled_options={"epochs": epochs, "batch_columns": batch_columns},
+                    exact_error=True if exact_error else None, error_sample=error_sample,
                     callback=lambda m, b, p=path: progress.update(task, description=f"{p}: {m} (budget {b})"),
                 )
             except SfaError as exc:

@@ -1,5 +1,14 @@
 """Run every method at the same parameter budget and measure their errors.
 
+A sparse matrix with n above :data:`SCALE_ABOVE` is compared *at scale*:
+nothing n x n is formed. Chord and butterfly are fitted by the sampled fit
+(:func:`sfa_cli.sampled.fit_sampled`), tsvd by ``svds`` and rsvd by
+``torch.svd_lowrank`` on the sparse matrix, topk keeps the sparse matrix
+(itself when nnz <= budget), and the methods that need dense n x n work are
+reported as not applicable with the reason. Every method's error is then an
+estimate from the same seeded column sample (:func:`sfa_cli.sampled.error_report`),
+with its confidence interval.
+
 Example
 -------
 >>> import numpy as np
@@ -18,15 +27,28 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from sfa_cli import baselines, learned
+from sfa_cli import baselines, learned, sampled
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import SfaError
-from sfa_cli.fit import fit
-from sfa_cli.metrics import relative_error
+from sfa_cli.fit import DENSE_FIT_LIMIT, fit
 from sfa_cli.patterns import _ceil_log, chord_budget, chord_offsets
+from sfa_cli.sampled import SAMPLED_DEFAULTS, error_report, fit_sampled
 
 __all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHODS", "METHOD_OPTIONS", "MethodResult",
-           "Comparison"]
+           "Comparison", "SCALE_ABOVE", "DENSE_ONLY"]
+
+#: A sparse matrix with n above this is compared at scale (nothing n x n is formed, errors are
+#: estimated from a column sample); read at call time, so tests may lower it.
+SCALE_ABOVE = DENSE_FIT_LIMIT
+#: Methods that need dense n x n work, and why: not run at scale.
+DENSE_ONLY = {
+    "monarch": "reads all n^2 entries of A as dense blocks",
+    "lowrank+sparse": "reads all n^2 entries of A - L",
+    "sparse": "keeps dense n x n residuals",
+    "chord+sparse": "needs all n^2 entries of A - P",
+}
+#: Options of the full-batch fit that the sampled fit does not take (it uses Adam with its own schedule).
+_FULL_FIT_ONLY = ("optimizer", "max_iter", "tol")
 
 
 def chord_at_budget(n: int, budget: int, *, symmetric: bool = False, self_link: bool = True) -> tuple[dict, str]:
@@ -54,17 +76,29 @@ def chord_at_budget(n: int, budget: int, *, symmetric: bool = False, self_link: 
     return {"base": 2, "factors": M}, f"{M} of {_ceil_log(n, 2)} factors: the full pattern needs {full} > budget"
 
 
-def _chord(A, budget, *, seed=0, fit_options=None, **_):
-    fit_options = dict(fit_options or {})
-    variant = {k: fit_options[k] for k in ("symmetric", "self_link") if fit_options.get(k) is not None}
-    options, note = chord_at_budget(A.shape[0], budget, **variant)
-    result = fit(A, pattern="chord", seed=seed, **options, **fit_options)
+def _fit_at(A, pattern, options, note, seed, fit_options, scale, sampled_options):
+    """The full-batch fit, or at scale the sampled fit (its note says with how many epochs)."""
+    if scale:
+        run = {k: v for k, v in fit_options.items() if k not in _FULL_FIT_ONLY}
+        result = fit_sampled(A, pattern=pattern, seed=seed, **options, **run, **(sampled_options or {}))
+        epochs = f"{result.epochs} epoch" + ("s" if result.epochs != 1 else "")
+        done = f"sampled fit, {epochs} x {result.batch_columns} columns"
+        note = f"{done}; {note}" if note else done
+    else:
+        result = fit(A, pattern=pattern, seed=seed, **options, **fit_options)
     if result.interrupted:
         raise KeyboardInterrupt
     return result.approximation, note
 
 
-def _butterfly(A, budget, *, seed=0, fit_options=None, **_):
+def _chord(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **_):
+    fit_options = dict(fit_options or {})
+    variant = {k: fit_options[k] for k in ("symmetric", "self_link") if fit_options.get(k) is not None}
+    options, note = chord_at_budget(A.shape[0], budget, **variant)
+    return _fit_at(A, "chord", options, note, seed, fit_options, scale, sampled_options)
+
+
+def _butterfly(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **_):
     n = A.shape[0]
     if n & (n - 1):
         raise baselines.NotApplicable(f"butterfly needs n to be a power of two; n={n}")
@@ -74,14 +108,11 @@ def _butterfly(A, budget, *, seed=0, fit_options=None, **_):
         raise baselines.NotApplicable(f"one butterfly factor needs {2 * n} parameters > budget {budget}")
     note = "" if M == L else f"{M} of {L} factors: the full butterfly needs {2 * n * L} > budget"
     options = {k: v for k, v in (fit_options or {}).items() if k not in ("base", "symmetric", "self_link", "permute")}
-    result = fit(A, pattern="butterfly", factors=M, seed=seed, **options)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    return result.approximation, note
+    return _fit_at(A, "butterfly", {"factors": M}, note, seed, options, scale, sampled_options)
 
 
 def _learned(function):
-    def run(A, budget, *, seed=0, fit_options=None, **options):
+    def run(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **options):
         approx = function(A, budget, seed=seed, fit_options=fit_options, **options)
         return approx, approx.info.get("note", "")
 
@@ -97,12 +128,24 @@ def _baseline(function):
     return run
 
 
-#: name -> callable(A, budget, *, seed, fit_options, **options) -> (Approximation, note)
+def _tsvd(A, budget, *, seed=0, scale=False, **_):
+    """Truncated SVD; at scale by svds on the (sparse) matrix."""
+    if scale:
+        return baselines.truncated_svd(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
+    return baselines.truncated_svd(A, budget, seed=seed), ""
+
+
+def _rsvd(A, budget, *, seed=0, scale=False, **_):
+    """Randomized SVD; at scale torch.svd_lowrank on the sparse tensor."""
+    return baselines.randomized_svd(A, budget, seed=seed, keep_sparse=scale), ""
+
+
+#: name -> callable(A, budget, *, seed, fit_options, scale, sampled_options, **options) -> (Approximation, note)
 METHODS = {
     "chord": _chord,
     "butterfly": _butterfly,
-    "tsvd": _baseline(baselines.truncated_svd),
-    "rsvd": _baseline(baselines.randomized_svd),
+    "tsvd": _tsvd,
+    "rsvd": _rsvd,
     "topk": _baseline(baselines.top_k),
     "monarch": _baseline(baselines.monarch),
     "lowrank+sparse": _baseline(baselines.lowrank_plus_sparse),
@@ -140,7 +183,11 @@ def resolve_budget(n: int, budget: float | int | None = None) -> int:
 
 @dataclass(frozen=True)
 class MethodResult:
-    """One method's outcome at one budget."""
+    """One method's outcome at one budget.
+
+    ``rel_error`` is exact, or with ``rel_error_is_estimate`` the estimate from
+    ``sample_columns`` sampled columns, with its interval ``rel_error_ci``.
+    """
 
     method: str
     budget: int
@@ -150,6 +197,9 @@ class MethodResult:
     status: str  # "ok", "not applicable" or "failed"
     note: str = ""
     approximation: Approximation | None = field(default=None, repr=False, compare=False)
+    rel_error_is_estimate: bool = False
+    rel_error_ci: tuple | None = None
+    sample_columns: int | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -157,6 +207,10 @@ class MethodResult:
             "budget": self.budget,
             "params": self.params,
             "rel_error": self.rel_error,
+            "rel_error_is_estimate": self.rel_error_is_estimate,
+            "rel_error_estimate": self.rel_error if self.rel_error_is_estimate else None,
+            "rel_error_ci": list(self.rel_error_ci) if self.rel_error_ci is not None else None,
+            "sample_columns": self.sample_columns,
             "seconds": self.seconds,
             "status": self.status,
             "note": self.note,
@@ -171,6 +225,8 @@ class Comparison:
     nnz: int
     budgets: list
     results: list
+    scale: bool = False
+    error: dict = field(default_factory=lambda: {"estimate": False})
 
     @property
     def budget(self) -> dict:
@@ -194,13 +250,16 @@ class Comparison:
                 return f"topk is exact: the matrix has {self.nnz} non-zeros, no more than the budget {budget}"
             return f"{best.method} is exact at this budget"
         others = [r for r in self.results if r.status == "ok" and r.budget == budget and r.method != best.method]
+        measured = ""
+        if self.error.get("estimate"):
+            measured = f"estimates on the same {self.error['sample_columns']} sampled columns"
         if not others:
-            return f"{best.method}: relative error {best.rel_error:.4g}"
+            return f"{best.method}: relative error {best.rel_error:.4g}" + (f" ({measured})" if measured else "")
         second = min(others, key=lambda r: r.rel_error)
         ratio = second.rel_error / best.rel_error if best.rel_error > 0 else math.inf
         return (
             f"{best.method} wins: relative error {best.rel_error:.4g} against {second.rel_error:.4g} "
-            f"for {second.method} ({ratio:.2f}x)"
+            f"for {second.method} ({ratio:.2f}x{'; ' + measured if measured else ''})"
         )
 
     def to_dict(self) -> dict:
@@ -212,6 +271,9 @@ class Comparison:
             "results": [r.to_dict() for r in self.results],
             "best": best.method if best else None,
             "verdict": self.verdict(),
+            "at_scale": self.scale,
+            "rel_error_is_estimate": bool(self.error.get("estimate")),
+            "error_sample": {k: v for k, v in self.error.items() if k != "estimate"} if self.error.get("estimate") else None,
         }
         if len(self.budgets) > 1:
             out["sweep"] = [
@@ -231,6 +293,11 @@ def compare(
     keep: bool = False,
     callback=None,
     method_options: dict | None = None,
+    scale: bool | None = None,
+    sampled_options: dict | None = None,
+    exact_error: bool | None = None,
+    error_sample: int = SAMPLED_DEFAULTS["error_sample"],
+    confidence: float = SAMPLED_DEFAULTS["confidence"],
 ) -> Comparison:
     """Run methods at an equal parameter budget and measure their relative errors.
 
@@ -244,8 +311,10 @@ def compare(
     sweep : list of int or float, optional
         Several budgets (overrides ``budget``): an error-versus-parameters curve.
     seed : int, default=0
+        Seeds the methods and the error sample.
     fit_options : dict, optional
-        Options of :func:`sfa_cli.fit.fit` for the fitted methods (max_iter, time_limit, device, ...).
+        Options of :func:`sfa_cli.fit.fit` for the fitted methods (max_iter, time_limit, device, ...);
+        at scale those the sampled fit takes (lr, time_limit, device, dtype, pattern variants).
     keep : bool, default=False
         Keep every approximation in its MethodResult (for saving).
     callback : callable, optional
@@ -253,19 +322,44 @@ def compare(
     method_options : dict, optional
         ``{method: {option: value}}``, options of one method (see METHOD_OPTIONS),
         e.g. ``{"sparse": {"order": "hierarchical", "factors": 3}}``.
+    scale : bool, optional
+        Compare at scale (see the module docstring); None: when A is sparse and n > SCALE_ABOVE.
+    sampled_options : dict, optional
+        ``epochs``, ``batch_columns`` of :func:`sfa_cli.sampled.fit_sampled` at scale.
+    exact_error : bool, optional
+        True: exact errors (streaming over all columns); False: estimates from
+        ``error_sample`` seeded columns, the same columns for every method; None:
+        exact up to n = EXACT_ERROR_UP_TO unless at scale.
+    error_sample : int, default=1024
+        Columns of the error sample (also the sampled fit's).
+    confidence : float, default=0.95
+        Level of the intervals ``rel_error_ci``.
     """
     methods = check_methods(methods)
     method_options = _check_method_options(method_options)
     n = A.shape[0]
     budgets = [resolve_budget(n, b) for b in (sweep if sweep else [budget])]
     nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
+    if scale is None:
+        scale = sp.issparse(A) and n > SCALE_ABOVE
+    if exact_error is None:
+        exact_error = not scale and n <= sampled.EXACT_ERROR_UP_TO
+    fit_options = dict(fit_options or {})
+    sampled_options = dict(sampled_options or {})
+    if scale:
+        sampled_options.setdefault("error_sample", error_sample)
+    measure = {"exact_error": bool(exact_error), "sample": error_sample, "seed": seed, "confidence": confidence}
     results = []
     for b in budgets:
         for name in methods:
             if callback is not None:
                 callback(name, b)
-            results.append(_run_method(A, name, b, seed, fit_options, keep, method_options.get(name)))
-    return Comparison(n=n, nnz=nnz, budgets=budgets, results=results)
+            results.append(_run_method(A, name, b, seed, fit_options, keep, scale, sampled_options, measure,
+                                       method_options.get(name)))
+    error = {"estimate": any(r.rel_error_is_estimate for r in results)}
+    if error["estimate"]:
+        error.update(sample_columns=min(int(error_sample), n), seed=int(seed), confidence=confidence)
+    return Comparison(n=n, nnz=nnz, budgets=budgets, results=results, scale=bool(scale), error=error)
 
 
 def run_method(A, method: str, budget: float | int | None = None, *, seed: int = 0, fit_options: dict | None = None,
@@ -278,7 +372,7 @@ def run_method(A, method: str, budget: float | int | None = None, *, seed: int =
     """
     check_methods([method])
     options = _check_method_options({method: options or {}})[method]
-    return _run_method(A, method, resolve_budget(A.shape[0], budget), seed, fit_options, True, options)
+    return _run_method(A, method, resolve_budget(A.shape[0], budget), seed, fit_options, True, options=options)
 
 
 def _check_method_options(method_options) -> dict:
@@ -292,10 +386,15 @@ def _check_method_options(method_options) -> dict:
     return {name: dict(opts or {}) for name, opts in method_options.items()}
 
 
-def _run_method(A, name, budget, seed, fit_options, keep, options=None) -> MethodResult:
+def _run_method(A, name, budget, seed, fit_options, keep, scale=False, sampled_options=None, measure=None,
+                options=None) -> MethodResult:
     t0 = time.perf_counter()
+    if scale and name in DENSE_ONLY:
+        return MethodResult(name, budget, None, None, 0.0, "not applicable",
+                            f"{DENSE_ONLY[name]}; not run at scale")
     try:
-        approx, note = METHODS[name](A, budget, seed=seed, fit_options=fit_options, **(options or {}))
+        approx, note = METHODS[name](A, budget, seed=seed, fit_options=fit_options, scale=scale,
+                                     sampled_options=sampled_options, **(options or {}))
     except baselines.NotApplicable as exc:
         return MethodResult(name, budget, None, None, time.perf_counter() - t0, "not applicable", str(exc))
     except MemoryError:
@@ -303,6 +402,13 @@ def _run_method(A, name, budget, seed, fit_options, keep, options=None) -> Metho
     seconds = time.perf_counter() - t0
     if approx.params > budget:  # a method that overspends is a bug; never report it as a win
         raise SfaError(f"method {name} used {approx.params} parameters > budget {budget}")
-    error = relative_error(A, approx)
+    if measure is None:  # as compare() measures by default
+        measure = {"exact_error": A.shape[0] <= sampled.EXACT_ERROR_UP_TO, "sample": SAMPLED_DEFAULTS["error_sample"],
+                   "seed": seed, "confidence": SAMPLED_DEFAULTS["confidence"]}
+    error = error_report(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
+                         confidence=measure["confidence"])
     note = note or approx.info.get("note", "")
-    return MethodResult(name, budget, approx.params, error, seconds, "ok", note, approx if keep else None)
+    return MethodResult(name, budget, approx.params, error["rel_error"], seconds, "ok", note, approx if keep else None,
+                        rel_error_is_estimate=error["rel_error_is_estimate"],
+                        rel_error_ci=tuple(error["rel_error_ci"]) if "rel_error_ci" in error else None,
+                        sample_columns=error.get("sample_columns"))

@@ -28,6 +28,7 @@ import torch
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
 from sfa_cli.kernels import chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.patterns import PATTERNS, Pattern
 
 __all__ = ["fit", "FitResult", "FitStep", "OPTIMIZERS", "DENSE_FIT_LIMIT", "make_pattern"]
@@ -74,6 +75,10 @@ class FitResult:
         One entry per evaluation: iteration, evaluations, seconds, rel_error.
     stopped_because : str
         ``max_iter``, ``time_limit``, ``tol``, ``exact``, ``callback`` or ``interrupted``.
+    peak_memory_bytes : int
+        Peak resident memory of this process (host) when the fit ended, in bytes.
+    peak_device_memory_bytes : int or None
+        Peak torch allocation on the CUDA device during the fit (None on the CPU).
     """
 
     approximation: SparseFactors
@@ -87,6 +92,8 @@ class FitResult:
     optimizer: str
     stopped_because: str
     history: list = field(repr=False, default_factory=list)
+    peak_memory_bytes: int = 0
+    peak_device_memory_bytes: int | None = None
 
     @property
     def interrupted(self) -> bool:
@@ -113,6 +120,8 @@ class FitResult:
             "stopped_because": self.stopped_because,
             "interrupted": self.interrupted,
             "pattern": self.approximation.pattern,
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_device_memory_bytes": self.peak_device_memory_bytes,
         }
         if history:
             out["history"] = list(self.history)
@@ -153,16 +162,41 @@ def make_pattern(n: int, pattern: str | Pattern = "chord", **options) -> Pattern
     return PATTERNS[pattern](n, **{k: v for k, v in options.items() if v is not None})
 
 
+def dense_target_bytes(A, device, dtype) -> tuple[int, int]:
+    """(host bytes, device bytes) that :func:`fit` allocates to hold A densely.
+
+    Host: the dense copy of a sparse A in its own dtype, and A converted to the
+    fit's dtype; device (the same memory on the CPU): A in the fit's dtype and
+    its scaled copy A / ||A||_F.
+    """
+    n = A.shape[0]
+    item = torch.finfo(dtype).bits // 8
+    source = np.dtype(getattr(A, "dtype", np.float64)).itemsize
+    host = n * n * source if sp.issparse(A) else 0
+    if source != item:
+        host += n * n * item
+    work = 2 * n * n * item
+    if torch.device(device).type == "cpu":
+        return host + work, 0
+    return host, work
+
+
 def _dense_target(A, device, dtype) -> torch.Tensor:
     n = A.shape[0]
-    if sp.issparse(A):
-        if n > DENSE_FIT_LIMIT:
-            raise SfaError(
-                f"the sparse matrix has n={n}; the full-batch fit densifies it, which sfa allows up to "
-                f"n={DENSE_FIT_LIMIT} ({DENSE_FIT_LIMIT**2 * 4 / 2**30:.2f} GiB in float32)"
-            )
-        A = A.toarray()
-    return torch.as_tensor(np.asarray(A), device=device).to(dtype)
+    if sp.issparse(A) and n > DENSE_FIT_LIMIT:
+        raise SfaError(
+            f"the sparse matrix has n={n}; the full-batch fit densifies it, which sfa allows up to "
+            f"n={DENSE_FIT_LIMIT} ({DENSE_FIT_LIMIT**2 * 4 / 2**30:.2f} GiB in float32)"
+        )
+    host, work = dense_target_bytes(A, device, dtype)
+    name = str(dtype).replace("torch.", "")
+    what = f"densifying the {n} x {n} matrix for the full-batch fit"
+    require_memory(host, what, "use --sampled (fits from column blocks, never forms n x n)", dtype=name)
+    if work:
+        require_memory(work, f"moving the {n} x {n} matrix to {device}", "use --device cpu or --sampled",
+                       device=device, dtype=name)
+    dense = A.toarray() if sp.issparse(A) else np.asarray(A)
+    return torch.as_tensor(dense).to(dtype).to(device)
 
 
 def fit(
@@ -235,6 +269,8 @@ def fit(
     dev, tdtype = resolve_device(device, n), resolve_dtype(dtype)
     pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
     structs, _ = pattern_structures(pat, dev)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
 
     target = _dense_target(A, dev, tdtype)
     scale = float(torch.linalg.norm(target.double()))
@@ -289,6 +325,8 @@ def fit(
         optimizer=optimizer,
         stopped_because=run.stopped_because,
         history=run.history,
+        peak_memory_bytes=peak_rss_bytes(),
+        peak_device_memory_bytes=peak_device_bytes(dev),
     )
 
 

@@ -10,9 +10,11 @@ from rich.text import Text
 
 from sfa_cli.errors import SfaError
 from sfa_cli.io import atomic_output, check_writable
+from sfa_cli.memory import human_bytes
 
 __all__ = [
-    "info_table", "info_tables", "info_notes", "INFO_COLUMNS_MAX", "key_value_table", "fit_table", "compare_table",
+    "info_table", "info_tables", "info_notes", "INFO_COLUMNS_MAX", "key_value_table", "fit_table", "eval_table",
+    "compare_table", "error_text",
     "compare_rows", "write_csv", "write_json", "require_matplotlib", "plot_comparisons", "save_approximations",
 ]
 
@@ -113,23 +115,77 @@ def key_value_table(row: dict, title: str | None = None, keys=None) -> Table:
 
 
 FIT_KEYS = ("path", "output", "method", "n", "factors", "budget", "params", "compression", "rel_error", "tsvd_rank",
-            "tsvd_rel_error", "iterations", "evaluations", "seconds", "device", "dtype", "optimizer", "stopped_because",
-            "note")
+            "tsvd_rel_error", "iterations", "evaluations", "epochs", "seconds", "device", "dtype", "optimizer",
+            "stopped_because", "peak_memory", "peak_device_memory", "note")
+EVAL_KEYS = ("factors", "path", "n", "method", "params", "compression", "rel_error")
+
+
+def error_text(value, ci=None, is_estimate: bool = False, sep: str = " ") -> str:
+    """A relative error for a table: ``0.4205``, or ``0.4205 [0.4191, 0.4218]`` for an estimate with its interval."""
+    if value is None:
+        return "-"
+    if is_estimate and ci is not None:
+        return f"{value:.4g}{sep}[{ci[0]:.4g}, {ci[1]:.4g}]"
+    return f"{value:.4g}"
+
+
+def _error_rows(row: dict) -> dict:
+    """The table rows of ``rel_error``: as it is, or labelled as an estimate with its interval and its sample."""
+    if not row.get("rel_error_is_estimate"):
+        return {"rel_error": row["rel_error"]} if "rel_error" in row else {}
+    rows = {"rel_error (estimate)": error_text(row["rel_error"], row.get("rel_error_ci"), True)}
+    columns = row.get("sample_columns") or row.get("error_sample")
+    if columns:
+        seed = f", seed {row['seed']}" if "seed" in row else ""
+        rows["error sample"] = f"{columns} of {row['n']} columns{seed}, {row.get('confidence', 0.95):.0%} CI"
+    return rows
+
+
+def _with_estimates(row: dict, keys) -> tuple[dict, list]:
+    """(row, keys) with the error rows labelled as estimates where they are, and memory in binary units."""
+    shown, order = {}, []
+    for key in keys:
+        if key == "rel_error":
+            extra = _error_rows(row)
+        elif key == "tsvd_rel_error" and row.get("tsvd_rel_error_ci") and row.get("rel_error_is_estimate"):
+            extra = {"tsvd_rel_error (estimate)": error_text(row["tsvd_rel_error"], row["tsvd_rel_error_ci"], True)}
+        elif key in ("peak_memory", "peak_device_memory"):
+            value = row.get(f"{key}_bytes")
+            extra = {key: human_bytes(value)} if value else {}
+        else:
+            extra = {key: row[key]} if key in row else {}
+        shown.update(extra)
+        order.extend(extra)
+    return shown, order
 
 
 def fit_table(summary: dict) -> Table:
-    """The summary of `sfa fit`."""
-    return key_value_table(summary, title="sfa fit", keys=FIT_KEYS)
+    """The summary of `sfa fit` (an estimated error is labelled as such, with its interval)."""
+    shown, keys = _with_estimates(summary, FIT_KEYS)
+    return key_value_table(shown, title="sfa fit", keys=keys)
+
+
+def eval_table(row: dict) -> Table:
+    """The result of `sfa eval` (an estimated error is labelled as such, with its interval)."""
+    shown, keys = _with_estimates(row, EVAL_KEYS)
+    return key_value_table(shown, title="sfa eval", keys=keys)
 
 
 def compare_table(path: str, comparison) -> Table:
     """One row per (budget, method); the best method at each budget is marked."""
-    table = Table(title=f"{path}  (n={comparison.n}, nnz={comparison.nnz})", title_justify="left")
+    estimate = comparison.error.get("estimate")
+    caption = None
+    if estimate:
+        e = comparison.error
+        caption = (f"rel. error: estimates with {e['confidence']:.0%} intervals from the same {e['sample_columns']} "
+                   f"sampled columns (seed {e['seed']}) for every method")
+    table = Table(title=f"{path}  (n={comparison.n}, nnz={comparison.nnz})", title_justify="left",
+                  caption=caption, caption_justify="left")
     sweep = len(comparison.budgets) > 1
     if sweep:
         table.add_column("budget", justify="right")
     for name, justify in (("method", "left"), ("params", "right"), ("compression", "right"),
-                          ("rel. error", "right"), ("seconds", "right")):
+                          ("rel. error\n(estimate)" if estimate else "rel. error", "right"), ("seconds", "right")):
         table.add_column(name, justify=justify, no_wrap=True)
     table.add_column("note", ratio=1)
     for r in comparison.results:
@@ -139,7 +195,8 @@ def compare_table(path: str, comparison) -> Table:
             r.method + mark,
             _fmt(r.params),
             f"{comparison.n**2 / r.params:.1f}x" if r.params else "-",
-            f"{r.rel_error:.4g}" if r.rel_error is not None else ("n/a" if r.status == "not applicable" else r.status),
+            error_text(r.rel_error, r.rel_error_ci, r.rel_error_is_estimate, sep="\n") if r.rel_error is not None
+            else ("n/a" if r.status == "not applicable" else r.status),
             f"{r.seconds:.2f}",
             r.note,
         ]
@@ -147,12 +204,19 @@ def compare_table(path: str, comparison) -> Table:
     return table
 
 
-CSV_COLUMNS = ("path", "n", "budget", "method", "params", "rel_error", "seconds", "status", "note")
+CSV_COLUMNS = ("path", "n", "budget", "method", "params", "rel_error", "seconds", "status", "note",
+               "rel_error_is_estimate", "rel_error_ci_low", "rel_error_ci_high", "sample_columns")
 
 
 def compare_rows(done) -> list[dict]:
-    """Rows for CSV: one per (matrix, budget, method)."""
-    return [{"path": path, "n": c.n, **r.to_dict()} for path, c in done for r in c.results]
+    """Rows for CSV: one per (matrix, budget, method); an estimate's interval in two columns."""
+    rows = []
+    for path, c in done:
+        for r in c.results:
+            row = {"path": path, "n": c.n, **r.to_dict()}
+            low, high = row.pop("rel_error_ci") or (None, None)
+            rows.append({**row, "rel_error_ci_low": low, "rel_error_ci_high": high})
+    return rows
 
 
 def write_csv(path, rows, columns=CSV_COLUMNS) -> None:

@@ -145,8 +145,6 @@ class SampledFitResult(FitResult):
     batch_columns: int = 0
     lr: float = 0.0
     processes: int = 1
-    peak_memory_bytes: int = 0
-    peak_device_memory_bytes: int | None = None
     exact_rel_error: float | None = None
 
     def to_dict(self, history: bool = False) -> dict:
@@ -165,8 +163,6 @@ class SampledFitResult(FitResult):
                 "batch_columns": self.batch_columns,
                 "lr": self.lr,
                 "processes": self.processes,
-                "peak_memory_bytes": self.peak_memory_bytes,
-                "peak_device_memory_bytes": self.peak_device_memory_bytes,
             }
         )
         return out
