@@ -115,6 +115,22 @@ def factors():
     return SparseFactors([W.multiply(1 + rng.random(W.shape)).tocsr() for W in F.factors], pattern=F.pattern)
 
 
+@pytest.mark.parametrize("circulant", [True, False])
+def test_vector_products_use_diagonals_only_for_circulant_factors(circulant):
+    rng = np.random.default_rng(4)
+    if circulant:
+        F = SparseFactors.from_pattern(chord_pattern(64), seed=1)
+        F = SparseFactors([W.multiply(1 + rng.random(W.shape)).tocsr() for W in F.factors], pattern=F.pattern)
+    else:
+        F = SparseFactors([sp.random(64, 64, density=0.1, random_state=s, format="csr") + sp.eye(64) for s in range(3)])
+    P = F.to_dense()
+    x, y = rng.standard_normal(64), rng.standard_normal((64, 1))
+    assert np.allclose(F.matmul(x), P @ x) and np.allclose(F.rmatmul(x), P.T @ x)
+    assert np.allclose(F.matmul(y), P @ y) and np.allclose(F.rmatmul(y), P.T @ y)
+    kinds = {type(W).__name__ for t in (False, True) for W in F._vector_factors(t)}
+    assert kinds == ({"dia_matrix"} if circulant else {"csr_matrix"})
+
+
 def test_matmul_agrees_with_to_dense_and_scipy(factors):
     D = factors.to_dense()
     P = reduce(lambda a, b: a @ b, factors.to_scipy()).toarray()
