@@ -21,6 +21,7 @@ from sfa_cli.baselines import tsvd_at_rank
 from sfa_cli.compare import METHODS, chord_at_budget, compare, resolve_budget, run_method
 from sfa_cli.errors import SfaError
 from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
+from sfa_cli.memory import peak_rss_bytes
 from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
 from sfa_cli.factors import SparseFactors
 from sfa_cli.info import matrix_info
@@ -474,6 +475,7 @@ def _fit_method_command(A, matrix, output, report, method, budget, order, no_bas
         summary["pattern"] = approx.pattern
     if result.note:
         summary["note"] = result.note
+    summary["peak_memory_bytes"] = peak_rss_bytes()
     if not no_baseline and method != "tsvd":
         rank = max(1, approx.params // (2 * n))
         summary["tsvd_rank"] = rank

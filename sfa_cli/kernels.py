@@ -276,6 +276,21 @@ def _csr(crow, col, values, size):
     return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
+_masks: dict = {}
+
+
+def _ones_mask(s: FactorStructure, like: torch.Tensor) -> torch.Tensor:
+    """W's pattern with unit values (the sampled product's mask), built once per structure and dtype."""
+    key = (id(s.crow), like.dtype, like.device)
+    hit = _masks.get(key)
+    if hit is None or hit[0] is not s.crow:
+        if len(_masks) > 256:  # structures come and go (one set per fit); keep the cache small
+            _masks.clear()
+        hit = (s.crow, _csr(s.crow, s.col, like.new_ones(s.nnz), (s.n, s.n)))
+        _masks[key] = hit
+    return hit[1]
+
+
 def _block_diag(crow: torch.Tensor, col: torch.Tensor, n: int, batch: int):
     """CSR structure of a block-diagonal matrix with `batch` copies of (crow, col)."""
     nnz = col.numel()
@@ -332,8 +347,7 @@ def _sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor, batched: bool
             batch, _, b = G.shape
             G = G.transpose(0, 1).reshape(n, batch * b)
             X = X.transpose(0, 1).reshape(n, batch * b)
-        mask = _csr(s.crow, s.col, G.new_ones(s.nnz), (n, n))
-        return torch.sparse.sampled_addmm(mask, G.contiguous(), X.T, beta=0.0).values()
+        return torch.sparse.sampled_addmm(_ones_mask(s, G), G.contiguous(), X.T, beta=0.0).values()
     if s.offsets is not None:
         out = _circulant_sampled(s, G, X)
     else:

@@ -193,7 +193,8 @@ def test_fit_method_sparse_writes_a_file_that_eval_apply_reconstruct_read(run_cl
     out, report = tmp_path / "S.npz", tmp_path / "fit.json"
     summary = _fit_json(run_cli, path, "-o", out, "--method", "sparse", "--budget", "0.1", "--report", report)
     assert {"path", "output", "method", "n", "factors", "budget", "params", "compression", "rel_error", "seconds",
-            "dtype", "pattern", "note", "tsvd_rank", "tsvd_rel_error"} <= summary.keys()
+            "dtype", "pattern", "note", "tsvd_rank", "tsvd_rel_error", "peak_memory_bytes"} <= summary.keys()
+    assert summary["peak_memory_bytes"] > 2**20
     assert summary["method"] == "sparse" and summary["n"] == 40 and summary["budget"] == 160
     assert summary["params"] <= 160 and summary["factors"] == 2 and summary["pattern"]["name"] == "learned"
     assert summary["pattern"]["order"] == "joint"
