@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["FactorStructure", "SparseMatmul", "sparse_matmul", "chain_matmul", "resolve_device", "resolve_dtype"]
+__all__ = ["FactorStructure", "SparseMatmul", "ChainMatmul", "sparse_matmul", "chain_matmul", "resolve_device", "resolve_dtype"]
 
 # torch warns once per process that CSR support is "beta"; it is what we rely on.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -404,6 +404,55 @@ def sparse_matmul(struct: FactorStructure, values: torch.Tensor, X: torch.Tensor
     return SparseMatmul.apply(values, X, struct, transpose)
 
 
+# Up to this n, chain_matmul is one autograd node (ChainMatmul); above, one node per factor. The
+# single node saves the per-node overhead (an N = 64 evaluation: 0.4 ms against 0.6 ms) but keeps
+# every intermediate block until its backward ends, where per-factor nodes free each as soon as it
+# is used: from n = 512 that cost more than it saved (n = 512: 12.5 ms against 10.4 ms; n = 4096:
+# 0.81 s against 0.67 s, one thread).
+FUSED_CHAIN_MAX_N = 256
+
+
+class ChainMatmul(torch.autograd.Function):
+    """W(1) ... W(M) X (or the transposed chain) as one autograd node.
+
+    The same products as M :class:`SparseMatmul` nodes, with the backward pass as one
+    loop: at small n a fit spends much of an evaluation in per-node autograd overhead.
+    """
+
+    @staticmethod
+    def forward(ctx, X, structs, transpose: bool, *values):
+        order = list(range(len(structs))) if transpose else list(reversed(range(len(structs))))
+        inputs = []
+        for m in order:
+            inputs.append(X)
+            X = _apply(structs[m], values[m], X, transpose)
+        ctx.structs, ctx.transpose, ctx.order = structs, transpose, order
+        ctx.save_for_backward(*values, *inputs)
+        return X
+
+    @staticmethod
+    def backward(ctx, G):
+        M, transpose = len(ctx.structs), ctx.transpose
+        saved = ctx.saved_tensors
+        values, inputs = saved[:M], saved[M:]
+        grads = [None] * M
+        G = G.contiguous()
+        for step in reversed(range(M)):
+            m, X = ctx.order[step], inputs[step]
+            s = ctx.structs[m]
+            if ctx.needs_input_grad[3 + m]:
+                # d<G, W X>/dW = G X^T; d<G, W^T X>/dW = X G^T, both on W's pattern
+                a, b = (X, G) if transpose else (G, X)
+                grads[m] = _sampled(s, a, b, batched=values[m].dim() == 2)
+            if step == 0 and not ctx.needs_input_grad[0]:
+                G = None
+                break
+            G = _apply(s, values[m], G, not transpose)
+            if G.dim() > X.dim():
+                G = G.sum(0)
+        return (G, None, None, *grads)
+
+
 def chain_matmul(structs, values, X: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
     """W(1) W(2) ... W(M) X, or its transpose W(M)^T ... W(1)^T X.
 
@@ -411,6 +460,8 @@ def chain_matmul(structs, values, X: torch.Tensor, *, transpose: bool = False) -
     values : sequence of M tensors of shape (nnz_m,) or (batch, nnz_m).
     X : tensor of shape (n, b) or (batch, n, b).
     """
+    if structs and structs[0].n <= FUSED_CHAIN_MAX_N:
+        return ChainMatmul.apply(X, tuple(structs), transpose, *values)
     order = range(len(structs)) if transpose else reversed(range(len(structs)))
     for m in order:
         X = sparse_matmul(structs[m], values[m], X, transpose=transpose)

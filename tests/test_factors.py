@@ -20,7 +20,11 @@ def _dense_factor(struct, values, n):
 
 @pytest.mark.parametrize("pattern", [chord_pattern(13), chord_pattern(16, symmetric=True, permute=3), butterfly_pattern(16)])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_kernel_matches_dense_products_and_gradients(pattern, transpose):
+@pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
+def test_kernel_matches_dense_products_and_gradients(pattern, transpose, fused_up_to, monkeypatch):
+    from sfa_cli import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_CHAIN_MAX_N", fused_up_to)
     n = pattern.n
     torch.manual_seed(0)
     structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
@@ -96,6 +100,23 @@ def test_compiled_path_falls_back_to_csr_when_compiling_fails(compiled_path, mon
         Y = sparse_matmul(s, v, X)
     assert kernels._compile["enabled"] is False
     assert torch.allclose(Y, _dense_factor(s, v, 16) @ X, atol=1e-12)
+
+
+@pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
+def test_chain_gradient_matches_finite_differences_batched_and_shared(monkeypatch, fused_up_to):
+    from sfa_cli import kernels
+
+    monkeypatch.setattr(kernels, "FUSED_CHAIN_MAX_N", fused_up_to)
+    structs = [FactorStructure.from_table(t)[0] for t in chord_pattern(10).tables[:3]]
+    shared = [torch.randn(s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
+    batched = [torch.randn(2, s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
+    X = torch.randn(2, 10, 3, dtype=torch.float64, requires_grad=True)
+    for transpose in (False, True):
+        assert torch.autograd.gradcheck(lambda X, *v: chain_matmul(structs, v, X, transpose=transpose), (X, *shared))
+        assert torch.autograd.gradcheck(lambda X, *v: chain_matmul(structs, v, X, transpose=transpose), (X, *batched))
+    # values only (the fit's case: the input block needs no gradient)
+    E = torch.eye(10, dtype=torch.float64)[:, :4]
+    assert torch.autograd.gradcheck(lambda *v: chain_matmul(structs, v, E), tuple(shared))
 
 
 def test_bfloat16_gather_fallback_matches_float32():
