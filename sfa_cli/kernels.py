@@ -381,18 +381,23 @@ class SparseMatmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, G):
         values, X = ctx.saved_tensors
-        s, transpose = ctx.struct, ctx.transpose
-        G = G.contiguous()
-        grad_values = grad_X = None
-        if ctx.needs_input_grad[0]:
-            # d<G, W X>/dW = G X^T; d<G, W^T X>/dW = X G^T, both on W's pattern
-            a, b = (X, G) if transpose else (G, X)
-            grad_values = _sampled(s, a, b, batched=values.dim() == 2)
-        if ctx.needs_input_grad[1]:
-            grad_X = _apply(s, values, G, not transpose)
-            if grad_X.dim() > X.dim():
-                grad_X = grad_X.sum(0)
+        grad_values, grad_X = _backward_step(ctx.struct, values, X, G.contiguous(), ctx.transpose,
+                                             ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         return grad_values, grad_X, None, None
+
+
+def _backward_step(s: FactorStructure, values, X, G, transpose: bool, want_values: bool, want_X: bool):
+    """Gradients of <G, W X> (or <G, W^T X>) in W's values and in X; None where not wanted."""
+    grad_values = grad_X = None
+    if want_values:
+        # d<G, W X>/dW = G X^T; d<G, W^T X>/dW = X G^T, both on W's pattern
+        a, b = (X, G) if transpose else (G, X)
+        grad_values = _sampled(s, a, b, batched=values.dim() == 2)
+    if want_X:
+        grad_X = _apply(s, values, G, not transpose)
+        if grad_X.dim() > X.dim():
+            grad_X = grad_X.sum(0)
+    return grad_values, grad_X
 
 
 def sparse_matmul(struct: FactorStructure, values: torch.Tensor, X: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:
@@ -438,18 +443,9 @@ class ChainMatmul(torch.autograd.Function):
         grads = [None] * M
         G = G.contiguous()
         for step in reversed(range(M)):
-            m, X = ctx.order[step], inputs[step]
-            s = ctx.structs[m]
-            if ctx.needs_input_grad[3 + m]:
-                # d<G, W X>/dW = G X^T; d<G, W^T X>/dW = X G^T, both on W's pattern
-                a, b = (X, G) if transpose else (G, X)
-                grads[m] = _sampled(s, a, b, batched=values[m].dim() == 2)
-            if step == 0 and not ctx.needs_input_grad[0]:
-                G = None
-                break
-            G = _apply(s, values[m], G, not transpose)
-            if G.dim() > X.dim():
-                G = G.sum(0)
+            m = ctx.order[step]
+            grads[m], G = _backward_step(ctx.structs[m], values[m], inputs[step], G, transpose,
+                                         ctx.needs_input_grad[3 + m], step > 0 or ctx.needs_input_grad[0])
         return (G, None, None, *grads)
 
 
