@@ -15,24 +15,25 @@ import scipy.sparse as sp
 from rich.console import Console
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
+from sfa_cli import kernels
 from sfa_cli._version import __version__
 from sfa_cli.approximation import DENSE_LIMIT, load_approximation
 from sfa_cli.baselines import tsvd_at_rank
 from sfa_cli.compare import METHODS, chord_at_budget, compare, resolve_budget, run_method
 from sfa_cli.errors import SfaError
-from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
-from sfa_cli.memory import peak_rss_bytes
-from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
 from sfa_cli.factors import SparseFactors
+from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
 from sfa_cli.info import matrix_info
-from sfa_cli.learned import ORDERS
 from sfa_cli.io import atomic_output, check_writable, load_array, load_matrix, save_matrix
+from sfa_cli.learned import ORDERS
+from sfa_cli.memory import peak_rss_bytes
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import PATTERNS
 from sfa_cli.report import (
     compare_rows, compare_table, eval_table, fit_table, info_notes, info_tables, plot_comparisons,
     require_matplotlib, save_approximations, write_csv, write_json,
 )
+from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
 
 # stdout for results, stderr for progress, logs and errors.
 out = Console(highlight=False, soft_wrap=True)
@@ -241,9 +242,12 @@ class _FitProgress:
 
     def __enter__(self):
         self.progress.__enter__()
+        # the first evaluation of a size may compile kernels for seconds: say so on the progress line
+        kernels._compile["notify"] = lambda message: self.progress.update(self.task, description=f"{self.label}: {message}")
         return self
 
     def __exit__(self, *exc):
+        kernels._compile["notify"] = None
         return self.progress.__exit__(*exc)
 
     def __call__(self, step) -> bool:

@@ -224,7 +224,8 @@ def _circulant_sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor) -> 
 COMPILE_MIN_N = 1024
 COMPILE_MAX_KEYS = 6
 _compiled: dict = {}
-_compile = {"enabled": os.environ.get("SFA_COMPILE", "1") != "0", "devices": {"cpu"}}
+_compile = {"enabled": os.environ.get("SFA_COMPILE", "1") != "0", "devices": {"cpu"},
+            "notify": None}  # notify(message) before a new shape compiles (the CLI shows it)
 
 
 def _make_circulant_kernels(offsets: tuple):
@@ -258,6 +259,8 @@ def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
         if len(_compiled) >= COMPILE_MAX_KEYS:
             return None
         _compiled[key] = _make_circulant_kernels(s.offsets)
+        if _compile["notify"] is not None:
+            _compile["notify"](f"compiling kernels (n={s.n}, {X.shape[1]} columns; once per size)")
     return _compiled[key]
 
 

@@ -86,6 +86,19 @@ def test_compiled_circulant_kernels_match_csr(compiled_path, transpose):
         assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_a_new_compiled_shape_is_announced_once(compiled_path, monkeypatch):
+    kernels = compiled_path
+    heard = []
+    monkeypatch.setitem(kernels._compile, "notify", heard.append)
+    monkeypatch.setattr(kernels, "_make_circulant_kernels", lambda offsets: (None, None, None))
+    s = FactorStructure.from_table(chord_pattern(16).tables[0])[0]
+    X = torch.zeros(16, 3, dtype=torch.float64)
+    for _ in range(2):
+        kernels._compiled_kernels(s, X)
+    kernels._compiled_kernels(s, torch.zeros(16, 5, dtype=torch.float64))
+    assert len(heard) == 2 and "n=16, 3 columns" in heard[0] and "5 columns" in heard[1]
+
+
 def test_compiled_path_falls_back_to_csr_when_compiling_fails(compiled_path, monkeypatch):
     kernels = compiled_path
 
