@@ -273,7 +273,10 @@ class Comparison:
             "verdict": self.verdict(),
             "at_scale": self.scale,
             "rel_error_is_estimate": bool(self.error.get("estimate")),
-            "error_sample": {k: v for k, v in self.error.items() if k != "estimate"} if self.error.get("estimate") else None,
+            # as in `sfa fit --sampled`: the sample's column count (None: exact errors), its seed and level
+            "error_sample": self.error.get("sample_columns"),
+            "confidence": self.error.get("confidence"),
+            "seed": self.error.get("seed"),
         }
         if len(self.budgets) > 1:
             out["sweep"] = [
@@ -356,9 +359,9 @@ def compare(
                 callback(name, b)
             results.append(_run_method(A, name, b, seed, fit_options, keep, scale, sampled_options, measure,
                                        method_options.get(name)))
-    error = {"estimate": any(r.rel_error_is_estimate for r in results)}
+    error = {"estimate": any(r.rel_error_is_estimate for r in results), "seed": int(seed)}
     if error["estimate"]:
-        error.update(sample_columns=min(int(error_sample), n), seed=int(seed), confidence=confidence)
+        error.update(sample_columns=min(int(error_sample), n), confidence=confidence)
     return Comparison(n=n, nnz=nnz, budgets=budgets, results=results, scale=bool(scale), error=error)
 
 
