@@ -40,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures  # noqa: E402
 from sfa_cli import kernels  # noqa: E402
-from sfa_cli.fit import (block_columns, blockwise_loss_and_grad, column_blocks, fit, target_blocks,  # noqa: E402
-                         unit_columns)
+from sfa_cli.fit import block_columns, blockwise_loss_and_grad, column_blocks, fit, unit_columns  # noqa: E402
 from sfa_cli.kernels import resolve_device  # noqa: E402
 from sfa_cli.patterns import chord_pattern  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian  # noqa: E402
@@ -88,12 +87,11 @@ def bench_evaluation(sizes, repeats, device, reference_max):
         # exactly what `sfa fit` evaluates: the objective over column blocks (fit.py)
         blocks = column_blocks(n, block_columns(n))
         units = [unit_columns(n, cols, target) for cols in blocks] if n <= 4096 else None
-        parts = target_blocks(target, blocks)
 
         def sfa_eval():
             for v in values:
                 v.grad = None
-            blockwise_loss_and_grad(structs, values, parts, blocks, units)
+            blockwise_loss_and_grad(structs, values, target, blocks, units)
 
         t0 = time.perf_counter()
         sfa_eval()  # the first call includes compiling the kernels where sfa compiles them

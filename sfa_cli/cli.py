@@ -396,9 +396,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
     summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "rel_error": rel_error,
                "fit_rel_error": result.rel_error}
     if not no_baseline:
-        rank = max(1, approx.params // (2 * approx.n))
-        summary["tsvd_rank"] = rank
-        summary["tsvd_rel_error"] = relative_error(A, tsvd_at_rank(A, rank))
+        summary.update(_tsvd_baseline(A, approx.params))
     summary.update(extra)
     _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
 
@@ -444,12 +442,9 @@ def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_jso
                              **_pattern_options(kw), **options)
     approx = result.approximation
     summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "seed": kw["seed"]}
-    if not no_baseline and rank == 0:
-        tsvd_rank = max(1, approx.params // (2 * approx.n))
-        tsvd = error_report(A, tsvd_at_rank(A, tsvd_rank), exact_error=exact_error,
-                            sample=result.error_sample, seed=kw["seed"])  # the same columns as the fit's
-        summary.update(tsvd_rank=tsvd_rank, tsvd_rel_error=tsvd["rel_error"],
-                       tsvd_rel_error_ci=tsvd.get("rel_error_ci"))
+    if not no_baseline and rank == 0:  # measured on the same columns as the fit's estimate
+        summary.update(_tsvd_baseline(A, approx.params, exact_error=exact_error, sample=result.error_sample,
+                                      seed=kw["seed"]))
     summary.update(extra)
     if rank == 0:
         _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
@@ -481,10 +476,20 @@ def _fit_method_command(A, matrix, output, report, method, budget, order, no_bas
         summary["note"] = result.note
     summary["peak_memory_bytes"] = peak_rss_bytes()
     if not no_baseline and method != "tsvd":
-        rank = max(1, approx.params // (2 * n))
-        summary["tsvd_rank"] = rank
-        summary["tsvd_rel_error"] = relative_error(A, tsvd_at_rank(A, rank))
+        summary.update(_tsvd_baseline(A, approx.params))
     _write_fit_outputs(approx, None, summary, matrix, output, report, as_json)
+
+
+def _tsvd_baseline(A, params: int, **estimate) -> dict:
+    """The equal-budget truncated SVD (rank params / 2N) the fit summaries report.
+
+    Exact, or with ``estimate`` (error_report's exact_error, sample, seed) measured as the sampled fit is.
+    """
+    rank = max(1, params // (2 * A.shape[0]))
+    if not estimate:
+        return {"tsvd_rank": rank, "tsvd_rel_error": relative_error(A, tsvd_at_rank(A, rank))}
+    tsvd = error_report(A, tsvd_at_rank(A, rank), **estimate)
+    return {"tsvd_rank": rank, "tsvd_rel_error": tsvd["rel_error"], "tsvd_rel_error_ci": tsvd.get("rel_error_ci")}
 
 
 EVAL_EXAMPLE = """

@@ -351,7 +351,7 @@ def compare(
     sampled_options = dict(sampled_options or {})
     if scale:
         sampled_options.setdefault("error_sample", error_sample)
-    measure = {"exact_error": bool(exact_error), "sample": error_sample, "seed": seed, "confidence": confidence}
+    measure = _measure(seed, exact_error, error_sample, confidence)
     results = []
     for b in budgets:
         for name in methods:
@@ -363,6 +363,11 @@ def compare(
     if error["estimate"]:
         error.update(sample_columns=min(int(error_sample), n), confidence=confidence)
     return Comparison(n=n, nnz=nnz, budgets=budgets, results=results, scale=bool(scale), error=error)
+
+
+def _measure(seed, exact_error, sample=SAMPLED_DEFAULTS["error_sample"], confidence=SAMPLED_DEFAULTS["confidence"]):
+    """How _run_method measures errors: error_report's options."""
+    return {"exact_error": bool(exact_error), "sample": sample, "seed": seed, "confidence": confidence}
 
 
 def run_method(A, method: str, budget: float | int | None = None, *, seed: int = 0, fit_options: dict | None = None,
@@ -406,8 +411,7 @@ def _run_method(A, name, budget, seed, fit_options, keep, scale=False, sampled_o
     if approx.params > budget:  # a method that overspends is a bug; never report it as a win
         raise SfaError(f"method {name} used {approx.params} parameters > budget {budget}")
     if measure is None:  # as compare() measures by default
-        measure = {"exact_error": A.shape[0] <= sampled.EXACT_ERROR_UP_TO, "sample": SAMPLED_DEFAULTS["error_sample"],
-                   "seed": seed, "confidence": SAMPLED_DEFAULTS["confidence"]}
+        measure = _measure(seed, A.shape[0] <= sampled.EXACT_ERROR_UP_TO)
     error = error_report(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
                          confidence=measure["confidence"])
     note = note or approx.info.get("note", "")

@@ -82,6 +82,7 @@ class SparseFactors(Approximation):
         self.factors = [W.astype(dtype, copy=False) for W in mats]
         self.pattern = dict(pattern or {"name": method})
         self._torch_cache: dict = {}
+        self._vector_cache: dict = {}
 
     @classmethod
     def from_pattern(cls, pattern: Pattern, values=None, *, seed: int = 0, dtype=np.float64, info=None) -> "SparseFactors":
@@ -144,16 +145,15 @@ class SparseFactors(Approximation):
         n = 4096 (9.6 us against 28.7 us a factor); for blocks of columns CSR was as fast.
         Factors whose diagonals would store much more than their non-zeros stay CSR.
         """
-        key = ("vector", transpose)
-        if key not in self._torch_cache:
+        if transpose not in self._vector_cache:
             mats = [W.T.tocsr() if transpose else W for W in self.factors]
             out = []
             for W in mats if transpose else reversed(mats):
                 rows = np.repeat(np.arange(self.n), np.diff(W.indptr))
                 diagonals = np.unique(W.indices - rows).size  # DIA stores n values per diagonal
                 out.append(W.todia() if diagonals * self.n <= 2.5 * max(W.nnz, 1) else W)
-            self._torch_cache[key] = out
-        return self._torch_cache[key]
+            self._vector_cache[transpose] = out
+        return self._vector_cache[transpose]
 
     def _matmul(self, X):
         return self._apply(X, transpose=False)

@@ -276,12 +276,10 @@ def fit(
     scale = float(torch.linalg.norm(target.double()))
     if scale == 0.0:
         raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    target = target / scale  # never in place: target may share A's memory
     blocks = column_blocks(n, block_columns(n))
-    # the target held as contiguous column blocks (the same memory as one n x n copy): a strided
-    # column slice made the residual 3x slower than the contiguous block
-    target = target_blocks(target, blocks, scale)  # never in place: target may share A's memory
     # E_J blocks are reused by every evaluation when they are small (n^2 entries in all).
-    unit_blocks = [unit_columns(n, cols, target[0]) for cols in blocks] if n <= 4096 else None
+    unit_blocks = [unit_columns(n, cols, target) for cols in blocks] if n <= 4096 else None
 
     if init is not None:
         if init.n != n or init.num_factors != pat.factors:
@@ -349,21 +347,15 @@ def unit_columns(n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
     return E
 
 
-def target_blocks(target: torch.Tensor, blocks, scale: float = 1.0) -> list[torch.Tensor]:
-    """The column blocks of target / scale as new contiguous tensors (for :func:`blockwise_loss_and_grad`)."""
-    return [target[:, cols] / scale for cols in blocks]
-
-
-def blockwise_loss_and_grad(structs, params, target, blocks, unit_blocks=None) -> float:
+def blockwise_loss_and_grad(structs, params, target: torch.Tensor, blocks, unit_blocks=None) -> float:
     """0.5 ||target - W(1)...W(M)||_F^2, accumulating its gradient into params' .grad.
 
     The sum over column blocks J of 0.5 ||target[:, J] - W(1)...W(M) E_J||^2: each
     block's chain lives in cache and only M blocks of n x b are kept for backward.
-    ``target`` is the n x n tensor or its blocks from :func:`target_blocks` (faster).
     """
     total = 0.0
     for i, cols in enumerate(blocks):
-        T = target[i] if isinstance(target, list) else target[:, cols]
+        T = target[:, cols]
         E = unit_blocks[i] if unit_blocks is not None else unit_columns(T.shape[0], cols, T)
         loss = 0.5 * torch.nn.functional.mse_loss(chain_matmul(structs, params, E), T, reduction="sum")
         loss.backward()

@@ -227,7 +227,7 @@ def _circulant_sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor) -> 
 COMPILE_MIN_N = 1024
 COMPILE_MAX_KEYS = 6
 _compiled: dict = {}
-_compile = {"enabled": os.environ.get("SFA_COMPILE", "1") != "0", "devices": {"cpu"},
+_compile = {"enabled": os.environ.get("SFA_COMPILE", "1") != "0",
             "notify": None}  # notify(message) before a new shape compiles (the CLI shows it)
 
 
@@ -253,7 +253,7 @@ def _make_circulant_kernels(offsets: tuple):
 def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
     """The compiled (forward, transposed, sampled) kernels for this structure and block, or None."""
     if not (_compile["enabled"] and s.offsets is not None and s.n >= COMPILE_MIN_N and X.dim() == 2
-            and X.device.type in _compile["devices"] and X.dtype in _CSR_DTYPES):
+            and X.device.type == "cpu" and X.dtype in _CSR_DTYPES):
         return None
     key = (s.offsets, s.n, X.shape[1], X.dtype)
     if key not in _compiled:

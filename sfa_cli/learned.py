@@ -564,7 +564,7 @@ def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, dead
     return info, chain, loss, start_rel, done
 
 
-def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, t0, deadline, options, callback):
+def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, deadline, options, callback):
     """FAuST's hierarchical order: T ~ S(1) R(1), R(1) ~ S(2) R(2), ..., with a global refit after each split.
 
     Split l is a two-factor learned fit of R(l-1) (R(0) = D) under the budget
@@ -822,7 +822,7 @@ def learned_sparse(
         level = {"splits": splits, "rounds": rounds, "hysteresis": hysteresis, "tol": tol, "refit": refit,
                  "sweeps": sweeps}
         info, chain, loss, start_rel, done = _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter,
-                                                        t0, deadline, options, callback)
+                                                        deadline, options, callback)
         if polish_iter > 0 and time.perf_counter() < deadline:
             chain, loss = _refine(chain, objective, polish_iter, deadline)
     elif exact:  # the start holds A itself; nothing to fit
