@@ -27,7 +27,7 @@ import torch
 
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.kernels import chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.kernels import chain_backward, chain_forward, column_entries, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.patterns import PATTERNS, Pattern
 
@@ -277,9 +277,7 @@ def fit(
     if scale == 0.0:
         raise SfaError("the matrix is all zeros; there is nothing to approximate")
     target = target / scale  # never in place: target may share A's memory
-    blocks = column_blocks(n, block_columns(n))
-    # E_J blocks are reused by every evaluation when they are small (n^2 entries in all).
-    unit_blocks = [unit_columns(n, cols, target) for cols in blocks] if n <= 4096 else None
+    loss_and_grad = BlockObjective(structs, target)
 
     if init is not None:
         if init.n != n or init.num_factors != pat.factors:
@@ -289,13 +287,19 @@ def fit(
         start = [v / scale ** (1.0 / pat.factors) for v in start]
     else:
         start = [v.to(dev) for v in initial_values(structs, seed=seed, dtype=tdtype)]
-    params = [v.clone().requires_grad_(True) for v in start]
+    # One leaf holds every factor's values: the optimiser's per-tensor loops (several per evaluation)
+    # then run once, and the objective reads and writes views of it.
+    sizes = [v.numel() for v in start]
+    flat = torch.cat([v.reshape(-1) for v in start]).requires_grad_(True)
+    flat.grad = torch.zeros_like(flat)
+    values, grads = list(flat.detach().split(sizes)), list(flat.grad.split(sizes))
+    params = [flat]
 
     run = _Run(params, callback, time_limit, max_iter, tol, window)
 
     def objective():
-        run.optimizer.zero_grad(set_to_none=False)
-        loss = blockwise_loss_and_grad(structs, params, target, blocks, unit_blocks)
+        run.optimizer.zero_grad(set_to_none=False)  # zeroes flat.grad in place: the views stay valid
+        loss = loss_and_grad(values, grads)
         run.record(loss)
         return loss
 
@@ -310,9 +314,9 @@ def fit(
     run.optimizer = make_optimizer()
     run.stopped_because = _optimise(run, objective, make_optimizer)
 
-    values = [(v.detach().double() * scale ** (1.0 / pat.factors)).cpu().numpy() for v in run.best]
+    best = [(v.double() * scale ** (1.0 / pat.factors)).cpu().numpy() for v in run.best[0].split(sizes)]
     np_dtype = np.float32 if tdtype == torch.float32 else np.float64
-    approx = SparseFactors.from_pattern(pat, [v.astype(np_dtype) for v in values])
+    approx = SparseFactors.from_pattern(pat, [v.astype(np_dtype) for v in best])
     return FitResult(
         approximation=approx,
         rel_error=run.best_rel,
@@ -339,28 +343,60 @@ def column_blocks(n: int, b: int) -> list[slice]:
     return [slice(j, min(j + b, n)) for j in range(0, n, b)]
 
 
-def unit_columns(n: int, cols: slice, like: torch.Tensor) -> torch.Tensor:
-    """E_J: the columns J of the identity, shape (n, |J|)."""
-    width = cols.stop - cols.start
-    E = like.new_zeros((n, width))
-    E[torch.arange(cols.start, cols.stop, device=like.device), torch.arange(width, device=like.device)] = 1
-    return E
+class BlockObjective:
+    """0.5 ||target - W(1)...W(M)||_F^2 over column blocks, and its gradient in the factor values.
 
-
-def blockwise_loss_and_grad(structs, params, target: torch.Tensor, blocks, unit_blocks=None) -> float:
-    """0.5 ||target - W(1)...W(M)||_F^2, accumulating its gradient into params' .grad.
-
-    The sum over column blocks J of 0.5 ||target[:, J] - W(1)...W(M) E_J||^2: each
-    block's chain lives in cache and only M blocks of n x b are kept for backward.
+    For each block J of columns: W(M)'s columns J scattered (as in kernels.factor_columns), the
+    other M - 1 products (kernels.chain_forward), the residual R, whose loss gradient is R itself,
+    and the backward pass by hand (kernels.chain_backward). These are the products autograd would
+    run, without its graph and into M + 2 blocks of n x b that live as long as the objective: fresh
+    blocks at every evaluation cost page faults (glibc hands large freed blocks back to the system),
+    which took up to a third of an evaluation at n = 1024 (docs/performance.md).
     """
-    total = 0.0
-    for i, cols in enumerate(blocks):
-        T = target[:, cols]
-        E = unit_blocks[i] if unit_blocks is not None else unit_columns(T.shape[0], cols, T)
-        loss = 0.5 * torch.nn.functional.mse_loss(chain_matmul(structs, params, E), T, reduction="sum")
-        loss.backward()
-        total += float(loss.detach())
-    return total
+
+    def __init__(self, structs, target: torch.Tensor, blocks=None):
+        n = target.shape[0]
+        self.structs, self.target = list(structs), target
+        self.blocks = column_blocks(n, block_columns(n)) if blocks is None else blocks
+        self._work: dict[int, list[torch.Tensor]] = {}
+
+    def _blocks_of(self, width: int) -> list[torch.Tensor]:
+        work = self._work.get(width)
+        if work is None:
+            work = [self.target.new_empty((self.target.shape[0], width)) for _ in range(len(self.structs) + 2)]
+            self._work[width] = work
+        return work
+
+    def __call__(self, values, grads=None) -> float:
+        """The loss at ``values`` (one tensor per factor); adds its gradient into ``grads`` (tensors
+        shaped like ``values``) or, without them, into the values' ``.grad``."""
+        structs, M = self.structs, len(self.structs)
+        out, block_sums = grads, [None] * M
+        total = 0.0
+        with torch.no_grad():
+            for cols in self.blocks:
+                work = self._blocks_of(cols.stop - cols.start)
+                # work: [0] W(M)'s columns, [1..M-1] the products, [M] R, [M-1] and [M+1] the backward pass
+                sel, pos = column_entries(structs[-1], cols)
+                X = work[0].zero_()
+                X.view(-1)[pos] = values[-1].index_select(0, sel)
+                order, inputs, Y = chain_forward(structs[:-1], values[:-1], X, outs=work[1:M])
+                R = torch.sub(Y, self.target[:, cols], out=work[M])
+                # row norms (one pass, no n x b temporary), squared and summed in float64: as accurate
+                # as a cascade sum over the block
+                total += 0.5 * float(torch.linalg.vector_norm(R, dim=1).double().square().sum())
+                block_grads, G = chain_backward(structs[:-1], values[:-1], order, inputs, R, False, [True] * (M - 1),
+                                                True, outs=(work[M - 1], work[M + 1]))
+                block_grads.append(values[-1].new_zeros(values[-1].shape).index_add_(0, sel, G.view(-1)[pos]))
+                block_sums = [g if acc is None else acc.add_(g) for acc, g in zip(block_sums, block_grads)]
+        for i, (v, g) in enumerate(zip(values, block_sums)):
+            if out is not None:
+                out[i].add_(g)
+            elif v.grad is None:
+                v.grad = g
+            else:
+                v.grad.add_(g)
+        return total
 
 
 class _Run:

@@ -181,11 +181,11 @@ class FactorStructure:
 
 
 # -- circulant path --------------------------------------------------------------------
-def _circulant_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+def _circulant_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool, out=None) -> torch.Tensor:
     n = s.n
     V = values.index_select(-1, s.ell).unflatten(-1, (n, len(s.offsets)))
     shape = torch.broadcast_shapes(V.shape[:-2], X.shape[:-2]) + (n, X.shape[-1])
-    Y = X.new_empty(shape, dtype=torch.promote_types(X.dtype, V.dtype))
+    Y = X.new_empty(shape, dtype=torch.promote_types(X.dtype, V.dtype)) if out is None else out
     for j, o in enumerate(s.offsets):
         v = V[..., j].unsqueeze(-1)
         # transpose: Y[i + o] += V[i, j] X[i];  else: Y[i] += V[i, j] X[i + o]
@@ -232,17 +232,18 @@ _compile = {"enabled": os.environ.get("SFA_COMPILE", "1") != "0",
 
 
 def _make_circulant_kernels(offsets: tuple):
-    def forward(V, X):
+    # forward and transposed write into `out` (inductor stores straight into it: no temporary)
+    def forward(V, X, out):
         Y = V[:, 0:1] * torch.roll(X, -offsets[0], 0)
         for k in range(1, len(offsets)):
             Y = Y + V[:, k : k + 1] * torch.roll(X, -offsets[k], 0)
-        return Y
+        out.copy_(Y)
 
-    def transposed(V, G):
+    def transposed(V, G, out):
         Z = torch.roll(V[:, 0:1] * G, offsets[0], 0)
         for k in range(1, len(offsets)):
             Z = Z + torch.roll(V[:, k : k + 1] * G, offsets[k], 0)
-        return Z
+        out.copy_(Z)
 
     def sampled(G, X):
         return torch.stack([(G * torch.roll(X, -o, 0)).sum(1) for o in offsets], 1)
@@ -268,13 +269,14 @@ def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
 
 
 def _run_compiled(kernel, *args):
-    """Call a compiled kernel; on a compiler failure turn the path off for good (None)."""
+    """Call a compiled kernel; on a compiler failure turn the path off for good (False)."""
     try:
-        return kernel(*args)
+        out = kernel(*args)
+        return True if out is None else out
     except Exception as exc:  # torch raises several types (BackendCompilerFailed, InvalidCxxCompiler, ...)
         _compile["enabled"] = False
         warnings.warn(f"sfa: torch.compile failed ({type(exc).__name__}); using the CSR kernels instead", stacklevel=3)
-        return None
+        return False
 
 
 # -- CSR path -----------------------------------------------------------------------
@@ -306,13 +308,13 @@ def _block_diag(crow: torch.Tensor, col: torch.Tensor, n: int, batch: int):
     return crow_b, col_b
 
 
-def _spmm(W: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
-    """W @ X into a fresh tensor: addmm with beta=0 and out= skips the zero-fill and copies of ``W @ X``."""
-    out = X.new_empty((W.shape[0], X.shape[1]))
+def _spmm(W: torch.Tensor, X: torch.Tensor, out=None) -> torch.Tensor:
+    """W @ X into ``out`` or a fresh tensor: addmm with beta=0 and out= skips the zero-fill and copies of ``W @ X``."""
+    out = X.new_empty((W.shape[0], X.shape[1])) if out is None else out
     return torch.addmm(out, W, X, beta=0.0, out=out)
 
 
-def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool, out=None) -> torch.Tensor:
     n = s.n
     if transpose:
         crow, col, values = s.crow_t, s.col_t, values.index_select(-1, s.perm_t)
@@ -331,7 +333,7 @@ def _csr_apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transp
         batch, _, b = X.shape
         Y = _spmm(_csr(crow, col, values, (n, n)), X.transpose(0, 1).reshape(n, batch * b))
         return Y.reshape(n, batch, b).transpose(0, 1)
-    return _spmm(_csr(crow, col, values, (n, n)), X.contiguous())
+    return _spmm(_csr(crow, col, values, (n, n)), X.contiguous(), out)
 
 
 def _sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor, batched: bool) -> torch.Tensor:
@@ -340,7 +342,7 @@ def _sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor, batched: bool
     kernels = _compiled_kernels(s, G) if G.dim() == 2 and X.dim() == 2 else None
     if kernels is not None:
         out = _run_compiled(kernels[2], G.contiguous(), X.contiguous())
-        if out is not None:
+        if out is not False:
             return out.reshape(-1).index_select(0, s.ell_inv)
     if G.dtype in _CSR_DTYPES:
         if G.dim() == 3 and batched:
@@ -361,18 +363,19 @@ def _sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor, batched: bool
     return out if batched or out.dim() == 1 else out.sum(0)
 
 
-def _apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool) -> torch.Tensor:
+def _apply(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool, out=None) -> torch.Tensor:
+    """W X (or W^T X); into ``out`` when given (2-D X and 1-D values only), else a fresh tensor."""
     # CSR products were as fast or faster for float32/64 in column blocks (scripts/bench_fit.py);
     # the shifted slices serve the other dtypes (bfloat16) without index arrays.
     if s.offsets is not None and X.dtype not in _CSR_DTYPES:
-        return _circulant_apply(s, values, X, transpose)
+        return _circulant_apply(s, values, X, transpose, out)
     kernels = _compiled_kernels(s, X) if values.dim() == 1 else None
     if kernels is not None:
         V = values.index_select(0, s.ell).view(s.n, len(s.offsets))
-        Y = _run_compiled(kernels[1] if transpose else kernels[0], V, X.contiguous())
-        if Y is not None:
+        Y = X.new_empty(X.shape) if out is None else out
+        if _run_compiled(kernels[1] if transpose else kernels[0], V, X.contiguous(), Y):
             return Y
-    return _csr_apply(s, values, X, transpose)
+    return _csr_apply(s, values, X, transpose, out)
 
 
 class SparseMatmul(torch.autograd.Function):
@@ -392,15 +395,15 @@ class SparseMatmul(torch.autograd.Function):
         return grad_values, grad_X, None, None
 
 
-def _backward_step(s: FactorStructure, values, X, G, transpose: bool, want_values: bool, want_X: bool):
-    """Gradients of <G, W X> (or <G, W^T X>) in W's values and in X; None where not wanted."""
+def _backward_step(s: FactorStructure, values, X, G, transpose: bool, want_values: bool, want_X: bool, out=None):
+    """Gradients of <G, W X> (or <G, W^T X>) in W's values and in X (into ``out`` if given); None where not wanted."""
     grad_values = grad_X = None
     if want_values:
         # d<G, W X>/dW = G X^T; d<G, W^T X>/dW = X G^T, both on W's pattern
         a, b = (X, G) if transpose else (G, X)
         grad_values = _sampled(s, a, b, batched=values.dim() == 2)
     if want_X:
-        grad_X = _apply(s, values, G, not transpose)
+        grad_X = _apply(s, values, G, not transpose, out)
         if grad_X.dim() > X.dim():
             grad_X = grad_X.sum(0)
     return grad_values, grad_X
@@ -432,27 +435,81 @@ class ChainMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, X, structs, transpose: bool, *values):
-        order = list(range(len(structs))) if transpose else list(reversed(range(len(structs))))
-        inputs = []
-        for m in order:
-            inputs.append(X)
-            X = _apply(structs[m], values[m], X, transpose)
+        order, inputs, Y = chain_forward(structs, values, X, transpose)
         ctx.structs, ctx.transpose, ctx.order = structs, transpose, order
         ctx.save_for_backward(*values, *inputs)
-        return X
+        return Y
 
     @staticmethod
     def backward(ctx, G):
-        M, transpose = len(ctx.structs), ctx.transpose
+        M = len(ctx.structs)
         saved = ctx.saved_tensors
-        values, inputs = saved[:M], saved[M:]
-        grads = [None] * M
-        G = G.contiguous()
-        for step in reversed(range(M)):
-            m = ctx.order[step]
-            grads[m], G = _backward_step(ctx.structs[m], values[m], inputs[step], G, transpose,
-                                         ctx.needs_input_grad[3 + m], step > 0 or ctx.needs_input_grad[0])
+        grads, G = chain_backward(ctx.structs, saved[:M], ctx.order, saved[M:], G.contiguous(), ctx.transpose,
+                                  ctx.needs_input_grad[3:], ctx.needs_input_grad[0])
         return (G, None, None, *grads)
+
+
+def chain_forward(structs, values, X: torch.Tensor, transpose: bool = False, outs=None):
+    """The chain's products with the blocks kept for its backward pass.
+
+    Returns ``(order, inputs, Y)``: factor ``order[step]`` was applied at ``step`` to ``inputs[step]``.
+    ``outs``: one preallocated block per step to write the products into (2-D X, 1-D values).
+    """
+    order = list(range(len(structs))) if transpose else list(reversed(range(len(structs))))
+    inputs = []
+    for step, m in enumerate(order):
+        inputs.append(X)
+        X = _apply(structs[m], values[m], X, transpose, None if outs is None else outs[step])
+    return order, inputs, X
+
+
+def chain_backward(structs, values, order, inputs, G: torch.Tensor, transpose: bool, want_values, want_input: bool,
+                   outs=None):
+    """Back-propagate G (the gradient in the chain's output) through :func:`chain_forward`'s products.
+
+    Returns the gradients in every factor's values (None where ``want_values[m]`` is false) and in
+    the chain's input (None unless ``want_input``). ``outs``: two preallocated blocks, used in turn.
+    """
+    grads = [None] * len(structs)
+    for i, step in enumerate(reversed(range(len(order)))):
+        m = order[step]
+        grads[m], G = _backward_step(structs[m], values[m], inputs[step], G, transpose, want_values[m],
+                                     step > 0 or want_input, None if outs is None else outs[i % 2])
+    return grads, G
+
+
+_column_entries_cache: dict = {}
+
+
+def column_entries(s: FactorStructure, cols: slice):
+    """W's entries in columns ``cols``: their CSR positions and their flat positions in W[:, cols]."""
+    key = (id(s.col), cols.start, cols.stop)
+    hit = _column_entries_cache.get(key)
+    if hit is None or hit[0] is not s.col:
+        if len(_column_entries_cache) > 1024:  # structures come and go (one set per fit)
+            _column_entries_cache.clear()
+        lo, hi = int(s.crow_t[cols.start]), int(s.crow_t[cols.stop])
+        sel = s.perm_t[lo:hi]  # perm_t lists the entries by column: these columns are one run
+        pos = s.rows.index_select(0, sel) * (cols.stop - cols.start) + s.col.index_select(0, sel) - cols.start
+        hit = (s.col, sel, pos)
+        _column_entries_cache[key] = hit
+    return hit[1], hit[2]
+
+
+def factor_columns(s: FactorStructure, values: torch.Tensor, cols: slice) -> torch.Tensor:
+    """W[:, cols] as a dense (n, |cols|) block, differentiable in ``values`` (shape (nnz,)).
+
+    A scatter of the block's nnz * |cols| / n entries: the same result as ``W @ E_cols`` with E the
+    identity's columns, without the product (or its sampled gradient) over n x |cols|.
+    """
+    sel, pos = column_entries(s, cols)
+    width = cols.stop - cols.start
+    return values.new_zeros(s.n * width).index_put((pos,), values.index_select(0, sel)).view(s.n, width)
+
+
+def chain_columns(structs, values, cols: slice) -> torch.Tensor:
+    """Columns ``cols`` of W(1) ... W(M): the last factor's columns, then the other M - 1 products."""
+    return chain_matmul(structs[:-1], values[:-1], factor_columns(structs[-1], values[-1], cols))
 
 
 def chain_matmul(structs, values, X: torch.Tensor, *, transpose: bool = False) -> torch.Tensor:

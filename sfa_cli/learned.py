@@ -60,9 +60,8 @@ from sfa_cli import baselines
 from sfa_cli.baselines import NotApplicable, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import (DENSE_FIT_LIMIT, block_columns, blockwise_loss_and_grad, column_blocks, default_max_iter, fit,
-                         unit_columns)
-from sfa_cli.kernels import FactorStructure, chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.fit import DENSE_FIT_LIMIT, BlockObjective, block_columns, column_blocks, default_max_iter, fit
+from sfa_cli.kernels import FactorStructure, chain_columns, chain_matmul, factor_columns, resolve_device, resolve_dtype
 from sfa_cli.metrics import column_block, frobenius_norm
 
 __all__ = ["learned_sparse", "chord_plus_sparse", "INITS", "PROJECTIONS", "ORDERS", "LEARNED_DEFAULTS"]
@@ -151,13 +150,11 @@ class _Chain:
     def dense(self, lo: int = 0, hi: int | None = None) -> torch.Tensor:
         """The dense n x n product S(lo+1) ... S(hi): the last factor scattered, the others applied (n * nnz work)."""
         hi = self.factors if hi is None else hi
-        like = self.values[0]
-        out = torch.zeros((self.n, self.n), dtype=like.dtype, device=like.device)
         if hi <= lo:
-            return out.fill_diagonal_(1.0)
-        s = self.structs[hi - 1]
-        out[s.rows, s.col] = self.values[hi - 1].detach()
-        return self.product(out, lo=lo, hi=hi - 1)
+            like = self.values[0]
+            return torch.eye(self.n, dtype=like.dtype, device=like.device)
+        return self.product(factor_columns(self.structs[hi - 1], self.values[hi - 1].detach(), slice(0, self.n)),
+                            lo=lo, hi=hi - 1)
 
     def csr(self, m: int, *, transpose: bool = False) -> torch.Tensor:
         """Factor m (or its transpose) as a torch sparse CSR tensor."""
@@ -183,14 +180,12 @@ class _Objective:
         self.T = T
         self.T_t = T.T.contiguous()
         self.blocks = column_blocks(n, block_columns(n))
-        self.unit_blocks = [unit_columns(n, cols, T) for cols in self.blocks] if n <= 4096 else None
 
     def loss(self, chain: _Chain) -> float:
         with torch.no_grad():
             total = 0.0
-            for i, cols in enumerate(self.blocks):
-                E = self.unit_blocks[i] if self.unit_blocks is not None else unit_columns(self.T.shape[0], cols, self.T)
-                D = chain.product(E) - self.T[:, cols]
+            for cols in self.blocks:
+                D = chain_columns(chain.structs, chain.values, cols) - self.T[:, cols]
                 total += 0.5 * float((D * D).sum())
         return total
 
@@ -210,12 +205,13 @@ def _refine(chain: _Chain, objective: _Objective, iters: int, deadline: float) -
     best = {"loss": math.inf, "values": [v.detach().clone() for v in chain.values]}
     if iters <= 0:
         return chain, objective.loss(chain)
+    loss_and_grad = BlockObjective(chain.structs, objective.T, objective.blocks)
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=2 * iters, history_size=20,
                             tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad(set_to_none=False)
-        loss = blockwise_loss_and_grad(chain.structs, params, objective.T, objective.blocks, objective.unit_blocks)
+        loss = loss_and_grad(params)
         if not math.sqrt(max(2 * loss, 0.0)) < _RUNAWAY:  # also NaN
             raise _StopRefit
         if loss < best["loss"]:

@@ -115,6 +115,66 @@ def test_compiled_path_falls_back_to_csr_when_compiling_fails(compiled_path, mon
     assert torch.allclose(Y, _dense_factor(s, v, 16) @ X, atol=1e-12)
 
 
+def _dense_loss_and_grads(structs, values, T):
+    """0.5 ||T - W(1)...W(M)||^2 and its gradient, by autograd through dense factors."""
+    vs = [v.detach().clone().requires_grad_(True) for v in values]
+    P = reduce(torch.matmul, [_dense_factor(s, v, T.shape[0]) for s, v in zip(structs, vs)])
+    loss = 0.5 * ((T - P) ** 2).sum()
+    return float(loss), torch.autograd.grad(loss, vs)
+
+
+def _check_block_objective(pattern, blocks, gen):
+    from sfa_cli.fit import BlockObjective
+
+    n = pattern.n
+    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
+    T = torch.randn(n, n, dtype=torch.float64, generator=gen)
+    objective = BlockObjective(structs, T, blocks)
+    for _ in range(2):  # the second call reuses the blocks of the first with other values
+        values = [torch.randn(s.nnz, dtype=torch.float64, generator=gen) for s in structs]
+        want_loss, want_grads = _dense_loss_and_grads(structs, values, T)
+        grads = [torch.full_like(v, 1.5) for v in values]  # added to, not overwritten
+        assert objective(values, grads) == pytest.approx(want_loss, rel=1e-12)
+        for g, w in zip(grads, want_grads):
+            assert torch.allclose(g - 1.5, w, rtol=1e-10, atol=1e-10)
+        leaves = [v.clone().requires_grad_(True) for v in values]  # without grads=: into .grad
+        objective(leaves)
+        for v, w in zip(leaves, want_grads):
+            assert torch.allclose(v.grad, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("pattern", [chord_pattern(13), chord_pattern(16, symmetric=True, permute=3),
+                                     butterfly_pattern(16), chord_pattern(12, factors=1)],
+                         ids=["chord", "chord-permuted", "butterfly", "one-factor"])
+def test_block_objective_matches_autograd_through_dense_factors(pattern):
+    n = pattern.n
+    blocks = [slice(0, 5), slice(5, 10), slice(10, n)]  # uneven widths: two sets of work blocks
+    _check_block_objective(pattern, blocks, torch.Generator().manual_seed(3))
+
+
+def test_block_objective_on_the_compiled_kernels(compiled_path):
+    kernels = compiled_path
+    _check_block_objective(chord_pattern(40), [slice(0, 16), slice(16, 32), slice(32, 40)],
+                           torch.Generator().manual_seed(4))
+    if not kernels._compile["enabled"]:
+        pytest.skip("torch.compile is not usable here (no C++ compiler?); the CSR fallback ran")
+    assert kernels._compiled, "the compiled path was not taken"
+
+
+def test_factor_columns_is_the_dense_factors_columns_and_differentiable():
+    from sfa_cli.kernels import chain_columns, factor_columns
+
+    pattern = chord_pattern(16, symmetric=True, permute=5)
+    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
+    values = [torch.randn(s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
+    cols = slice(3, 11)
+    dense = _dense_factor(structs[0], values[0], 16)
+    assert torch.equal(factor_columns(structs[0], values[0], cols), dense[:, cols])
+    P = reduce(torch.matmul, [_dense_factor(s, v, 16) for s, v in zip(structs, values)])
+    assert torch.allclose(chain_columns(structs, values, cols), P[:, cols], atol=1e-12)
+    assert torch.autograd.gradcheck(lambda *v: chain_columns(structs, v, cols), tuple(values))
+
+
 @pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
 def test_chain_gradient_matches_finite_differences_batched_and_shared(monkeypatch, fused_up_to):
     from sfa_cli import kernels
