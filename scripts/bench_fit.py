@@ -117,11 +117,8 @@ def bench_evaluation(sizes, repeats, device, reference_max):
         if row["compiled"]:  # the same evaluation on the CSR kernels alone, for the ratio
 
             def csr_eval():
-                kernels._compile["enabled"] = False
-                try:
+                with kernels.csr_only():
                     sfa_eval()
-                finally:
-                    kernels._compile["enabled"] = True
 
             sfa_t, csr_t = interleaved_times([sfa_eval, csr_eval], repeats, [3, 3], sync)
             row["sfa_csr_s"] = float(np.median(csr_t))

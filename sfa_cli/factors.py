@@ -29,7 +29,7 @@ import torch
 
 from sfa_cli.approximation import Approximation, info_fields
 from sfa_cli.errors import SfaError
-from sfa_cli.kernels import FactorStructure
+from sfa_cli.kernels import FactorStructure, chain_matmul, csr_only
 from sfa_cli.patterns import Pattern
 
 __all__ = ["SparseFactors", "pattern_structures"]
@@ -127,10 +127,20 @@ class SparseFactors(Approximation):
         return self._torch_cache[key]
 
     def _apply(self, X: np.ndarray, transpose: bool) -> np.ndarray:
-        # numpy in, numpy out: scipy's compiled sparse products; for a vector they were 3.7x
-        # faster than torch's CSR kernel at n = 4096 (scripts/bench_fit.py, section d).
+        # numpy in, numpy out. A vector goes through scipy's compiled sparse products (3.7x faster
+        # than torch's CSR kernel at n = 4096); a block of columns through torch's CSR kernel,
+        # which uses every core (64 columns at n = 4096: 3.7 ms against scipy's 6.8 ms with two
+        # threads, 5.9 against 6.8 ms with one; scripts/bench_fit.py, section d), on the plain CSR
+        # path: compiling the circulant kernels takes seconds, which one product does not win back.
         # Torch tensors (any device, with gradients) go through `torch_chain` + kernels.chain_matmul.
         vector = X.ndim == 1 or X.shape[1] == 1
+        dtype = np.result_type(X.dtype, self.dtype)
+        if not vector and dtype in (np.float32, np.float64):
+            structs, values = self.torch_chain(dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+            with torch.no_grad(), csr_only():
+                Y = chain_matmul(structs, values, torch.from_numpy(np.ascontiguousarray(X, dtype=dtype)),
+                                 transpose=transpose)
+            return Y.numpy()
         Y = X
         for W in self._vector_factors(transpose) if vector else (
                 [W.T for W in self.factors] if transpose else list(reversed(self.factors))):

@@ -29,9 +29,15 @@ offsets as constants; falls back to CSR if compiling fails). A leading batch
 dimension (one set of values per sample, as in the attention layer) is
 supported by every path. :func:`chain_matmul` is one autograd node
 (:class:`ChainMatmul`) up to n = FUSED_CHAIN_MAX_N and one node per factor above.
+
+:func:`chain_forward` and :func:`chain_backward` are the chain's products and its
+backward pass as plain loops, optionally into preallocated blocks: ChainMatmul is
+built on them, and so is the fit's objective (``fit.BlockObjective``), which runs
+them without autograd and keeps its blocks between evaluations.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 from dataclasses import dataclass
@@ -39,7 +45,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-__all__ = ["FactorStructure", "SparseMatmul", "ChainMatmul", "sparse_matmul", "chain_matmul", "resolve_device", "resolve_dtype"]
+__all__ = ["FactorStructure", "SparseMatmul", "ChainMatmul", "sparse_matmul", "chain_matmul", "chain_forward",
+           "chain_backward", "chain_columns", "factor_columns", "column_entries", "csr_only", "resolve_device",
+           "resolve_dtype"]
 
 # torch warns once per process that CSR support is "beta"; it is what we rely on.
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -266,6 +274,17 @@ def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
         if _compile["notify"] is not None:
             _compile["notify"](f"compiling kernels (n={s.n}, {X.shape[1]} columns; once per size)")
     return _compiled[key]
+
+
+@contextlib.contextmanager
+def csr_only():
+    """Within this context the products use the CSR kernels alone (nothing is compiled)."""
+    saved = _compile["enabled"]
+    _compile["enabled"] = False
+    try:
+        yield
+    finally:
+        _compile["enabled"] = saved
 
 
 def _run_compiled(kernel, *args):
