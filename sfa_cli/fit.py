@@ -27,7 +27,7 @@ import torch
 
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.kernels import chain_backward, chain_forward, column_entries, resolve_device, resolve_dtype
+from sfa_cli.kernels import chain_backward, chain_forward, column_entries, factor_columns, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.patterns import PATTERNS, Pattern
 
@@ -378,9 +378,7 @@ class BlockObjective:
             for cols in self.blocks:
                 work = self._blocks_of(cols.stop - cols.start)
                 # work: [0] W(M)'s columns, [1..M-1] the products, [M] R, [M-1] and [M+1] the backward pass
-                sel, pos = column_entries(structs[-1], cols)
-                X = work[0].zero_()
-                X.view(-1)[pos] = values[-1].index_select(0, sel)
+                X = factor_columns(structs[-1], values[-1], cols, out=work[0])
                 order, inputs, Y = chain_forward(structs[:-1], values[:-1], X, outs=work[1:M])
                 R = torch.sub(Y, self.target[:, cols], out=work[M])
                 # row norms (one pass, no n x b temporary), squared and summed in float64: as accurate
@@ -388,6 +386,7 @@ class BlockObjective:
                 total += 0.5 * float(torch.linalg.vector_norm(R, dim=1).double().square().sum())
                 block_grads, G = chain_backward(structs[:-1], values[:-1], order, inputs, R, False, [True] * (M - 1),
                                                 True, outs=(work[M - 1], work[M + 1]))
+                sel, pos = column_entries(structs[-1], cols)  # W(M)'s gradient: G at its entries
                 block_grads.append(values[-1].new_zeros(values[-1].shape).index_add_(0, sel, G.view(-1)[pos]))
                 block_sums = [g if acc is None else acc.add_(g) for acc, g in zip(block_sums, block_grads)]
         for i, (v, g) in enumerate(zip(values, block_sums)):

@@ -515,14 +515,18 @@ def column_entries(s: FactorStructure, cols: slice):
     return hit[1], hit[2]
 
 
-def factor_columns(s: FactorStructure, values: torch.Tensor, cols: slice) -> torch.Tensor:
+def factor_columns(s: FactorStructure, values: torch.Tensor, cols: slice, out=None) -> torch.Tensor:
     """W[:, cols] as a dense (n, |cols|) block, differentiable in ``values`` (shape (nnz,)).
 
     A scatter of the block's nnz * |cols| / n entries: the same result as ``W @ E_cols`` with E the
-    identity's columns, without the product (or its sampled gradient) over n x |cols|.
+    identity's columns, without the product (or its sampled gradient) over n x |cols|. With ``out``
+    (a contiguous (n, |cols|) block) it is written there instead, outside autograd.
     """
     sel, pos = column_entries(s, cols)
     width = cols.stop - cols.start
+    if out is not None:
+        out.zero_().view(-1)[pos] = values.detach().index_select(0, sel)
+        return out
     return values.new_zeros(s.n * width).index_put((pos,), values.index_select(0, sel)).view(s.n, width)
 
 
