@@ -372,7 +372,7 @@ class BlockObjective:
         """The loss at ``values`` (one tensor per factor); adds its gradient into ``grads`` (tensors
         shaped like ``values``) or, without them, into the values' ``.grad``."""
         structs, M = self.structs, len(self.structs)
-        out, block_sums = grads, [None] * M
+        block_sums = [None] * M
         total = 0.0
         with torch.no_grad():
             for cols in self.blocks:
@@ -390,8 +390,8 @@ class BlockObjective:
                 block_grads.append(values[-1].new_zeros(values[-1].shape).index_add_(0, sel, G.view(-1)[pos]))
                 block_sums = [g if acc is None else acc.add_(g) for acc, g in zip(block_sums, block_grads)]
         for i, (v, g) in enumerate(zip(values, block_sums)):
-            if out is not None:
-                out[i].add_(g)
+            if grads is not None:
+                grads[i].add_(g)
             elif v.grad is None:
                 v.grad = g
             else:
