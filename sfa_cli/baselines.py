@@ -38,8 +38,9 @@ import torch
 
 from sfa_cli import approximation as _approximation
 from sfa_cli.approximation import Approximation, info_fields
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import column_block, frobenius_norm
+from sfa_cli.patterns import tsvd_rank_at_budget
 
 __all__ = [
     "NotApplicable",
@@ -66,10 +67,6 @@ ALTERNATION_EXACT_LIMIT = 1024
 OVERSAMPLING = 10
 #: Entries per dense block when streaming over columns (32 MiB of float64).
 _BLOCK_ENTRIES = 1 << 22
-
-
-class NotApplicable(SfaError):
-    """A method cannot run at this n or budget; the message says why in one line."""
 
 
 # -- approximation classes ---------------------------------------------------------
@@ -574,7 +571,7 @@ def lowrank_plus_sparse(
         raise SfaError(f"alternations must be a positive integer; got {alternations!r}")
     plans, ranks = [], set()
     for f in sorted({0.0, 1.0, *splits}):
-        r = min(int(f * budget) // (2 * n), n)
+        r = tsvd_rank_at_budget(n, int(f * budget))
         if r not in ranks:
             ranks.add(r)
             plans.append((f, r, budget - 2 * n * r))
@@ -638,10 +635,10 @@ def _check_budget(budget) -> int:
 
 
 def _rank_for(n: int, budget: int) -> int:
-    r = budget // (2 * n)
+    r = tsvd_rank_at_budget(n, budget)
     if r < 1:
         raise NotApplicable(f"a rank-1 approximation needs 2n = {2 * n} parameters > budget {budget}")
-    return min(r, n)
+    return r
 
 
 def _work_dtype(A) -> np.dtype:

@@ -29,9 +29,9 @@ import scipy.sparse as sp
 
 from sfa_cli import baselines, learned, sampled
 from sfa_cli.approximation import Approximation
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.fit import DENSE_FIT_LIMIT, fit
-from sfa_cli.patterns import _ceil_log, chord_budget, chord_offsets
+from sfa_cli.patterns import butterfly_at_budget, chord_at_budget, chord_budget, resolve_budget
 from sfa_cli.sampled import SAMPLED_DEFAULTS, error_report, fit_sampled
 
 __all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHODS", "METHOD_OPTIONS", "MethodResult",
@@ -49,31 +49,6 @@ DENSE_ONLY = {
 }
 #: Options of the full-batch fit that the sampled fit does not take (it uses Adam with its own schedule).
 _FULL_FIT_ONLY = ("optimizer", "max_iter", "tol")
-
-
-def chord_at_budget(n: int, budget: int, *, symmetric: bool = False, self_link: bool = True) -> tuple[dict, str]:
-    """Chord pattern options that fit in ``budget`` parameters, and a note saying which.
-
-    The paper's pattern (base 2, ceil(log2 n) factors) when it fits; otherwise
-    the smallest base whose full-reach pattern fits; otherwise fewer base-2 factors.
-    """
-
-    def row_nnz(base):
-        return len(chord_offsets(n, base, symmetric=symmetric, self_link=self_link))
-
-    full = _ceil_log(n, 2) * n * row_nnz(2)
-    if full <= budget:
-        return {"base": 2, "factors": _ceil_log(n, 2)}, ""
-    for base in range(3, n + 1):
-        M = _ceil_log(n, base)
-        if M * n * row_nnz(base) <= budget:
-            return {"base": base, "factors": M}, f"base {base}, {M} factors: the base-2 pattern needs {full} > budget"
-        if M == 1:
-            break
-    M = budget // (n * row_nnz(2))
-    if M < 1:
-        raise baselines.NotApplicable(f"one Chord factor needs {n * row_nnz(2)} parameters > budget {budget}")
-    return {"base": 2, "factors": M}, f"{M} of {_ceil_log(n, 2)} factors: the full pattern needs {full} > budget"
 
 
 def _fit_at(A, pattern, options, note, seed, fit_options, scale, sampled_options):
@@ -99,16 +74,9 @@ def _chord(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=
 
 
 def _butterfly(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **_):
-    n = A.shape[0]
-    if n & (n - 1):
-        raise baselines.NotApplicable(f"butterfly needs n to be a power of two; n={n}")
-    L = n.bit_length() - 1
-    M = min(L, budget // (2 * n))
-    if M < 1:
-        raise baselines.NotApplicable(f"one butterfly factor needs {2 * n} parameters > budget {budget}")
-    note = "" if M == L else f"{M} of {L} factors: the full butterfly needs {2 * n * L} > budget"
+    sizes, note = butterfly_at_budget(A.shape[0], budget)
     options = {k: v for k, v in (fit_options or {}).items() if k not in ("base", "symmetric", "self_link", "permute")}
-    return _fit_at(A, "butterfly", {"factors": M}, note, seed, options, scale, sampled_options)
+    return _fit_at(A, "butterfly", sizes, note, seed, options, scale, sampled_options)
 
 
 def _learned(function):
@@ -165,20 +133,6 @@ def check_methods(methods) -> list[str]:
         if m not in METHODS:
             raise SfaError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     return methods
-
-
-def resolve_budget(n: int, budget: float | int | None = None) -> int:
-    """Parameters allowed: the Chord budget by default; a value < 1 is a fraction of n^2."""
-    if budget is None:
-        return chord_budget(n)["params"]
-    budget = float(budget)
-    if budget <= 0:
-        raise SfaError(f"the budget must be positive; got {budget:g}")
-    if budget < 1:
-        return max(1, int(math.floor(budget * n * n)))
-    if budget != int(budget):
-        raise SfaError(f"a budget >= 1 is a parameter count and must be an integer; got {budget:g}")
-    return int(budget)
 
 
 @dataclass(frozen=True)
@@ -403,7 +357,7 @@ def _run_method(A, name, budget, seed, fit_options, keep, scale=False, sampled_o
     try:
         approx, note = METHODS[name](A, budget, seed=seed, fit_options=fit_options, scale=scale,
                                      sampled_options=sampled_options, **(options or {}))
-    except baselines.NotApplicable as exc:
+    except NotApplicable as exc:
         return MethodResult(name, budget, None, None, time.perf_counter() - t0, "not applicable", str(exc))
     except MemoryError:
         return MethodResult(name, budget, None, None, time.perf_counter() - t0, "failed", "out of memory")

@@ -14,7 +14,7 @@ import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
 from sfa_cli.io import as_square_matrix
-from sfa_cli.patterns import chord_budget, tsvd_rank_for
+from sfa_cli.patterns import chord_budget, tsvd_rank_at_budget
 
 __all__ = ["matrix_info", "is_symmetric", "EXACT_RANK_MAX_N"]
 
@@ -53,7 +53,7 @@ def matrix_info(A, path: str | None = None) -> dict:
     n = A.shape[0]
     nnz = int(A.count_nonzero()) if sp.issparse(A) else int(np.count_nonzero(A))
     budget = chord_budget(n)
-    budget["tsvd_rank"] = tsvd_rank_for(n, budget["factors"])
+    budget["tsvd_rank"] = max(1, tsvd_rank_at_budget(n, budget["params"]))
     fro = float(np.linalg.norm(A.data if sp.issparse(A) else A))
     s, estimated = _singular_values(A, budget["tsvd_rank"])
     return {

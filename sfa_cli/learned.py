@@ -59,6 +59,7 @@ import torch
 from sfa_cli import baselines
 from sfa_cli.baselines import NotApplicable, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
+from sfa_cli.patterns import chord_at_budget
 from sfa_cli.factors import SparseFactors
 from sfa_cli.fit import DENSE_FIT_LIMIT, BlockObjective, block_columns, column_blocks, default_max_iter, fit
 from sfa_cli.kernels import FactorStructure, chain_columns, chain_matmul, factor_columns, resolve_device, resolve_dtype
@@ -509,7 +510,6 @@ def _lowrank_sparse_start(D: np.ndarray, left: np.ndarray, right: np.ndarray, bu
 
 def _chord_start(A, budget: int, seed: int, options: dict):
     """A Chord fit at the budget, as supports and values (scale of A included)."""
-    from sfa_cli.compare import chord_at_budget
 
     pattern_options, _ = chord_at_budget(A.shape[0], budget)
     result = fit(A, pattern="chord", seed=seed, **pattern_options, **options)
@@ -893,7 +893,7 @@ def chord_plus_sparse(
     """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
 
     For each split f the Chord pattern is sized to f * budget
-    (:func:`sfa_cli.compare.chord_at_budget`) and fitted to A; the rest of the
+    (:func:`sfa_cli.patterns.chord_at_budget`) and fitted to A; the rest of the
     budget keeps the largest entries S of A - C; then, ``alternations - 1``
     times, the Chord factors are refitted to A - S (warm start) and S is taken
     again. The split f = 0 (the budget's largest entries alone, :func:`top_k`) is
@@ -924,7 +924,6 @@ def chord_plus_sparse(
         :class:`SparseMatrix`, method ``chord+sparse``; info records ``split``,
         ``chord_params``, ``nnz`` and ``rel_error``.
     """
-    from sfa_cli.compare import chord_at_budget
 
     A = baselines._as_matrix(A)
     n, budget = A.shape[0], baselines._check_budget(budget)

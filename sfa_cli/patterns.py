@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import NotApplicable, SfaError
 
 __all__ = [
     "Pattern",
@@ -28,7 +28,10 @@ __all__ = [
     "chord_pattern",
     "butterfly_pattern",
     "chord_budget",
-    "tsvd_rank_for",
+    "resolve_budget",
+    "chord_at_budget",
+    "butterfly_at_budget",
+    "tsvd_rank_at_budget",
     "PATTERNS",
 ]
 
@@ -221,6 +224,82 @@ def chord_budget(n: int, base: int = 2) -> dict:
     return {"factors": M, "nnz_per_row": K, "params": M * n * K}
 
 
-def tsvd_rank_for(n: int, factors: int) -> int:
-    """The paper's equal-budget truncated-SVD rank ceil(M^2 / 2), capped at n."""
-    return min(n, math.ceil(factors * factors / 2))
+# -- budget arithmetic: every rule that turns a parameter budget into a size lives here --------
+
+def resolve_budget(n: int, budget: float | int | None = None) -> int:
+    """Parameters allowed: the Chord budget by default; a value < 1 is a fraction of n^2.
+
+    >>> resolve_budget(64), resolve_budget(64, 0.5), resolve_budget(64, 1000)
+    (2688, 2048, 1000)
+    """
+    if budget is None:
+        return chord_budget(n)["params"]
+    if isinstance(budget, bool):
+        raise SfaError(f"the budget must be a number; got {budget!r}")
+    budget = float(budget)
+    if not math.isfinite(budget) or budget <= 0:
+        raise SfaError(f"the budget must be positive; got {budget:g}")
+    if budget < 1:
+        return max(1, int(math.floor(budget * n * n)))
+    if budget != int(budget):
+        raise SfaError(f"a budget >= 1 is a parameter count and must be an integer; got {budget:g}")
+    return int(budget)
+
+
+def tsvd_rank_at_budget(n: int, params: int) -> int:
+    """Rank of the truncated SVD that fits in ``params`` numbers: floor(params / 2n), capped at n.
+
+    The one rule for the equal-budget baseline (``info``, ``fit``, ``compare``): a rank-r
+    factorization stores 2 n r numbers, so it never overspends. 0 when not even rank 1 fits.
+
+    >>> tsvd_rank_at_budget(77, chord_budget(77)["params"])   # lesmis: 7 factors x 7 per row
+    24
+    """
+    return int(min(n, max(0, int(params) // (2 * int(n)))))
+
+
+def chord_at_budget(n: int, budget: int, *, symmetric: bool = False, self_link: bool = True) -> tuple[dict, str]:
+    """Chord pattern options that fit in ``budget`` parameters, and a note saying which.
+
+    The paper's pattern (base 2, ceil(log2 n) factors) when it fits; otherwise
+    the smallest base whose full-reach pattern fits; otherwise fewer base-2 factors.
+    Raises :class:`NotApplicable` when not even one factor fits.
+
+    >>> chord_at_budget(64, 6 * 64 * 7)
+    ({'base': 2, 'factors': 6}, '')
+    """
+
+    def row_nnz(base):
+        return len(chord_offsets(n, base, symmetric=symmetric, self_link=self_link))
+
+    full = _ceil_log(n, 2) * n * row_nnz(2)
+    if full <= budget:
+        return {"base": 2, "factors": _ceil_log(n, 2)}, ""
+    for base in range(3, n + 1):
+        M = _ceil_log(n, base)
+        if M * n * row_nnz(base) <= budget:
+            return {"base": base, "factors": M}, f"base {base}, {M} factors: the base-2 pattern needs {full} > budget"
+        if M == 1:
+            break
+    M = budget // (n * row_nnz(2))
+    if M < 1:
+        raise NotApplicable(f"one Chord factor needs {n * row_nnz(2)} parameters > budget {budget}")
+    return {"base": 2, "factors": M}, f"{M} of {_ceil_log(n, 2)} factors: the full pattern needs {full} > budget"
+
+
+def butterfly_at_budget(n: int, budget: int) -> tuple[dict, str]:
+    """Butterfly options (the factor count) that fit in ``budget``, and a note when shortened.
+
+    Raises :class:`NotApplicable` for n not a power of two or a budget below one factor (2n).
+
+    >>> butterfly_at_budget(64, 10**6), butterfly_at_budget(64, 300)
+    (({'factors': 6}, ''), ({'factors': 2}, '2 of 6 factors: the full butterfly needs 768 > budget'))
+    """
+    if n < 2 or n & (n - 1):
+        raise NotApplicable(f"butterfly needs n to be a power of two; n={n}")
+    L = n.bit_length() - 1
+    M = min(L, budget // (2 * n))
+    if M < 1:
+        raise NotApplicable(f"one butterfly factor needs {2 * n} parameters > budget {budget}")
+    note = "" if M == L else f"{M} of {L} factors: the full butterfly needs {2 * n * L} > budget"
+    return {"factors": M}, note

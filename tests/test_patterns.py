@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sfa_cli.errors import SfaError
-from sfa_cli.patterns import butterfly_pattern, chord_budget, chord_offsets, chord_pattern, tsvd_rank_for
+from sfa_cli.patterns import butterfly_pattern, chord_budget, chord_offsets, chord_pattern, tsvd_rank_at_budget
 
 
 def _mask(table, n):
@@ -73,6 +73,23 @@ def test_budget_figures():
     assert chord_budget(1024) == {"factors": 10, "nnz_per_row": 11, "params": 10 * 1024 * 11}
     assert chord_budget(1000)["params"] == 10 * 1000 * 10
     assert chord_pattern(1000).params == chord_budget(1000)["params"]
-    assert tsvd_rank_for(1024, 10) == 50
+    assert tsvd_rank_at_budget(1024, chord_budget(1024)["params"]) == 55
+    assert tsvd_rank_at_budget(10, 19) == 0 and tsvd_rank_at_budget(10, 10**6) == 10
+
+
+def test_info_fit_and_compare_size_the_tsvd_baseline_by_one_rule():
+    # ceil(M^2 / 2) gave lesmis rank 25, 3850 numbers > the budget 3773
+    from pathlib import Path
+
+    from sfa_cli.compare import compare
+    from sfa_cli.info import matrix_info
+    from sfa_cli.io import load_matrix
+
+    A = load_matrix(Path(__file__).parent.parent / "data" / "lesmis.mtx")
+    info = matrix_info(A)
+    rank = info["budget"]["tsvd_rank"]
+    assert rank == 24 and 2 * 77 * rank <= info["budget"]["params"]
+    tsvd = compare(A, methods=["tsvd"]).results[0]
+    assert tsvd.params == 2 * 77 * rank
     with pytest.raises(SfaError):
         chord_pattern(1)
