@@ -8,8 +8,17 @@ densified). A file holding several arrays takes a key after a colon:
 Every problem a user can fix raises :class:`~sfa_cli.errors.SfaError` with a
 one-line message that names the file.
 
-Everything sfa writes goes through :func:`atomic_output`, so an interrupted
-run never leaves a half-written file under the final name.
+No declared size is trusted: every reader checks what a header claims (shape,
+entry count, member and dataset sizes) against the bytes the file really
+holds and against the memory available *before* it allocates, inflates only
+the member it needs and caps that by the declared shape, and refuses what it
+cannot confine (FIFOs and devices, HDF5 external storage and external links).
+A dense ``.npy`` is memory-mapped (copy-on-write), so it is never read whole.
+
+Everything sfa writes goes through :func:`atomic_output`: a temporary name in
+the target directory, flushed and fsynced, then renamed, so an interrupted or
+failed write (a full disk included) never leaves a file under the final name.
+:func:`check_output` checks an output path before any work.
 
 Example
 -------
@@ -22,8 +31,10 @@ from __future__ import annotations
 import contextlib
 import gzip
 import io
+import math
 import os
 import secrets
+import stat
 import struct
 import sys
 import tokenize
@@ -37,7 +48,8 @@ import scipy.io
 import scipy.sparse as sp
 from scipy.io.matlab import MatReadError
 
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import SfaError, printable
+from sfa_cli.memory import available_bytes, human_bytes, require_memory
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -45,7 +57,9 @@ __all__ = [
     "load_matrix",
     "load_array",
     "as_square_matrix",
+    "require_regular_file",
     "atomic_output",
+    "check_output",
     "check_writable",
     "save_matrix",
 ]
@@ -57,7 +71,7 @@ SUPPORTED_EXTENSIONS = (".npz", ".npy", ".mtx", ".mtx.gz", ".h5", ".hdf5", ".mat
 _READ_ERRORS = (
     OSError, EOFError, ValueError, KeyError, IndexError, TypeError, RuntimeError, OverflowError,
     NotImplementedError, SyntaxError, tokenize.TokenError, zipfile.BadZipFile,
-    zlib.error, struct.error, MatReadError,
+    zlib.error, struct.error, MatReadError, MemoryError, RecursionError,
 )
 
 _MATLAB_NUMERIC = frozenset(
@@ -65,15 +79,25 @@ _MATLAB_NUMERIC = frozenset(
 )
 _LISTED_MAX = 12
 
+# A stored (compressed) block may inflate this many times, and any block up to
+# _INFLATE_FREE bytes: real numbers compress 1-3x, index arrays ~10x, while a
+# zlib bomb reaches ~1000x. Beyond both, a tiny file is claiming a huge array.
+_INFLATE_RATIO = 200
+_INFLATE_FREE = 256 << 20
+# A sparse matrix with N at least this large and fewer entries than N / 2 is a
+# header claim, not data: its row pointers alone would cost 8 N bytes.
+_EMPTY_ROWS_FROM = 1 << 20
+_HINT_NPY = "convert it to .npy, which sfa reads memory-mapped"
+
 
 # ---------------------------------------------------------------------------
 # Specs and extensions
 # ---------------------------------------------------------------------------
 
-def _extension(path: str) -> str | None:
-    """The supported extension `path` ends with (case-insensitive), or None."""
+def _extension(path: str, extensions=SUPPORTED_EXTENSIONS) -> str | None:
+    """The extension of `extensions` that `path` ends with (case-insensitive, longest), or None."""
     lower = str(path).lower()
-    matches = [ext for ext in SUPPORTED_EXTENSIONS if lower.endswith(ext)]
+    matches = [ext for ext in extensions if lower.endswith(ext.lower())]
     return max(matches, key=len) if matches else None
 
 
@@ -107,7 +131,7 @@ def split_spec(spec) -> tuple[str, str | None]:
     cut = next((c for c in cuts if os.path.isfile(spec[:c])), cuts[0])
     path, key = spec[:cut], spec[cut + 1:]
     if not key:
-        raise SfaError(f"{path}: empty key after ':' in '{spec}'")
+        raise SfaError(f"{printable(path)}: empty key after ':' in '{printable(spec)}'")
     return path, key
 
 
@@ -118,6 +142,50 @@ def _find_all(text: str, sub: str) -> list[int]:
         found.append(i)
         i = text.find(sub, i + 1)
     return found
+
+
+# ---------------------------------------------------------------------------
+# Input files: regular files only
+# ---------------------------------------------------------------------------
+
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"),
+)
+
+
+def _file_kind(mode: int) -> str:
+    """``'a FIFO (named pipe)'`` etc. for a stat mode that is not a regular file."""
+    return next((kind for test, kind in _FILE_KINDS if test(mode)), "not a regular file")
+
+
+def require_regular_file(path) -> os.stat_result:
+    """Stat `path` (following links) and refuse anything but an existing regular file.
+
+    Checked before any open: opening a FIFO for reading blocks until a writer
+    comes, and a device can be read for ever.
+
+    Returns
+    -------
+    os.stat_result
+        ``st_size`` bounds what the file can hold.
+
+    Raises
+    ------
+    SfaError
+        ``<path>: no such file``, ``<path>: not a regular file (a FIFO (named pipe))``, or the
+        operating system's reason (permission, symlink loop, ...).
+    """
+    shown = printable(os.fspath(path))
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise SfaError(f"{shown}: no such file") from None
+    except (OSError, ValueError) as exc:
+        raise SfaError(f"{shown}: cannot open: {_short_reason(exc)}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise SfaError(f"{shown}: not a regular file ({_file_kind(st.st_mode)})")
+    return st
 
 
 # ---------------------------------------------------------------------------
@@ -136,70 +204,85 @@ def load_matrix(spec):
     Returns
     -------
     ndarray or scipy.sparse.csr_matrix of shape (n, n)
-        float32 or float64 (integer and boolean data become float64).
+        float32 or float64 (integer and boolean data become float64). A
+        float32/float64 ``.npy`` comes back as a copy-on-write ``numpy.memmap``
+        (validated block by block, never read whole).
 
     Raises
     ------
     SfaError
-        The file is missing, unreadable, holds no (or several) matrices and no
-        key, or its matrix fails :func:`as_square_matrix`.
+        The file is missing, not a regular file, unreadable, declares more
+        than it holds or than memory allows, holds no (or several) matrices
+        and no key, or its matrix fails :func:`as_square_matrix`.
     """
     path, key = split_spec(spec)
+    shown = printable(path)
     ext = _extension(path)
     if ext is None:
-        raise SfaError(
-            f"{path}: unknown file type; sfa reads {', '.join(SUPPORTED_EXTENSIONS)}"
-        )
-    if not os.path.exists(path):
-        raise SfaError(f"{path}: no such file")
-    if not os.path.isfile(path):
-        raise SfaError(f"{path}: not a regular file")
+        raise SfaError(f"{shown}: unknown file type; sfa reads {', '.join(SUPPORTED_EXTENSIONS)}")
+    size = require_regular_file(path).st_size
     fmt, reader = _READERS[ext]
     try:
-        raw = reader(path, key)
+        raw = reader(path, key, size)
     except _READ_ERRORS as exc:
-        raise SfaError(f"{path}: cannot read as {fmt}: {_short_reason(exc)}") from exc
-    return as_square_matrix(raw, name=path)
+        raise SfaError(f"{shown}: cannot read as {fmt}: {_short_reason(exc)}") from exc
+    if isinstance(raw, np.memmap):
+        return _checked_memmap(raw, shown)
+    return as_square_matrix(raw, name=shown)
 
 
 def load_array(path) -> np.ndarray:
     """A vector or block of vectors from a ``.npy`` file, as float64 (or float32).
 
     Used by ``sfa apply``; the array need not be square, but must be 1-D or
-    2-D, real and finite.
+    2-D, real and finite. Its header is checked against the file's size and
+    the memory available before anything is allocated.
     """
-    path = str(path)
-    if not os.path.exists(path):
-        raise SfaError(f"{path}: no such file")
+    path = os.fspath(path)
+    shown = printable(path)
+    size = require_regular_file(path).st_size
     if not path.lower().endswith(".npy"):
-        raise SfaError(f"{path}: vectors are read from .npy files")
+        raise SfaError(f"{shown}: vectors are read from .npy files")
     try:
-        X = _read_npy(path, None)
+        header = _npy_header_of_file(path, size)
     except _READ_ERRORS as exc:
-        raise SfaError(f"{path}: cannot read as .npy: {_short_reason(exc)}") from exc
-    if X.ndim not in (1, 2) or X.size == 0:
-        raise SfaError(f"{path}: expected a vector or a 2-D block; got shape {X.shape}")
-    if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool) or np.iscomplexobj(X):
-        raise SfaError(f"{path}: expected real numbers; got dtype {X.dtype}")
-    X = X.astype(_float_dtype(X.dtype), copy=False)
-    if not np.isfinite(X).all():
-        raise SfaError(f"{path}: {int((~np.isfinite(X)).sum())} NaN or Inf entries")
+        raise SfaError(f"{shown}: cannot read as .npy: {_short_reason(exc)}") from exc
+    if len(header.shape) not in (1, 2) or header.count == 0:
+        raise SfaError(f"{shown}: expected a vector or a 2-D block; got shape {header.shape}")
+    dtype = header.dtype
+    if not (dtype.kind in "biuf"):
+        raise SfaError(f"{shown}: expected real numbers; got dtype {dtype}")
+    target = _float_dtype(dtype)
+    require_memory(header.count * target.itemsize, f"{shown}: reading its {_describe(header.shape)} {dtype} array",
+                   "apply the factors to fewer columns at a time")
+    try:
+        X = np.array(np.load(path, mmap_mode="r", allow_pickle=False), dtype=target)
+    except _READ_ERRORS as exc:
+        raise SfaError(f"{shown}: cannot read as .npy: {_short_reason(exc)}") from exc
+    bad = _count_non_finite(X)
+    if bad:
+        raise SfaError(f"{shown}: {bad} NaN or Inf entries")
     return X
 
 
 def _short_reason(exc: BaseException) -> str:
-    """First line of an exception message, shortened; the type name if empty."""
+    """First line of an exception message, shortened and escaped; the type name if empty."""
+    if isinstance(exc, MemoryError):
+        return "out of memory"
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
     lines = str(exc).strip().splitlines()
     text = lines[0].strip() if lines else ""
     if not text:
         return type(exc).__name__
+    text = printable(text)
     return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _no_key(path: str, key: str | None, what: str) -> None:
     """Reject a key for a format that holds a single matrix."""
     if key is not None:
-        raise SfaError(f"{path}: {what} file holds one matrix; remove ':{key}'")
+        raise SfaError(f"{printable(path)}: {what} file holds one matrix; remove ':{printable(key)}'")
 
 
 def _describe(shape) -> str:
@@ -211,7 +294,7 @@ def _listing(contents: dict) -> str:
     """``it holds: A (20 x 20), v (3)`` for error messages (one line, capped)."""
     if not contents:
         return "it holds nothing"
-    items = [f"{name} ({_describe(shape)})" for name, shape in contents.items()]
+    items = [f"{printable(name)} ({_describe(shape)})" for name, shape in contents.items()]
     if len(items) > _LISTED_MAX:
         items = items[:_LISTED_MAX] + [f"and {len(items) - _LISTED_MAX} more"]
     return "it holds: " + ", ".join(items)
@@ -227,26 +310,186 @@ def _pick(path: str, key: str | None, contents: dict, candidates: list[str]) -> 
     candidates : list of str
         The entries that look like a matrix.
     """
+    shown = printable(path)
     if key is not None:
         if key in contents:
             return key
-        raise SfaError(f"{path}: no entry '{key}'; {_listing(contents)}")
+        raise SfaError(f"{shown}: no entry '{printable(key)}'; {_listing(contents)}")
     if len(candidates) == 1:
         return candidates[0]
     if not candidates:
-        raise SfaError(f"{path}: no 2-D matrix found; {_listing(contents)}")
+        raise SfaError(f"{shown}: no 2-D matrix found; {_listing(contents)}")
     raise SfaError(
-        f"{path}: holds {len(candidates)} matrices ({', '.join(candidates)}); "
-        f"choose one as {path}:NAME"
+        f"{shown}: holds {len(candidates)} matrices ({', '.join(printable(c) for c in candidates)}); "
+        f"choose one as {shown}:NAME"
     )
 
 
+# ---------------------------------------------------------------------------
+# Declared sizes
+# ---------------------------------------------------------------------------
+
+def _nbytes(shape, itemsize: int) -> int:
+    """Bytes of an array of `shape` (exact Python integers: no overflow)."""
+    return math.prod(int(d) for d in shape) * int(itemsize)
+
+
+def _check_inflation(where: str, inflated: int, stored: int) -> None:
+    """Refuse a compressed block that would inflate far beyond what it stores (a compression bomb)."""
+    if inflated > max(_INFLATE_FREE, _INFLATE_RATIO * stored):
+        raise ValueError(
+            f"{where} declares {human_bytes(inflated)} stored in {human_bytes(stored)}; "
+            f"sfa refuses more than {_INFLATE_RATIO}x inflation above {human_bytes(_INFLATE_FREE)}"
+        )
+
+
+def _check_sparse_claim(where: str, shape: tuple, entries: int) -> None:
+    """Refuse a huge sparse shape whose declared entries leave most rows empty."""
+    n = max(int(d) for d in shape) if shape else 0
+    if n >= _EMPTY_ROWS_FROM and 2 * entries < n:
+        raise ValueError(
+            f"{where} declares {_describe(shape)} with {entries} entries: most rows would be empty "
+            f"(sfa needs at least N/2 entries above N = {_EMPTY_ROWS_FROM})"
+        )
+
+
+def _require_read_memory(shown: str, what: str, nbytes: int, hint: str) -> None:
+    """require_memory for reading `what` of file `shown` (the claim named in the refusal)."""
+    require_memory(nbytes, f"{shown}: reading {what}", hint)
+
+
+def _check_matrix_claim(shown: str, shape: tuple, dtype: np.dtype) -> None:
+    """Shape and dtype checks of a declared dense matrix, before any of it is read.
+
+    Worded as :func:`as_square_matrix` words them, which runs again on what is read.
+    """
+    if dtype.hasobject:
+        raise SfaError(f"{shown}: holds Python objects (a pickled object array); sfa never unpickles")
+    if dtype.kind == "c":
+        raise SfaError(f"{shown}: complex matrices are not supported yet")
+    if dtype.kind not in "biuf":
+        raise SfaError(f"{shown}: unsupported dtype {dtype}; sfa needs real numbers")
+    if len(shape) != 2:
+        raise SfaError(f"{shown}: expected a 2-D matrix, got a {len(shape)}-D array of shape {tuple(shape)}")
+    rows, cols = shape
+    if rows == 0 or cols == 0:
+        raise SfaError(f"{shown}: matrix is empty ({rows} x {cols})")
+    if rows != cols:
+        raise SfaError(f"{shown}: matrix is {rows} x {cols}; sfa needs a square matrix")
+    if rows < 2:
+        raise SfaError(f"{shown}: matrix is {rows} x {cols}; sfa needs N >= 2")
+
+
+def _dense_read_bytes(shape: tuple, dtype: np.dtype) -> int:
+    """Memory to read a dense array and convert it to sfa's float dtype."""
+    stored = _nbytes(shape, dtype.itemsize)
+    target = _float_dtype(dtype) if dtype.kind in "biuf" else dtype
+    return stored + (0 if target == dtype else _nbytes(shape, target.itemsize))
+
+
+# ---------------------------------------------------------------------------
+# NumPy .npy and .npz
+# ---------------------------------------------------------------------------
+
 _NPY_MAGIC = b"\x93NUMPY"
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")
+_BLOCK_BYTES = 64 << 20
 
 
-def _check_magic(path: str, magics: tuple[bytes, ...], what: str) -> None:
-    """Raise ValueError unless the file starts with one of `magics`.
+class _NpyHeader:
+    """What a ``.npy`` header declares: shape, dtype, Fortran order and where the data starts."""
+
+    def __init__(self, shape, dtype, fortran: bool, offset: int):
+        self.shape, self.dtype, self.fortran, self.offset = tuple(shape), np.dtype(dtype), fortran, offset
+        self.count = math.prod(int(d) for d in self.shape)
+        self.nbytes = self.count * self.dtype.itemsize
+
+    def claim(self) -> str:
+        """``'1000000 x 1000000 float64 (7.3 TiB)'``."""
+        return f"{_describe(self.shape)} {self.dtype} ({human_bytes(self.nbytes)})"
+
+
+def _read_npy_header(fh) -> _NpyHeader:
+    """Parse a ``.npy`` header from a binary stream positioned at its start (reads only the header)."""
+    magic = fh.read(len(_NPY_MAGIC))
+    if magic != _NPY_MAGIC:
+        raise ValueError(f"not a .npy file (unexpected first bytes {magic[:6]!r})")
+    version = tuple(fh.read(2))
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+    elif version in ((2, 0), (3, 0)):
+        # 3.0 differs from 2.0 only in allowing UTF-8 field names, which matrices do not have.
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    else:
+        raise ValueError(f"unsupported .npy format version {version}")
+    return _NpyHeader(shape, dtype, fortran, fh.tell())
+
+
+def _npy_header_of_file(path: str, size: int) -> _NpyHeader:
+    """The header of a .npy file, checked against the bytes the file holds."""
+    with open(path, "rb") as fh:
+        header = _read_npy_header(fh)
+    if header.dtype.hasobject:
+        raise ValueError("holds Python objects (a pickled object array); sfa never unpickles")
+    held = size - header.offset
+    if header.nbytes > held:
+        raise ValueError(f"the header declares {header.claim()} but the file holds {held} bytes of data")
+    return header
+
+
+def _read_npy(path: str, key: str | None, size: int):
+    """A ``.npy`` array, memory-mapped when it is float32/float64 (pickles never loaded)."""
+    _no_key(path, key, "a .npy")
+    shown = printable(path)
+    header = _npy_header_of_file(path, size)
+    _check_matrix_claim(shown, header.shape, header.dtype)
+    if header.dtype.kind == "f" and header.dtype.itemsize in (4, 8) and header.dtype.isnative:
+        # Copy-on-write: never read whole, and callers may still write into it.
+        return np.load(path, mmap_mode="c", allow_pickle=False)
+    _require_read_memory(shown, f"the {header.claim()} matrix", _dense_read_bytes(header.shape, header.dtype),
+                         "save it as float32 or float64, which sfa reads memory-mapped")
+    return np.load(path, allow_pickle=False)
+
+
+def _checked_memmap(A: np.memmap, shown: str) -> np.memmap:
+    """A memory-mapped float matrix, checked for NaN/Inf one block of rows at a time."""
+    bad = _count_non_finite(A)
+    if bad:
+        nan = sum(int(np.isnan(block).sum()) for block in _row_blocks(A))
+        row, col = _first_non_finite(A)
+        raise SfaError(
+            f"{shown}: matrix has {nan} NaN and {bad - nan} Inf entries; "
+            f"the first is at (row {row}, col {col}) (0-based)"
+        )
+    return A
+
+
+def _row_blocks(A: np.ndarray):
+    """Views of consecutive row blocks of about _BLOCK_BYTES each."""
+    rows = max(1, _BLOCK_BYTES // max(1, A[:1].nbytes))
+    for start in range(0, A.shape[0], rows):
+        yield A[start:start + rows]
+
+
+def _count_non_finite(A: np.ndarray) -> int:
+    """Number of NaN/Inf entries, counted one block of rows at a time."""
+    return sum(int(block.size - np.isfinite(block).sum()) for block in _row_blocks(A))
+
+
+def _first_non_finite(A: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the first NaN/Inf in row-major order."""
+    start = 0
+    for block in _row_blocks(A):
+        bad = ~np.isfinite(block)
+        if bad.any():
+            row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)
+            return start + int(row), int(col)
+        start += block.shape[0]
+    raise AssertionError("no NaN or Inf entry")
+
+
+def _check_magic(path: str, magics: tuple[bytes, ...], what: str) -> bytes:
+    """Raise ValueError unless the file starts with one of `magics`; return the first bytes.
 
     Without this, np.load takes any other file for a pickle and says so.
     """
@@ -254,41 +497,212 @@ def _check_magic(path: str, magics: tuple[bytes, ...], what: str) -> None:
         head = fh.read(max(len(m) for m in magics))
     if not any(head.startswith(m) for m in magics):
         raise ValueError(f"not {what} (unexpected first bytes {head[:6]!r})")
+    return head
 
 
-def _read_npy(path: str, key: str | None):
-    """A ``.npy`` array (pickled object arrays refused, never unpickled)."""
-    _no_key(path, key, "a .npy")
-    _check_magic(path, (_NPY_MAGIC,), "a .npy file")
-    return np.load(path, allow_pickle=False)
+class _Npz:
+    """The members of a ``.npz`` archive, by name, with their headers read but no data.
+
+    Reading a header inflates only its first bytes; a member's data is
+    inflated only when asked for, and never beyond what its header declares.
+    """
+
+    def __init__(self, path: str, archive: zipfile.ZipFile):
+        self.path, self.shown, self.archive = path, printable(path), archive
+        self.infos = {
+            (info.filename[:-4] if info.filename.endswith(".npy") else info.filename): info
+            for info in archive.infolist()
+        }
+        self._headers: dict[str, _NpyHeader] = {}
+
+    def header(self, name: str) -> _NpyHeader:
+        """The checked header of member `name`."""
+        if name not in self._headers:
+            info = self.infos[name]
+            where = f"member {printable(name)}"
+            try:
+                with self.archive.open(info) as fh:
+                    header = _read_npy_header(fh)
+            except _READ_ERRORS as exc:
+                raise ValueError(f"{where}: {_short_reason(exc)}") from exc
+            if header.dtype.hasobject:
+                raise SfaError(f"{self.shown}: {where} holds Python objects (a pickled object array); "
+                               f"sfa never unpickles")
+            if header.offset + header.nbytes > info.file_size:
+                raise ValueError(f"{where}: its header declares {header.claim()} "
+                                 f"but the member holds {info.file_size} bytes")
+            _check_inflation(where, info.file_size, info.compress_size)
+            self._headers[name] = header
+        return self._headers[name]
+
+    def read(self, name: str, hint: str) -> np.ndarray:
+        """Member `name`'s array: inflated up to its declared size, after a memory check."""
+        header = self.header(name)
+        _require_read_memory(self.shown, f"member {printable(name)} ({header.claim()})",
+                             _dense_read_bytes(header.shape, header.dtype), hint)
+        with self.archive.open(self.infos[name]) as fh:
+            return np.lib.format.read_array(fh, allow_pickle=False)
 
 
-def _read_npz(path: str, key: str | None):
+_SPARSE_NPZ_MEMBERS = {
+    "csr": ("data", "indices", "indptr"), "csc": ("data", "indices", "indptr"),
+    "bsr": ("data", "indices", "indptr"), "coo": ("data", "row", "col"), "dia": ("data", "offsets"),
+}
+
+
+def _read_npz(path: str, key: str | None, size: int):
     """An array of a ``numpy.savez`` file, or a ``scipy.sparse.save_npz`` matrix."""
-    _check_magic(path, _ZIP_MAGIC + (_NPY_MAGIC,), "a zip archive")
-    loaded = np.load(path, allow_pickle=False)
-    if isinstance(loaded, np.ndarray):  # a .npy file under a .npz name
+    head = _check_magic(path, _ZIP_MAGIC + (_NPY_MAGIC,), "a zip archive")
+    if head.startswith(_NPY_MAGIC):  # a .npy file under a .npz name
         _no_key(path, key, "a .npy")
-        return loaded
-    with loaded as archive:
-        names = archive.files
-        if {"format", "shape", "data"} <= set(names):
+        return _read_npy(path, None, size)
+    shown = printable(path)
+    with zipfile.ZipFile(path) as archive:
+        npz = _Npz(path, archive)
+        if {"format", "shape", "data"} <= set(npz.infos):
             _no_key(path, key, "a scipy.sparse .npz")
-            return sp.load_npz(path)
-        if key is not None and key in names:
-            return archive[key]
-        arrays = {name: archive[name] for name in names}
-    contents = {name: a.shape for name, a in arrays.items()}
-    candidates = [name for name, a in arrays.items() if a.ndim == 2]
-    return arrays[_pick(path, key, contents, candidates)]
+            return _read_sparse_npz(npz)
+        if key is not None and key in npz.infos:
+            name = key
+        else:
+            contents = {name: npz.header(name).shape for name in npz.infos}
+            candidates = [name for name, shape in contents.items() if len(shape) == 2]
+            name = _pick(path, key, contents, candidates)
+        header = npz.header(name)
+        _check_matrix_claim(f"{shown}:{printable(name)}", header.shape, header.dtype)
+        return npz.read(name, f"extract it as .npy, which sfa reads memory-mapped: "
+                              f"unzip -p {shown} {printable(npz.infos[name].filename)} > {printable(name)}.npy")
 
 
-def _read_mtx(path: str, key: str | None):
-    """A Matrix Market file (``.mtx`` or gzip-compressed ``.mtx.gz``)."""
+def _read_sparse_npz(npz: _Npz):
+    """A scipy.sparse .npz: every member's declared size checked before scipy reads any."""
+    fmt = npz.read("format", "") if npz.header("format").nbytes <= 64 else None
+    fmt = fmt.item() if isinstance(fmt, np.ndarray) and fmt.size == 1 else fmt
+    fmt = fmt.decode() if isinstance(fmt, bytes) else str(fmt)
+    if fmt not in _SPARSE_NPZ_MEMBERS:
+        raise ValueError(f"unknown sparse format {printable(fmt)[:20]!r}")
+    if npz.header("shape").count != 2:
+        raise ValueError(f"member shape declares {_describe(npz.header('shape').shape)} values, not 2")
+    shape = tuple(int(d) for d in npz.read("shape", ""))
+    if min(shape) < 0:
+        raise ValueError(f"negative shape {shape}")
+    missing = [m for m in _SPARSE_NPZ_MEMBERS[fmt] if m not in npz.infos]
+    if missing:
+        raise ValueError(f"{fmt} matrix without member {missing[0]}")
+    headers = {m: npz.header(m) for m in _SPARSE_NPZ_MEMBERS[fmt]}
+    entries = headers["data"].count
+    if fmt in ("csr", "csc"):
+        major = shape[0] if fmt == "csr" else shape[1]
+        if headers["indptr"].shape != (major + 1,):
+            raise ValueError(f"indptr holds {_describe(headers['indptr'].shape)} values; "
+                             f"a {_describe(shape)} {fmt} matrix needs {major + 1}")
+        if headers["indices"].count != entries:
+            raise ValueError(f"{entries} values but {headers['indices'].count} indices")
+    if fmt == "coo" and not headers["row"].count == headers["col"].count == entries:
+        raise ValueError("coo members data, row and col differ in length")
+    if fmt != "dia":
+        _check_sparse_claim("the file", shape, entries)
+    stored = sum(h.nbytes for h in headers.values())
+    # scipy reads the members, then sfa makes canonical CSR (up to two more copies).
+    _require_read_memory(npz.shown, f"a {_describe(shape)} sparse matrix with {entries} entries",
+                         3 * stored + 8 * (max(shape) + 1), "free memory or use a machine with more")
+    return sp.load_npz(npz.path)
+
+
+# ---------------------------------------------------------------------------
+# Matrix Market
+# ---------------------------------------------------------------------------
+
+_MTX_HEADER_MAX = 1 << 20  # banner, comments and size line
+
+
+class _MtxHeader:
+    """What a Matrix Market header declares."""
+
+    def __init__(self, layout: str, field: str, symmetry: str, sizes: list[int], raw: bytes):
+        self.layout, self.field, self.symmetry, self.raw = layout, field, symmetry, raw
+        self.length = len(raw)
+        self.shape = tuple(sizes[:2])
+        rows, cols = self.shape
+        if layout == "coordinate":
+            self.entries = sizes[2]
+        elif symmetry == "general":
+            self.entries = rows * cols
+        else:  # array storage keeps one triangle (without the diagonal when skew)
+            n = min(rows, cols)
+            self.entries = n * (n + 1) // 2 - (n if symmetry == "skew-symmetric" else 0)
+
+    def min_entry_bytes(self) -> int:
+        """Fewest bytes one entry line can take ('1 1\\n', '1 1 1\\n', '1\\n', ...)."""
+        values = {"pattern": 0, "complex": 2}.get(self.field, 1)
+        indices = 2 if self.layout == "coordinate" else 0
+        return 2 * (indices + values)
+
+
+def _read_mtx_header(fh) -> _MtxHeader:
+    """Parse the banner, comments and size line (reads at most _MTX_HEADER_MAX bytes)."""
+    banner = fh.readline(_MTX_HEADER_MAX)
+    words = banner.decode("ascii", "replace").lower().split()
+    if len(words) != 5 or words[0] != "%%matrixmarket" or words[1] != "matrix":
+        raise ValueError("the first line is not a '%%MatrixMarket matrix ...' banner")
+    _, _, layout, field, symmetry = words
+    if layout not in ("coordinate", "array"):
+        raise ValueError(f"unknown layout {printable(layout)[:20]!r}")
+    lines = [banner]
+    while sum(map(len, lines)) < _MTX_HEADER_MAX:
+        line = fh.readline(_MTX_HEADER_MAX)
+        if not line:
+            raise ValueError("no size line after the banner")
+        lines.append(line)
+        text = line.strip()
+        if not text or text.startswith(b"%"):
+            continue
+        parts = text.split()
+        expected = 3 if layout == "coordinate" else 2
+        try:
+            sizes = [int(p) for p in parts]
+        except ValueError:
+            sizes = []
+        if len(sizes) != expected or min(sizes) < 0:
+            raise ValueError(f"the size line is not {expected} non-negative integers")
+        return _MtxHeader(layout, field, symmetry, sizes, b"".join(lines))
+    raise ValueError("no size line in the first 1 MiB")
+
+
+def _read_mtx(path: str, key: str | None, size: int):
+    """A Matrix Market file (``.mtx`` or gzip-compressed ``.mtx.gz``), its header checked first."""
     _no_key(path, key, "a Matrix Market")
-    opener = gzip.open if path.lower().endswith(".gz") else open
+    shown = printable(path)
+    compressed = path.lower().endswith(".gz")
+    opener = gzip.open if compressed else open
     with opener(path, "rb") as fh:
-        text = fh.read()
+        header = _read_mtx_header(fh)
+        claim = f"the header declares {_describe(header.shape)} with {header.entries} entries"
+        body_min = header.entries * header.min_entry_bytes() - 1
+        if not compressed and body_min > size - header.length:
+            raise ValueError(f"{claim}, but only {size - header.length} bytes follow the header "
+                             f"(an entry takes at least {header.min_entry_bytes()})")
+        if header.layout == "coordinate":
+            _check_sparse_claim("the header", header.shape, header.entries)
+            stored = 1 if header.symmetry == "general" else 2
+            # text + scipy's COO arrays + canonical CSR arrays, and the row pointers.
+            estimate = size + 40 * stored * header.entries + 16 * (max(header.shape) + 1)
+            hint = "a sparse file is read whole: free memory or use a machine with more"
+        else:
+            estimate = size + 16 * math.prod(header.shape)
+            hint = _HINT_NPY
+        # For .gz the text is unknown yet: its cap below keeps it within the estimate.
+        _require_read_memory(shown, f"the {_describe(header.shape)} matrix with {header.entries} entries its header declares",
+                             estimate, hint)
+        if compressed:
+            cap = max(_MTX_HEADER_MAX, header.length + 256 * header.entries)
+            cap = min(cap, max(_INFLATE_FREE, _INFLATE_RATIO * size), available_bytes() // 2)
+            body = fh.read(cap + 1)
+            if len(body) > cap:
+                raise ValueError(f"decompresses to more than {human_bytes(cap)} ({claim})")
+        else:
+            body = fh.read()
+    text = header.raw + body
     # scipy's fast_matrix_market parser (scipy >= 1.12) reads past its buffer
     # and can kill the interpreter (SIGSEGV) on a body holding NUL bytes, or
     # on a last line that does not end in a newline (a truncated file).
@@ -299,12 +713,20 @@ def _read_mtx(path: str, key: str | None):
     return scipy.io.mmread(io.BytesIO(text))
 
 
+# ---------------------------------------------------------------------------
+# HDF5
+# ---------------------------------------------------------------------------
+
+_H5_LINK_DEPTH = 16
+_H5_SMALL = 16  # values a 'shape' or MATLAB_empty dataset may hold
+
+
 def _attr_str(node, name: str) -> str:
     """An HDF5 attribute as str ('' when absent); h5py may return bytes."""
     value = node.attrs.get(name, "")
     if isinstance(value, np.ndarray) and value.size == 1:
         value = value.item()
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
 
 
 def _is_csr_group(node) -> bool:
@@ -312,171 +734,157 @@ def _is_csr_group(node) -> bool:
     return isinstance(node, h5py.Group) and {"data", "indices", "indptr"} <= set(node.keys())
 
 
+def _h5_small(node, what: str) -> np.ndarray:
+    """A small dataset's values (a shape, a MATLAB empty marker), refused when it is not small."""
+    if not isinstance(node, h5py.Dataset) or node.size is None or node.size > _H5_SMALL:
+        raise ValueError(f"{what} is not a small dataset")
+    return np.ravel(node[()])
+
+
 def _csr_group_shape(group) -> tuple:
     """The ``shape`` attribute or dataset of a sparse group."""
     shape = group.attrs.get("shape")
     if shape is None and "shape" in group:
-        shape = group["shape"][()]
+        shape = _h5_small(group["shape"], f"{printable(group.name)}/shape")
     if shape is None:
-        raise ValueError(f"sparse group {group.name} has no 'shape' attribute or dataset")
-    return tuple(int(d) for d in np.ravel(shape))
+        raise ValueError(f"sparse group {printable(group.name)} has no 'shape' attribute or dataset")
+    shape = tuple(int(d) for d in np.ravel(shape))
+    if len(shape) != 2 or min(shape) < 0:
+        raise ValueError(f"sparse group {printable(group.name)} has shape {shape}")
+    return shape
 
 
-def _read_csr_group(group):
-    """CSR (or CSC, when the group says so or its indptr fits the columns) matrix."""
-    shape = _csr_group_shape(group)
-    arrays = (_h5_values(group["data"][()]), group["indices"][()], group["indptr"][()])
-    encoding = (_attr_str(group, "encoding-type") or _attr_str(group, "h5sparse_format")).lower()
-    columns_major = encoding.startswith("csc") or (
-        len(arrays[2]) - 1 == shape[1] != shape[0]
-    )
-    kind = sp.csc_matrix if columns_major else sp.csr_matrix
-    return kind(arrays, shape=shape)
+def _h5_check_dataset(node, size: int) -> int:
+    """Refuse data stored outside the file or claiming more than it stores; return its bytes."""
+    if not isinstance(node, h5py.Dataset):
+        raise ValueError(f"{printable(node.name)} is not a dataset")
+    where = f"dataset {printable(node.name)}"
+    if node.is_virtual:
+        raise ValueError(f"{where} is virtual (its data lives in other files); sfa reads only data stored in the file")
+    if node.external:
+        raise ValueError(f"{where} keeps its data in external raw files; sfa reads only data stored in the file")
+    nbytes = _nbytes(node.shape or (), node.dtype.itemsize)
+    stored = node.id.get_storage_size()
+    offset = None if node.chunks is not None else node.id.get_offset()
+    if offset is not None and offset + nbytes > size:
+        raise ValueError(f"{where} declares {_describe(node.shape)} {node.dtype} ({human_bytes(nbytes)}) "
+                         f"at byte {offset}, past the end of the file ({size} bytes)")
+    if offset is None:  # chunked (compressed, or chunks never written: read as fill value) or compact
+        _check_inflation(where, nbytes, stored)
+    return nbytes
 
 
-def _h5_contents(group, contents: dict, candidates: list) -> None:
-    """Walk an HDF5 group: every dataset and sparse group with its shape."""
-    for node in group.values():
+def _h5_resolve(f, key: str, depth: int = 0):
+    """The object at `key`, following hard and soft links only; None when nothing is there."""
+    if depth > _H5_LINK_DEPTH:
+        raise ValueError(f"soft links nested more than {_H5_LINK_DEPTH} deep")
+    node, walked = f, ""
+    for part in [p for p in key.split("/") if p]:
+        if not isinstance(node, h5py.Group):
+            return None
+        link = node.get(part, getlink=True)
+        walked = f"{walked}/{part}"
+        if link is None:
+            return None
+        if isinstance(link, h5py.ExternalLink):
+            raise ValueError(f"{printable(walked)} is an external link to {printable(link.filename)}; "
+                             f"sfa reads only data stored in the file")
+        if isinstance(link, h5py.SoftLink):
+            target = link.path if link.path.startswith("/") else f"{node.name.rstrip('/')}/{link.path}"
+            node = _h5_resolve(f, target, depth + 1)
+            if node is None:
+                return None
+        else:
+            node = node.get(part)
+    return node
+
+
+def _h5_contents(f) -> tuple[dict, list]:
+    """Every dataset and sparse group with its shape, and those that look like a matrix.
+
+    Walks hard links only (each object once: no loops, no other files).
+    """
+    contents, candidates, sparse_groups = {}, [], []
+
+    def visit(name, node):
+        full = "/" + name
+        if any(full.startswith(g + "/") for g in sparse_groups):
+            return None
         if _is_csr_group(node):
-            contents[node.name] = _csr_group_shape(node)
-            candidates.append(node.name)
-        elif isinstance(node, h5py.Group):
-            _h5_contents(node, contents, candidates)
+            sparse_groups.append(full)
+            contents[full] = _csr_group_shape(node)
+            candidates.append(full)
         elif isinstance(node, h5py.Dataset):
-            contents[node.name] = node.shape
+            contents[full] = node.shape or ()
             if node.ndim == 2 and node.dtype.kind in "biuf":
-                candidates.append(node.name)
+                candidates.append(full)
+        return None
+
+    f.visititems(visit)
+    return contents, candidates
 
 
-def _read_h5(path: str, key: str | None):
+def _read_h5(path: str, key: str | None, size: int):
     """A 2-D dataset or a sparse group of an HDF5 file (``file.h5:/path`` selects)."""
     with h5py.File(path, "r") as f:
-        node = None if key is None else f.get(key)
+        node = None if key is None else _h5_resolve(f, key)
         if isinstance(node, (h5py.Dataset, h5py.Group)):
-            return _read_h5_node(path, node)
-        contents, candidates = {}, []
-        _h5_contents(f, contents, candidates)
+            return _read_h5_node(path, size, node)
+        contents, candidates = _h5_contents(f)
         # No key: the only candidate. A key naming nothing: _pick lists the contents.
         name = _pick(path, None if key is None else "/" + key.lstrip("/"), contents, candidates)
-        return _read_h5_node(path, f[name])
+        return _read_h5_node(path, size, f[name])
 
 
-def _read_h5_node(path: str, node):
-    """The matrix held by one HDF5 dataset or sparse group."""
+def _read_h5_node(path: str, size: int, node):
+    """The matrix held by one HDF5 dataset or sparse group, its claims checked first."""
+    shown = printable(path)
     if _is_csr_group(node):
-        return _read_csr_group(node)
+        return _read_csr_group(path, size, node)
     if isinstance(node, h5py.Group):
-        raise SfaError(
-            f"{path}: {node.name} is a group without data/indices/indptr; "
-            f"name a dataset inside it"
-        )
-    return node[()]
+        raise SfaError(f"{shown}: {printable(node.name)} is a group without data/indices/indptr; "
+                       f"name a dataset inside it")
+    _check_matrix_claim(shown, node.shape or (), _h5_claimed_dtype(shown, node.dtype))
+    _h5_check_dataset(node, size)
+    _require_read_memory(shown, f"dataset {printable(node.name)} ({_describe(node.shape)} {node.dtype})",
+                         _dense_read_bytes(node.shape, node.dtype), _HINT_NPY)
+    return _h5_values(node[()])
 
 
-def _read_mat(path: str, key: str | None):
-    """A MATLAB variable: v4-v7 through scipy.io, v7.3 (HDF5 based) through h5py."""
-    if h5py.is_hdf5(path):
-        return _read_mat73(path, key)
-    listed = scipy.io.whosmat(path)
-    contents = {name: shape for name, shape, _ in listed}
-    classes = {name: cls for name, _, cls in listed}
-    candidates = [
-        name for name, shape, cls in listed
-        if cls in _MATLAB_NUMERIC and _is_matlab_matrix(shape)
-    ]
-    name = _pick(path, key, contents, candidates)
-    _check_matlab_class(path, name, classes[name])
-    if scipy.io.matlab.matfile_version(path)[0] == 1:
-        _check_mat5_elements(path)
-    return scipy.io.loadmat(path, variable_names=[name])[name]
+def _h5_claimed_dtype(shown: str, dtype: np.dtype) -> np.dtype:
+    """The dtype to judge a dataset by: MATLAB's real/imag compound is complex."""
+    if dtype.names and {"real", "imag"} <= set(dtype.names):
+        raise SfaError(f"{shown}: complex matrices are not supported yet")
+    return dtype
 
 
-# Data types a MATLAB v5 element tag may name (miINT8 .. miUTF32; 8, 10, 11 are reserved).
-_MAT5_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 15, 16, 17, 18})
-_MAT5_MATRIX, _MAT5_COMPRESSED = 14, 15
-
-
-def _check_mat5_elements(path: str) -> None:
-    """Raise ValueError if a MATLAB v5 file holds an element tag with an invalid type.
-
-    scipy's reader looks the type code up in a C array without a bounds
-    check, so one corrupt tag crashes the interpreter instead of raising.
-    """
-    with open(path, "rb") as fh:
-        data = fh.read()
-    order = "<" if data[126:128] == b"IM" else ">"
-    _check_mat5_tags(data, 128, order)
-
-
-def _check_mat5_tags(buf: bytes, pos: int, order: str) -> None:
-    """Walk the tagged elements of `buf` from `pos`, into matrices and compressed blocks."""
-    while pos + 8 <= len(buf):
-        mdtype, count = struct.unpack_from(order + "II", buf, pos)
-        if mdtype >> 16:  # small data element: tag and up to 4 bytes in 8 bytes
-            mdtype, count, size = mdtype & 0xFFFF, mdtype >> 16, 8
-        else:
-            size = 8 + count + (0 if mdtype == _MAT5_COMPRESSED else -count % 8)
-        if mdtype not in _MAT5_TYPES:
-            raise ValueError(f"invalid element type {mdtype}")
-        body = buf[pos + 8: pos + 8 + count]
-        if mdtype == _MAT5_COMPRESSED:
-            _check_mat5_tags(zlib.decompress(body), 0, order)
-        elif mdtype == _MAT5_MATRIX:
-            _check_mat5_tags(body, 0, order)
-        pos += size
-
-
-def _check_matlab_class(path: str, name: str, cls: str) -> None:
-    """Reject a chosen MATLAB variable that is not numeric (char, cell, struct...)."""
-    if cls not in _MATLAB_NUMERIC:
-        raise SfaError(
-            f"{path}: variable '{name}' is a MATLAB {cls or 'object'}, not a numeric matrix"
-        )
-
-
-def _is_matlab_matrix(shape) -> bool:
-    """A MATLAB shape that is a matrix: MATLAB stores scalars and vectors as 2-D too."""
-    return len(shape) == 2 and min(shape) > 1
-
-
-def _mat73_shape(node) -> tuple:
-    """MATLAB's shape of a v7.3 variable (HDF5 stores it transposed)."""
-    if "MATLAB_sparse" in node.attrs:
-        return int(node.attrs["MATLAB_sparse"]), len(node["jc"]) - 1
-    if isinstance(node, h5py.Dataset) and node.attrs.get("MATLAB_empty", 0):
-        return tuple(int(d) for d in node[()].ravel()[::-1])
-    return tuple(reversed(node.shape)) if isinstance(node, h5py.Dataset) else ()
-
-
-def _mat73_class(node) -> str:
-    """MATLAB class of a v7.3 variable ('sparse' for a sparse one)."""
-    return "sparse" if "MATLAB_sparse" in node.attrs else _attr_str(node, "MATLAB_class")
-
-
-def _read_mat73(path: str, key: str | None):
-    """A variable of a MATLAB v7.3 file (HDF5 with MATLAB's layout)."""
-    with h5py.File(path, "r") as f:
-        variables = {name: node for name, node in f.items() if not name.startswith("#")}
-        contents = {name: _mat73_shape(node) for name, node in variables.items()}
-        candidates = [
-            name for name, node in variables.items()
-            if _mat73_class(node) in _MATLAB_NUMERIC and _is_matlab_matrix(contents[name])
-        ]
-        name = _pick(path, None if key is None else key.lstrip("/"), contents, candidates)
-        _check_matlab_class(path, name, _mat73_class(variables[name]))
-        return _read_mat73_variable(variables[name], contents[name])
-
-
-def _read_mat73_variable(node, shape: tuple):
-    """Dense (stored column-major, so transposed back) or sparse (CSC) variable."""
-    if "MATLAB_sparse" in node.attrs:
-        jc = node["jc"][()]
-        ir = node["ir"][()] if "ir" in node else np.zeros(0, np.int64)
-        data = node["data"][()] if "data" in node else np.zeros(0)
-        return sp.csc_matrix((_h5_values(data), ir, jc), shape=shape)
-    if node.attrs.get("MATLAB_empty", 0):
-        return np.zeros(shape)
-    return _h5_values(node[()]).T
+def _read_csr_group(path: str, size: int, group):
+    """CSR (or CSC, when the group says so or its indptr fits the columns) matrix."""
+    shown = printable(path)
+    shape = _csr_group_shape(group)
+    fields = {name: group[name] for name in ("data", "indices", "indptr")}
+    for node in fields.values():
+        _h5_check_dataset(node, size)
+        if node.ndim != 1:
+            raise ValueError(f"{printable(node.name)} is {_describe(node.shape)}, not 1-D")
+    _check_matrix_claim(shown, shape, _h5_claimed_dtype(shown, fields["data"].dtype))
+    encoding = (_attr_str(group, "encoding-type") or _attr_str(group, "h5sparse_format")).lower()
+    pointers = fields["indptr"].shape[0]
+    columns_major = encoding.startswith("csc") or (pointers - 1 == shape[1] != shape[0])
+    major = shape[1] if columns_major else shape[0]
+    entries = fields["data"].shape[0]
+    if pointers != major + 1:
+        raise ValueError(f"{printable(group.name)}/indptr holds {pointers} values; "
+                         f"a {_describe(shape)} matrix needs {major + 1}")
+    if fields["indices"].shape[0] != entries:
+        raise ValueError(f"{printable(group.name)} holds {entries} values but {fields['indices'].shape[0]} indices")
+    _check_sparse_claim(f"group {printable(group.name)}", shape, entries)
+    stored = sum(_nbytes(node.shape, node.dtype.itemsize) for node in fields.values())
+    _require_read_memory(shown, f"the {_describe(shape)} sparse matrix with {entries} entries of "
+                         f"{printable(group.name)}", 3 * stored, "free memory or use a machine with more")
+    arrays = (_h5_values(fields["data"][()]), fields["indices"][()], fields["indptr"][()])
+    kind = sp.csc_matrix if columns_major else sp.csr_matrix
+    return kind(arrays, shape=shape)
 
 
 def _h5_values(values: np.ndarray) -> np.ndarray:
@@ -488,6 +896,255 @@ def _h5_values(values: np.ndarray) -> np.ndarray:
     if values.dtype.names and {"real", "imag"} <= set(values.dtype.names):
         return values["real"] + 1j * values["imag"]
     return values.astype(np.float32) if values.dtype == np.float16 else values
+
+
+# ---------------------------------------------------------------------------
+# MATLAB
+# ---------------------------------------------------------------------------
+
+def _read_mat(path: str, key: str | None, size: int):
+    """A MATLAB variable: v4 and v5-v7 through scipy.io, v7.3 (HDF5 based) through h5py."""
+    if h5py.is_hdf5(path):
+        return _read_mat73(path, key, size)
+    if scipy.io.matlab.matfile_version(path)[0] == 0:
+        return _read_mat4(path, key, size)
+    return _read_mat5(path, key, size)
+
+
+def _matlab_pick(path: str, key: str | None, listed: dict) -> str:
+    """The variable to load, from ``{name: (shape, class)}``, and its class checked."""
+    contents = {name: shape for name, (shape, _) in listed.items()}
+    candidates = [name for name, (shape, cls) in listed.items()
+                  if cls in _MATLAB_NUMERIC and _is_matlab_matrix(shape)]
+    name = _pick(path, key, contents, candidates)
+    _check_matlab_class(path, name, listed[name][1])
+    return name
+
+
+def _read_mat4(path: str, key: str | None, size: int):
+    """A MATLAB v4 variable (uncompressed: its declared size must fit in the file)."""
+    listed = {name: (shape, cls) for name, shape, cls in scipy.io.whosmat(path)}
+    name = _matlab_pick(path, key, listed)
+    shape, _ = listed[name]
+    if math.prod(shape) > size:  # v4 stores at least one byte per value
+        raise ValueError(f"variable {printable(name)} declares {_describe(shape)} values in a {size}-byte file")
+    _require_read_memory(printable(path), f"variable {printable(name)} ({_describe(shape)})",
+                         16 * math.prod(shape), _HINT_NPY)
+    return scipy.io.loadmat(path, variable_names=[name])[name]
+
+
+# Data types a MATLAB v5 element tag may name (miINT8 .. miUTF32; 8, 10, 11 are reserved).
+_MAT5_TYPES = frozenset({1, 2, 3, 4, 5, 6, 7, 9, 12, 13, 14, 15, 16, 17, 18})
+_MAT5_MATRIX, _MAT5_COMPRESSED = 14, 15
+# mxCLASS codes, as whosmat names them; itemsize of the values.
+_MAT5_CLASSES = {
+    1: ("cell", 8), 2: ("struct", 8), 3: ("object", 8), 4: ("char", 2), 5: ("sparse", 8),
+    6: ("double", 8), 7: ("single", 4), 8: ("int8", 1), 9: ("uint8", 1), 10: ("int16", 2),
+    11: ("uint16", 2), 12: ("int32", 4), 13: ("uint32", 4), 14: ("int64", 8), 15: ("uint64", 8),
+    16: ("function", 8), 17: ("opaque", 8),
+}
+_MAT5_PEEK = 4096
+
+
+class _Mat5Variable:
+    """One top-level variable of a v5 file: where its element lies and what its header declares."""
+
+    def __init__(self, pos: int, length: int, compressed: bool, header: bytes, order: str):
+        self.pos, self.length, self.compressed = pos, length, compressed
+        fields = list(_mat5_subelements(header, 8, order, 3))
+        if len(fields) < 3:
+            raise ValueError(f"variable header at byte {pos} is truncated")
+        (_, flags), (_, dims), (_, name) = fields
+        if len(flags) < 8:
+            raise ValueError(f"variable header at byte {pos}: array flags are truncated")
+        word, self.nzmax = struct.unpack(order + "II", flags[:8])
+        self.cls, self.itemsize = _MAT5_CLASSES.get(word & 0xFF, ("unknown", 8))
+        if word & 0x200 and self.cls == "uint8":
+            self.cls = "logical"
+        self.complex = bool(word & 0x800)
+        self.shape = tuple(struct.unpack(f"{order}{len(dims) // 4}i", dims[: len(dims) // 4 * 4]))
+        self.name = name.decode("latin-1")
+        if min(self.shape, default=0) < 0:
+            raise ValueError(f"variable {printable(self.name)} has negative dimensions {self.shape}")
+
+    def inflated_bound(self) -> int:
+        """Most bytes the variable's element can take, by its declared shape."""
+        if self.cls == "sparse":
+            cols = self.shape[1] if len(self.shape) > 1 else 1
+            values = self.nzmax * 8 * (2 if self.complex else 1)
+            return _MAT5_PEEK + self.nzmax * 8 + (cols + 1) * 8 + values
+        return _MAT5_PEEK + math.prod(self.shape) * self.itemsize * (2 if self.complex else 1)
+
+
+def _mat5_subelements(buf: bytes, pos: int, order: str, count: int):
+    """The first `count` (type, data) sub-elements of `buf` from `pos`, their types checked."""
+    for _ in range(count):
+        if pos + 8 > len(buf):
+            return
+        mdtype, nbytes = struct.unpack_from(order + "II", buf, pos)
+        if mdtype >> 16:  # small data element: tag and up to 4 bytes in 8 bytes
+            mdtype, nbytes = mdtype & 0xFFFF, mdtype >> 16
+            data, pos = buf[pos + 4: pos + 4 + nbytes], pos + 8
+        else:
+            data, pos = buf[pos + 8: pos + 8 + nbytes], pos + 8 + nbytes + (-nbytes % 8)
+        if mdtype not in _MAT5_TYPES:
+            raise ValueError(f"invalid element type {mdtype}")
+        yield mdtype, data
+
+
+def _mat5_variables(fh, size: int, order: str) -> dict[str, _Mat5Variable]:
+    """Every top-level variable, from its tag and the first bytes of its header only."""
+    variables, pos = {}, 128
+    while pos + 8 <= size:
+        fh.seek(pos)
+        mdtype, count = struct.unpack(order + "II", fh.read(8))
+        if mdtype not in (_MAT5_MATRIX, _MAT5_COMPRESSED):
+            raise ValueError(f"invalid element type {mdtype}" if mdtype not in _MAT5_TYPES
+                             else f"element at byte {pos} of type {mdtype} is not a variable")
+        if count > size - pos - 8:
+            raise ValueError(f"element at byte {pos} declares {count} bytes; the file ends {size - pos - 8} later")
+        if mdtype == _MAT5_COMPRESSED:
+            header = zlib.decompressobj().decompress(fh.read(min(count, _MAT5_PEEK)), _MAT5_PEEK)
+            if struct.unpack_from(order + "I", header.ljust(4, b"\0"))[0] != _MAT5_MATRIX:
+                raise ValueError(f"compressed element at byte {pos} holds no variable")
+        else:
+            header = struct.pack(order + "II", mdtype, count) + fh.read(min(count, _MAT5_PEEK))
+        length = 8 + count + (0 if mdtype == _MAT5_COMPRESSED else -count % 8)
+        variable = _Mat5Variable(pos, length, mdtype == _MAT5_COMPRESSED, header, order)
+        variables.setdefault(variable.name, variable)  # MATLAB keeps the first of a repeated name
+        pos += length
+    return variables
+
+
+def _read_mat5(path: str, key: str | None, size: int):
+    """A MATLAB v5-v7 variable: only its element is read (and inflated, capped by its declared shape)."""
+    shown = printable(path)
+    with open(path, "rb") as fh:
+        head = fh.read(128)
+        order = "<" if head[126:128] == b"IM" else ">"
+        variables = _mat5_variables(fh, size, order)
+        listed = {name: (v.shape, v.cls) for name, v in variables.items()}
+        name = _matlab_pick(path, key, listed)
+        variable = variables[name]
+        if variable.complex:
+            raise SfaError(f"{shown}: complex matrices are not supported yet")
+        bound = variable.inflated_bound()
+        _require_read_memory(shown, f"variable {printable(name)} ({_describe(variable.shape)} {variable.cls})",
+                             bound + 8 * math.prod(variable.shape[:2]) * (variable.cls != "sparse"),
+                             "save it as MATLAB v7.3 (save -v7.3) or as .npy, which sfa reads memory-mapped")
+        fh.seek(variable.pos)
+        element = fh.read(variable.length)
+    if variable.compressed:
+        where = f"variable {printable(name)}"
+        _check_inflation(where, bound, variable.length)
+        element = _inflate_capped(element[8:], bound, where)
+    _check_mat5_tags(element, 0, order)
+    # scipy sees a file holding this one variable: nothing else is parsed or inflated.
+    loaded = scipy.io.loadmat(io.BytesIO(head + element))
+    return next(value for key_, value in loaded.items() if not key_.startswith("__"))
+
+
+def _inflate_capped(data: bytes, cap: int, where: str) -> bytes:
+    """zlib-inflate `data`, refusing output beyond `cap` bytes (never produced)."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, cap + 1)
+    if len(out) > cap:
+        raise ValueError(f"{where} inflates beyond the {human_bytes(cap)} its declared shape allows")
+    return out
+
+
+def _check_mat5_tags(buf: bytes, pos: int, order: str) -> None:
+    """Walk the tagged elements of `buf` from `pos`, into matrices and compressed blocks.
+
+    scipy's reader looks the type code up in a C array without a bounds
+    check, so one corrupt tag crashes the interpreter instead of raising.
+    """
+    while pos + 8 <= len(buf):
+        mdtype, count = struct.unpack_from(order + "II", buf, pos)
+        if mdtype >> 16:  # small data element: tag and up to 4 bytes in 8 bytes
+            mdtype, count, size = mdtype & 0xFFFF, mdtype >> 16, 8
+        else:
+            size = 8 + count + (0 if mdtype == _MAT5_COMPRESSED else -count % 8)
+        if mdtype not in _MAT5_TYPES:
+            raise ValueError(f"invalid element type {mdtype}")
+        body = buf[pos + 8: pos + 8 + count]
+        if mdtype == _MAT5_COMPRESSED:
+            raise ValueError("a compressed element nested inside a variable")
+        if mdtype == _MAT5_MATRIX:
+            _check_mat5_tags(body, 0, order)
+        pos += size
+
+
+def _check_matlab_class(path: str, name: str, cls: str) -> None:
+    """Reject a chosen MATLAB variable that is not numeric (char, cell, struct...)."""
+    if cls not in _MATLAB_NUMERIC:
+        raise SfaError(
+            f"{printable(path)}: variable '{printable(name)}' is a MATLAB {cls or 'object'}, not a numeric matrix"
+        )
+
+
+def _is_matlab_matrix(shape) -> bool:
+    """A MATLAB shape that is a matrix: MATLAB stores scalars and vectors as 2-D too."""
+    return len(shape) == 2 and min(shape) > 1
+
+
+def _mat73_shape(node) -> tuple:
+    """MATLAB's shape of a v7.3 variable (HDF5 stores it transposed)."""
+    if "MATLAB_sparse" in node.attrs:
+        jc = node.get("jc") if isinstance(node, h5py.Group) else None
+        if not isinstance(jc, h5py.Dataset) or jc.ndim != 1:
+            raise ValueError(f"sparse variable {printable(node.name)} has no jc dataset")
+        return int(node.attrs["MATLAB_sparse"]), jc.shape[0] - 1
+    if isinstance(node, h5py.Dataset) and node.attrs.get("MATLAB_empty", 0):
+        return tuple(int(d) for d in _h5_small(node, printable(node.name))[::-1])
+    return tuple(reversed(node.shape or ())) if isinstance(node, h5py.Dataset) else ()
+
+
+def _mat73_class(node) -> str:
+    """MATLAB class of a v7.3 variable ('sparse' for a sparse one)."""
+    return "sparse" if "MATLAB_sparse" in node.attrs else _attr_str(node, "MATLAB_class")
+
+
+def _read_mat73(path: str, key: str | None, size: int):
+    """A variable of a MATLAB v7.3 file (HDF5 with MATLAB's layout); external links skipped."""
+    with h5py.File(path, "r") as f:
+        variables = {
+            name: f[name] for name in f.keys()
+            if not name.startswith("#") and isinstance(f.get(name, getlink=True), h5py.HardLink)
+        }
+        listed = {name: (_mat73_shape(node), _mat73_class(node)) for name, node in variables.items()}
+        name = _matlab_pick(path, None if key is None else key.lstrip("/"), listed)
+        return _read_mat73_variable(path, size, variables[name], listed[name][0])
+
+
+def _read_mat73_variable(path: str, size: int, node, shape: tuple):
+    """Dense (stored column-major, so transposed back) or sparse (CSC) variable, claims checked first."""
+    shown = printable(path)
+    if "MATLAB_sparse" in node.attrs:
+        fields = {name: node[name] for name in ("jc", "ir", "data") if name in node}
+        for field in fields.values():
+            _h5_check_dataset(field, size)
+        entries = fields["ir"].shape[0] if "ir" in fields else 0
+        if entries != (fields["data"].shape[0] if "data" in fields else 0):
+            raise ValueError(f"sparse variable {printable(node.name)}: ir and data differ in length")
+        if "data" in fields:
+            _h5_claimed_dtype(shown, fields["data"].dtype)
+        _check_sparse_claim(f"variable {printable(node.name)}", shape, entries)
+        stored = sum(_nbytes(d.shape, d.dtype.itemsize) for d in fields.values())
+        _require_read_memory(shown, f"the {_describe(shape)} sparse variable {printable(node.name)}",
+                             3 * stored, "free memory or use a machine with more")
+        jc = fields["jc"][()]
+        ir = fields["ir"][()] if "ir" in fields else np.zeros(0, np.int64)
+        data = fields["data"][()] if "data" in fields else np.zeros(0)
+        return sp.csc_matrix((_h5_values(data), ir, jc), shape=shape)
+    if node.attrs.get("MATLAB_empty", 0):
+        _check_matrix_claim(shown, shape, np.dtype(np.float64))
+        return np.zeros(shape)
+    _check_matrix_claim(shown, shape, _h5_claimed_dtype(shown, node.dtype))
+    _h5_check_dataset(node, size)
+    _require_read_memory(shown, f"variable {printable(node.name)} ({_describe(shape)} {node.dtype})",
+                         _dense_read_bytes(shape, node.dtype), _HINT_NPY)
+    return _h5_values(node[()]).T
 
 
 _READERS = {
@@ -654,52 +1311,211 @@ def _first_position(A, bad: np.ndarray) -> tuple[int, int]:
     return int(row), int(col)
 
 
+
+
 # ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
 
-def check_writable(path, force: bool) -> None:
-    """Refuse to overwrite an existing file unless `force`, and never a directory.
+def check_output(path, *, suffixes, force: bool, others=()) -> Path:
+    """Check an output path before any work is done for it.
+
+    Parameters
+    ----------
+    path : str or path-like
+        Where the output will be written.
+    suffixes : sequence of str or None
+        The extensions its writer supports (``(".npz", ".h5", ".hdf5")``);
+        None accepts any name.
+    force : bool
+        Whether an existing regular file may be replaced (``--force``).
+    others : sequence of str or path-like or None
+        The command's other outputs (None entries ignored): `path` must differ
+        from each, so ``-o out.npz --report out.npz`` is refused.
+
+    Returns
+    -------
+    pathlib.Path
 
     Raises
     ------
     SfaError
-        ``<path> exists; use --force to overwrite``.
+        Unsupported extension; missing directory (never created silently), not
+        a directory or not writable; `path` is a directory, a FIFO or a device
+        (refused even with force); it exists and not `force`; or it is also
+        another output. The CLI shows it as one ``Error:`` line, exit 1.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise SfaError(f"{path} is a directory; give a file name")
-    if path.exists() and not force:
-        raise SfaError(f"{path} exists; use --force to overwrite")
+    raw = os.fspath(path)
+    shown = printable(raw)
+    if suffixes is not None and _extension(raw, suffixes) is None:
+        raise SfaError(f"{shown}: unsupported output type; use {', '.join(suffixes)}")
+    target = Path(raw)
+    parent = target.parent
+    if not parent.exists():
+        raise SfaError(f"{shown}: directory {printable(parent)} does not exist (sfa does not create it)")
+    if not parent.is_dir():
+        raise SfaError(f"{shown}: {printable(parent)} is not a directory")
+    try:
+        st = os.stat(target)
+    except FileNotFoundError:
+        st = None
+    except OSError as exc:
+        raise SfaError(f"{shown}: cannot write: {_short_reason(exc)}") from None
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            raise SfaError(f"{shown} is a directory; give a file name")
+        if not stat.S_ISREG(st.st_mode):
+            raise SfaError(f"{shown} is {_file_kind(st.st_mode)}; sfa writes regular files only")
+        if not force:
+            raise SfaError(f"{shown} exists; use --force to overwrite")
+    _probe_directory(parent, shown)
+    for other in others:
+        if other is not None and _same_path(raw, os.fspath(other)):
+            raise SfaError(f"{shown}: given for two outputs; give each output its own file")
+    return target
+
+
+def check_writable(path, force: bool) -> None:
+    """Refuse to overwrite an existing file unless `force`, and never a directory or special file.
+
+    :func:`check_output` without an extension check (kept for existing callers).
+
+    Raises
+    ------
+    SfaError
+        ``<path> exists; use --force to overwrite``, and the refusals of :func:`check_output`.
+    """
+    check_output(path, suffixes=None, force=force)
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two output names lead to the same file (links and ``..`` resolved)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _probe_directory(directory: Path, shown: str) -> None:
+    """Create and remove a file in `directory`: the one honest test that writing there works."""
+    probe = directory / f".sfa-probe-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+    except OSError as exc:
+        raise SfaError(f"{shown}: cannot write in {printable(directory)}: {_short_reason(exc)}") from None
 
 
 @contextlib.contextmanager
-def atomic_output(path):
-    """Write to a temporary file next to `path`, renamed onto it on success.
+def atomic_output(path, *, force: bool = True):
+    """Write to a temporary file next to `path`; fsync it and move it onto `path` on success.
 
     The temporary name keeps the extension (``name.tmp-1a2b3c4d.npz``) so
-    writers that dispatch on it work. It is deleted when the body raises,
-    KeyboardInterrupt included. Parent directories are created.
+    writers that dispatch on it work. On any failure (the body raising,
+    KeyboardInterrupt, a full disk) the temporary (and any name a writer
+    derived from it, such as ``np.save``'s added ``.npy``) is removed and
+    nothing appears under `path`. The directory must exist.
+
+    Parameters
+    ----------
+    path : str or path-like
+        The final name.
+    force : bool, default=True
+        True replaces whatever `path` holds when the write completes. False
+        commits with an exclusive link: if `path` appeared meanwhile (another
+        run writing the same output), the write is refused and removed.
 
     Yields
     ------
     pathlib.Path
         The temporary path to write (not created yet).
+
+    Raises
+    ------
+    SfaError
+        The write failed (``out.npz: cannot write: [Errno 28] No space left
+        on device``), the writer produced no file, or `path` exists and not `force`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    shown = printable(path)
+    if not path.parent.is_dir():
+        raise SfaError(f"{shown}: directory {printable(path.parent)} does not exist (sfa does not create it)")
     suffix = _extension(path.name) or path.suffix
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     tmp = path.with_name(f"{stem}.tmp-{secrets.token_hex(4)}{suffix}")
     try:
         yield tmp
-        os.replace(tmp, path)
+        if not tmp.is_file():
+            raise SfaError(f"{shown}: the writer produced no file")
+        _fsync(tmp)
+        _commit(tmp, path, force, shown)
+    except OSError as exc:
+        _remove_temporaries(tmp)
+        raise SfaError(f"{shown}: cannot write: {_short_reason(exc)}") from exc
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        _remove_temporaries(tmp)
         raise
 
 
-def save_matrix(path, A) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data to the device (errors a write-back cache kept surface here)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: Path, path: Path, force: bool, shown: str) -> None:
+    """Move the finished temporary onto `path`: replacing it, or only if `path` does not exist."""
+    if force:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)  # atomic, and fails if `path` exists
+        except FileExistsError:
+            raise SfaError(f"{shown} exists (written meanwhile by another run?); use --force to overwrite") from None
+        except OSError:  # no hard links here: claim the name exclusively, then replace the claim
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                raise SfaError(f"{shown} exists (written meanwhile by another run?); "
+                               f"use --force to overwrite") from None
+            os.replace(tmp, path)
+        else:
+            tmp.unlink()
+    with contextlib.suppress(OSError):  # make the rename itself durable where the platform allows
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _remove_temporaries(tmp: Path) -> None:
+    """Remove `tmp` and any file a writer named after it (``tmp.npy``); never raises."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(tmp.parent):
+            if name.startswith(tmp.name):
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp.parent / name)
+
+
+def _require_disk(path: Path, nbytes: int) -> None:
+    """Refuse before writing when the directory's filesystem has less than `nbytes` free."""
+    try:
+        st = os.statvfs(path.parent)
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if nbytes > free:
+        raise SfaError(f"{printable(path)}: needs at least {human_bytes(nbytes)} of disk; "
+                       f"{human_bytes(free)} free in {printable(path.parent)}")
+
+
+def save_matrix(path, A, *, force: bool = True) -> None:
     """Write a dense or sparse matrix, atomically, in the format of its extension.
 
     Parameters
@@ -710,41 +1526,79 @@ def save_matrix(path, A) -> None:
         ``A``, or CSR group ``A`` with data/indices/indptr and a ``shape``
         attribute) or ``.mat`` (variable ``A``).
     A : ndarray or scipy sparse matrix of shape (n, m)
+    force : bool, default=True
+        Passed to :func:`atomic_output`: False refuses when `path` exists at the end.
     """
+    path = Path(path)
     ext = _extension(path)
     if ext is None:
         raise SfaError(
-            f"{path}: unknown file type; sfa writes {', '.join(SUPPORTED_EXTENSIONS)}"
+            f"{printable(path)}: unknown file type; sfa writes {', '.join(SUPPORTED_EXTENSIONS)}"
         )
     A = _canonical_csr(A) if sp.issparse(A) else np.asarray(A)
     if ext == ".npy" and sp.issparse(A):
         raise SfaError(
-            f"{path}: .npy holds dense arrays only; use .npz, .mtx or .h5 for a sparse matrix"
+            f"{printable(path)}: .npy holds dense arrays only; use .npz, .mtx or .h5 for a sparse matrix"
         )
-    with atomic_output(path) as tmp:
+    stored = A.data.nbytes + A.indices.nbytes + A.indptr.nbytes if sp.issparse(A) else A.nbytes
+    _require_disk(path, 0 if ext == ".mtx.gz" else stored)
+    with atomic_output(path, force=force) as tmp:
         _WRITERS[ext](tmp, A)
+
+
+class _CountingWriter:
+    """A binary file that counts the bytes it is given, so a short write can be caught."""
+
+    def __init__(self, fh):
+        self.fh, self.count = fh, 0
+
+    def write(self, data) -> int:
+        written = self.fh.write(data)
+        self.count += len(data)
+        return written
+
+    def __getattr__(self, name):
+        return getattr(self.fh, name)
 
 
 def _write_npz(tmp: Path, A) -> None:
     """Dense: ``numpy.savez`` with key ``A``; sparse: ``scipy.sparse.save_npz``."""
-    if sp.issparse(A):
-        sp.save_npz(tmp, A)
-    else:
-        np.savez(tmp, A=A)
+    with open(tmp, "xb") as fh:  # Python file objects raise on a failed write
+        if sp.issparse(A):
+            sp.save_npz(fh, A)
+        else:
+            np.savez(fh, A=A)
+
+
+def _write_npy(tmp: Path, A) -> None:
+    """``numpy.save`` to exactly `tmp` (numpy would append ``.npy`` to a path)."""
+    with open(tmp, "xb") as fh:
+        np.save(fh, A)
 
 
 def _write_mtx(tmp: Path, A) -> None:
-    """Matrix Market (coordinate for sparse, array for dense), gzipped for ``.gz``."""
-    if tmp.name.lower().endswith(".gz"):
-        with gzip.open(tmp, "wb") as fh:
-            scipy.io.mmwrite(fh, A)
-    else:
-        scipy.io.mmwrite(tmp, A)
+    """Matrix Market (coordinate for sparse, array for dense), gzipped for ``.gz``.
+
+    scipy's writer given a path ignores a full disk and reports success, so it
+    writes through a Python file object, which raises, and the byte count is
+    checked against the file.
+    """
+    with open(tmp, "xb") as raw:
+        counting = _CountingWriter(raw)
+        if tmp.name.lower().endswith(".gz"):
+            with gzip.GzipFile(fileobj=counting, mode="wb") as fh:
+                scipy.io.mmwrite(fh, A)
+        else:
+            scipy.io.mmwrite(counting, A)
+        raw.flush()
+        size = os.fstat(raw.fileno()).st_size
+    if size != counting.count:
+        raise OSError(f"wrote {size} of {counting.count} bytes")
 
 
 def _write_h5(tmp: Path, A) -> None:
     """Dataset ``A``, or a CSR group ``A`` that :func:`load_matrix` and anndata read."""
-    with h5py.File(tmp, "w") as f:
+    with h5py.File(tmp, "x") as f:
         if not sp.issparse(A):
             f.create_dataset("A", data=A)
             return
@@ -755,12 +1609,18 @@ def _write_h5(tmp: Path, A) -> None:
         group.attrs["encoding-type"] = "csr_matrix"
 
 
+def _write_mat(tmp: Path, A) -> None:
+    """Variable ``A`` of a MATLAB v5 file."""
+    with open(tmp, "xb") as fh:
+        scipy.io.savemat(fh, {"A": A})
+
+
 _WRITERS = {
     ".npz": _write_npz,
-    ".npy": lambda tmp, A: np.save(tmp, A),
+    ".npy": _write_npy,
     ".mtx": _write_mtx,
     ".mtx.gz": _write_mtx,
     ".h5": _write_h5,
     ".hdf5": _write_h5,
-    ".mat": lambda tmp, A: scipy.io.savemat(tmp, {"A": A}),
+    ".mat": _write_mat,
 }

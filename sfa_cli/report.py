@@ -274,6 +274,7 @@ def plot_comparisons(path, done) -> None:
 def save_approximations(directory, matrix_path, comparison, force: bool) -> list[Path]:
     """Save every kept approximation as DIR/<matrix stem>.<method>[.b<budget>].npz."""
     directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)  # --save-dir names a directory to fill; outputs never make one
     stem = Path(str(matrix_path).split(":")[0]).name.split(".")[0]
     written = []
     for r in comparison.results:

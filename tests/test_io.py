@@ -449,7 +449,8 @@ def test_pickled_object_arrays_are_never_unpickled(tmp_path, cli_error, ext):
     else:
         np.savez(p, A=objects)
     line = cli_error("info", p)
-    assert "Object arrays cannot be loaded when allow_pickle=False" in line
+    assert "holds Python objects (a pickled object array); sfa never unpickles" in line
+    assert "allow_pickle" not in line
     assert not marker.exists()
 
 
@@ -470,6 +471,10 @@ def test_debug_shows_the_traceback(tmp_path, run_cli):
 # ---------------------------------------------------------------------------
 
 def test_atomic_output_success_and_failure(tmp_path):
+    with pytest.raises(SfaError, match=r"sub/out.npz: directory .*sub does not exist \(sfa does not create it\)$"):
+        with atomic_output(tmp_path / "sub" / "out.npz"):
+            pass
+    (tmp_path / "sub").mkdir()
     final = tmp_path / "sub" / "out.npz"
     with atomic_output(final) as tmp:
         assert tmp.parent == final.parent and tmp.name.endswith(".npz") and not tmp.exists()
