@@ -184,9 +184,9 @@ def _write_npz(path: Path, arrays: dict, meta: dict) -> None:
 
 
 def _write_h5(path: Path, arrays: dict, meta: dict) -> None:
-    import h5py
+    from sfa_cli.io import h5_output  # built in memory: HDF5 never meets a full disk
 
-    with h5py.File(path, "w") as f:
+    with h5_output(path) as f:
         for key, a in arrays.items():
             f.create_dataset(_h5_path(key), data=a)
         f.attrs["meta"] = json.dumps(meta)

@@ -29,15 +29,18 @@ Example
 from __future__ import annotations
 
 import contextlib
+import gc
 import gzip
 import io
 import math
 import os
+import re
 import secrets
 import stat
 import struct
 import sys
 import tokenize
+import traceback
 import zipfile
 import zlib
 from pathlib import Path
@@ -59,6 +62,7 @@ __all__ = [
     "as_square_matrix",
     "require_regular_file",
     "atomic_output",
+    "h5_output",
     "check_output",
     "check_writable",
     "save_matrix",
@@ -348,9 +352,14 @@ def _check_sparse_claim(where: str, shape: tuple, entries: int) -> None:
     n = max(int(d) for d in shape) if shape else 0
     if n >= _EMPTY_ROWS_FROM and 2 * entries < n:
         raise ValueError(
-            f"{where} declares {_describe(shape)} with {entries} entries: most rows would be empty "
+            f"{where} declares {_describe(shape)} with {_entries(entries)}: most rows would be empty "
             f"(sfa needs at least N/2 entries above N = {_EMPTY_ROWS_FROM})"
         )
+
+
+def _entries(count: int) -> str:
+    """``'1 entry'``, ``'3 entries'``."""
+    return f"{count} entry" if count == 1 else f"{count} entries"
 
 
 def _require_read_memory(shown: str, what: str, nbytes: int, hint: str) -> None:
@@ -531,13 +540,24 @@ class _Npz:
             if header.offset + header.nbytes > info.file_size:
                 raise ValueError(f"{where}: its header declares {header.claim()} "
                                  f"but the member holds {info.file_size} bytes")
-            _check_inflation(where, info.file_size, info.compress_size)
             self._headers[name] = header
         return self._headers[name]
 
+    def shape_or_none(self, name: str):
+        """Member `name`'s declared shape for a listing; None when its header is unreadable.
+
+        A broken member that is not asked for does not stop the others being read.
+        """
+        try:
+            return self.header(name).shape
+        except (ValueError, SfaError):
+            return None
+
     def read(self, name: str, hint: str) -> np.ndarray:
-        """Member `name`'s array: inflated up to its declared size, after a memory check."""
+        """Member `name`'s array: inflated up to its declared size, after bomb and memory checks."""
         header = self.header(name)
+        info = self.infos[name]
+        _check_inflation(f"member {printable(name)}", info.file_size, info.compress_size)
         _require_read_memory(self.shown, f"member {printable(name)} ({header.claim()})",
                              _dense_read_bytes(header.shape, header.dtype), hint)
         with self.archive.open(self.infos[name]) as fh:
@@ -565,8 +585,12 @@ def _read_npz(path: str, key: str | None, size: int):
         if key is not None and key in npz.infos:
             name = key
         else:
-            contents = {name: npz.header(name).shape for name in npz.infos}
-            candidates = [name for name, shape in contents.items() if len(shape) == 2]
+            shapes = {name: npz.shape_or_none(name) for name in npz.infos}
+            contents = {name: ("unreadable",) if shape is None else shape for name, shape in shapes.items()}
+            candidates = [name for name, shape in shapes.items() if shape is not None and len(shape) == 2]
+            broken = [name for name, shape in shapes.items() if shape is None]
+            if key is None and not candidates and broken:
+                npz.header(broken[0])  # raises the reason the member cannot be read
             name = _pick(path, key, contents, candidates)
         header = npz.header(name)
         _check_matrix_claim(f"{shown}:{printable(name)}", header.shape, header.dtype)
@@ -590,6 +614,8 @@ def _read_sparse_npz(npz: _Npz):
     if missing:
         raise ValueError(f"{fmt} matrix without member {missing[0]}")
     headers = {m: npz.header(m) for m in _SPARSE_NPZ_MEMBERS[fmt]}
+    for member in headers:
+        _check_inflation(f"member {member}", npz.infos[member].file_size, npz.infos[member].compress_size)
     entries = headers["data"].count
     if fmt in ("csr", "csc"):
         major = shape[0] if fmt == "csr" else shape[1]
@@ -604,7 +630,7 @@ def _read_sparse_npz(npz: _Npz):
         _check_sparse_claim("the file", shape, entries)
     stored = sum(h.nbytes for h in headers.values())
     # scipy reads the members, then sfa makes canonical CSR (up to two more copies).
-    _require_read_memory(npz.shown, f"a {_describe(shape)} sparse matrix with {entries} entries",
+    _require_read_memory(npz.shown, f"a {_describe(shape)} sparse matrix with {_entries(entries)}",
                          3 * stored + 8 * (max(shape) + 1), "free memory or use a machine with more")
     return sp.load_npz(npz.path)
 
@@ -677,7 +703,7 @@ def _read_mtx(path: str, key: str | None, size: int):
     opener = gzip.open if compressed else open
     with opener(path, "rb") as fh:
         header = _read_mtx_header(fh)
-        claim = f"the header declares {_describe(header.shape)} with {header.entries} entries"
+        claim = f"the header declares {_describe(header.shape)} with {_entries(header.entries)}"
         body_min = header.entries * header.min_entry_bytes() - 1
         if not compressed and body_min > size - header.length:
             raise ValueError(f"{claim}, but only {size - header.length} bytes follow the header "
@@ -692,7 +718,7 @@ def _read_mtx(path: str, key: str | None, size: int):
             estimate = size + 16 * math.prod(header.shape)
             hint = _HINT_NPY
         # For .gz the text is unknown yet: its cap below keeps it within the estimate.
-        _require_read_memory(shown, f"the {_describe(header.shape)} matrix with {header.entries} entries its header declares",
+        _require_read_memory(shown, f"the {_describe(header.shape)} matrix with {_entries(header.entries)} its header declares",
                              estimate, hint)
         if compressed:
             cap = max(_MTX_HEADER_MAX, header.length + 256 * header.entries)
@@ -880,7 +906,7 @@ def _read_csr_group(path: str, size: int, group):
         raise ValueError(f"{printable(group.name)} holds {entries} values but {fields['indices'].shape[0]} indices")
     _check_sparse_claim(f"group {printable(group.name)}", shape, entries)
     stored = sum(_nbytes(node.shape, node.dtype.itemsize) for node in fields.values())
-    _require_read_memory(shown, f"the {_describe(shape)} sparse matrix with {entries} entries of "
+    _require_read_memory(shown, f"the {_describe(shape)} sparse matrix with {_entries(entries)} of "
                          f"{printable(group.name)}", 3 * stored, "free memory or use a machine with more")
     arrays = (_h5_values(fields["data"][()]), fields["indices"][()], fields["indptr"][()])
     kind = sp.csc_matrix if columns_major else sp.csr_matrix
@@ -1451,12 +1477,52 @@ def atomic_output(path, *, force: bool = True):
             raise SfaError(f"{shown}: the writer produced no file")
         _fsync(tmp)
         _commit(tmp, path, force, shown)
-    except OSError as exc:
+    except BaseException as exc:
+        reason = _write_failure(exc)
+        if reason is None:
+            _remove_temporaries(tmp)
+            raise
+        _release_writer(exc)
         _remove_temporaries(tmp)
-        raise SfaError(f"{shown}: cannot write: {_short_reason(exc)}") from exc
-    except BaseException:
-        _remove_temporaries(tmp)
-        raise
+        raise SfaError(f"{shown}: cannot write: {reason}") from None
+
+
+def _write_failure(exc: BaseException) -> str | None:
+    """``'[Errno 28] No space left on device'`` for a failed write; None for other exceptions.
+
+    HDF5 reports a failed write as a RuntimeError holding ``errno = 28`` in
+    several lines of detail; the errno's own words replace them.
+    """
+    code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+    if isinstance(exc, RuntimeError):
+        found = re.search(r"errno = (\d+)", str(exc))
+        if found is None:
+            return None
+        code = int(found.group(1))
+    elif not isinstance(exc, OSError):
+        return None
+    return f"[Errno {code}] {os.strerror(code)}" if code else _short_reason(exc)
+
+
+def _release_writer(exc: BaseException) -> None:
+    """Free what a failed writer still holds (h5py handles), its complaints kept off stderr.
+
+    The writer's frames live on in the traceback; h5py objects freed later try
+    to flush to the full disk and print "Exception ignored" lines. Freed here,
+    while those complaints are dropped, the error stays one line.
+    """
+    previous = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        seen = set()
+        while exc is not None and id(exc) not in seen:
+            seen.add(id(exc))
+            traceback.clear_frames(exc.__traceback__)
+            exc.__traceback__ = None
+            exc = exc.__context__
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
 
 
 def _fsync(path: Path) -> None:
@@ -1596,9 +1662,33 @@ def _write_mtx(tmp: Path, A) -> None:
         raise OSError(f"wrote {size} of {counting.count} bytes")
 
 
+@contextlib.contextmanager
+def h5_output(path):
+    """An HDF5 file built in memory, written to `path` (created, never replaced) when the block ends.
+
+    HDF5 that meets a full disk while writing can leave its library state
+    broken and crash the interpreter when its objects are freed; built in
+    memory it never meets the disk, and Python's own write then raises a
+    clean OSError. Use inside :func:`atomic_output`::
+
+        with atomic_output(path) as tmp, h5_output(tmp) as f:
+            f.create_dataset("A", data=A)
+
+    Yields
+    ------
+    h5py.File
+        Open for writing; the file image costs its size in memory.
+    """
+    image = io.BytesIO()
+    with h5py.File(image, "w") as f:
+        yield f
+    with open(path, "xb") as fh:
+        fh.write(image.getbuffer())
+
+
 def _write_h5(tmp: Path, A) -> None:
     """Dataset ``A``, or a CSR group ``A`` that :func:`load_matrix` and anndata read."""
-    with h5py.File(tmp, "x") as f:
+    with h5_output(tmp) as f:
         if not sp.issparse(A):
             f.create_dataset("A", data=A)
             return
