@@ -230,9 +230,27 @@ def load_matrix(spec):
         raw = reader(path, key, size)
     except _READ_ERRORS as exc:
         raise SfaError(f"{shown}: cannot read as {fmt}: {_short_reason(exc)}") from exc
-    if isinstance(raw, np.memmap):
-        return _checked_memmap(raw, shown)
-    return as_square_matrix(raw, name=shown)
+    A = _checked_memmap(raw, shown) if isinstance(raw, np.memmap) else as_square_matrix(raw, name=shown)
+    _check_magnitude(A, shown)
+    return A
+
+
+def _check_magnitude(A, shown: str) -> None:
+    """Refuse entries so large that ||A||_F^2 overflows the matrix's dtype.
+
+    Every method measures errors through sums of squares; at this size they
+    become Inf and every result NaN, with warnings instead of an answer.
+    """
+    values = A.data if sp.issparse(A) else A
+    if values.size == 0:
+        return
+    largest = max(float(np.abs(block).max()) for block in _row_blocks(values))
+    limit = float(np.sqrt(np.finfo(values.dtype).max)) / (16 * A.shape[0])
+    if largest > limit:
+        raise SfaError(
+            f"{shown}: entries up to {largest:.3g} in magnitude; at N = {A.shape[0]} in {values.dtype}, "
+            f"sums of squares overflow above {limit:.3g}: rescale the matrix (divide it by {largest / limit * 16:.3g})"
+        )
 
 
 def load_array(path) -> np.ndarray:
@@ -373,7 +391,7 @@ def _check_matrix_claim(shown: str, shape: tuple, dtype: np.dtype) -> None:
     Worded as :func:`as_square_matrix` words them, which runs again on what is read.
     """
     if dtype.hasobject:
-        raise SfaError(f"{shown}: holds Python objects (a pickled object array); sfa never unpickles")
+        raise SfaError(f"{shown}: holds Python objects (dtype object), not numbers")
     if dtype.kind == "c":
         raise SfaError(f"{shown}: complex matrices are not supported yet")
     if dtype.kind not in "biuf":
@@ -474,7 +492,7 @@ def _checked_memmap(A: np.memmap, shown: str) -> np.memmap:
 
 
 def _row_blocks(A: np.ndarray):
-    """Views of consecutive row blocks of about _BLOCK_BYTES each."""
+    """Views of consecutive row blocks (of a 1-D or 2-D array) of about _BLOCK_BYTES each."""
     rows = max(1, _BLOCK_BYTES // max(1, A[:1].nbytes))
     for start in range(0, A.shape[0], rows):
         yield A[start:start + rows]

@@ -449,3 +449,18 @@ def test_approximation_files_are_written_through_atomic_output(tiny_disk, monkey
         with pytest.raises(SfaError, match="No space left on device"):
             approx.save(tiny_disk / f"F{ext}")
         assert list(tiny_disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npy32", "npz sparse"])
+def test_entries_whose_squares_overflow_are_refused(tmp_path, fmt):
+    A = np.eye(4)
+    A[1, 2] = 1e300 if fmt != "npy32" else 1e18
+    path = tmp_path / ("m.npz" if fmt == "npz sparse" else "m.npy")
+    if fmt == "npz sparse":
+        sp.save_npz(path, sp.csr_matrix(A))
+    else:
+        np.save(path, A.astype(np.float32) if fmt == "npy32" else A)
+    with pytest.raises(SfaError, match=r"m.np[yz]: entries up to 1e\+(300|18) in magnitude; at N = 4 in float(64|32)"):
+        load_matrix(path)
+    np.save(tmp_path / "fine.npy", np.eye(4) * 1e100)
+    assert load_matrix(tmp_path / "fine.npy").max() == 1e100
