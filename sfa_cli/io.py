@@ -253,12 +253,23 @@ def _check_magnitude(A, shown: str) -> None:
         )
 
 
-def load_array(path) -> np.ndarray:
+def load_array(path, *, rows: int | None = None) -> np.ndarray:
     """A vector or block of vectors from a ``.npy`` file, as float64 (or float32).
 
     Used by ``sfa apply``; the array need not be square, but must be 1-D or
     2-D, real and finite. Its header is checked against the file's size and
     the memory available before anything is allocated.
+
+    Parameters
+    ----------
+    path : str or path-like
+    rows : int, optional
+        The length the vectors must have (the factors' n); checked from the
+        header, before the data is read.
+
+    Returns
+    -------
+    ndarray of shape (rows,) or (rows, k)
     """
     path = os.fspath(path)
     shown = printable(path)
@@ -271,6 +282,9 @@ def load_array(path) -> np.ndarray:
         raise SfaError(f"{shown}: cannot read as .npy: {_short_reason(exc)}") from exc
     if len(header.shape) not in (1, 2) or header.count == 0:
         raise SfaError(f"{shown}: expected a vector or a 2-D block; got shape {header.shape}")
+    if rows is not None and header.shape[0] != rows:
+        raise SfaError(f"{shown}: holds {_describe(header.shape)} values; the factors multiply vectors of "
+                       f"length {rows} (shape ({rows},) or ({rows}, k))")
     dtype = header.dtype
     if not (dtype.kind in "biuf"):
         raise SfaError(f"{shown}: expected real numbers; got dtype {dtype}")

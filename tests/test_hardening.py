@@ -295,6 +295,9 @@ def test_load_array_checks_its_header(tmp_path):
     X = np.arange(6.0).reshape(3, 2)
     np.save(tmp_path / "ok.npy", X)
     np.testing.assert_array_equal(load_array(tmp_path / "ok.npy"), X)
+    with pytest.raises(SfaError, match=r"ok.npy: holds 3 x 2 values; the factors multiply vectors of length 8"):
+        load_array(tmp_path / "ok.npy", rows=8)
+    np.testing.assert_array_equal(load_array(tmp_path / "ok.npy", rows=3), X)
     X[1, 1] = np.inf
     np.save(tmp_path / "inf.npy", X)
     with pytest.raises(SfaError, match=r"inf.npy: 1 NaN or Inf entries"):
