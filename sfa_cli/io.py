@@ -230,21 +230,27 @@ def load_matrix(spec):
         raw = reader(path, key, size)
     except _READ_ERRORS as exc:
         raise SfaError(f"{shown}: cannot read as {fmt}: {_short_reason(exc)}") from exc
-    A = _checked_memmap(raw, shown) if isinstance(raw, np.memmap) else as_square_matrix(raw, name=shown)
+    if isinstance(raw, np.memmap):
+        largest = _checked_memmap(raw, shown)
+        _check_magnitude(raw, shown, largest)
+        return raw
+    A = as_square_matrix(raw, name=shown)
     _check_magnitude(A, shown)
     return A
 
 
-def _check_magnitude(A, shown: str) -> None:
+def _check_magnitude(A, shown: str, largest: float | None = None) -> None:
     """Refuse entries so large that ||A||_F^2 overflows the matrix's dtype.
 
     Every method measures errors through sums of squares; at this size they
     become Inf and every result NaN, with warnings instead of an answer.
+    `largest` is max |a| when already known (one pass over a memory map).
     """
     values = A.data if sp.issparse(A) else A
     if values.size == 0:
         return
-    largest = max(float(np.abs(block).max()) for block in _row_blocks(values))
+    if largest is None:
+        largest = max(float(np.abs(block).max()) for block in _row_blocks(values))
     limit = float(np.sqrt(np.finfo(values.dtype).max)) / (16 * A.shape[0])
     if largest > limit:
         raise SfaError(
@@ -492,9 +498,13 @@ def _read_npy(path: str, key: str | None, size: int):
     return np.load(path, allow_pickle=False)
 
 
-def _checked_memmap(A: np.memmap, shown: str) -> np.memmap:
-    """A memory-mapped float matrix, checked for NaN/Inf one block of rows at a time."""
-    bad = _count_non_finite(A)
+def _checked_memmap(A: np.memmap, shown: str) -> float:
+    """Check a memory-mapped float matrix for NaN/Inf one block of rows at a time; return max |a|."""
+    bad, largest = 0, 0.0
+    for block in _row_blocks(A):
+        bad += int(block.size - np.count_nonzero(np.isfinite(block)))
+        if not bad:
+            largest = max(largest, float(np.abs(block).max()))
     if bad:
         nan = sum(int(np.isnan(block).sum()) for block in _row_blocks(A))
         row, col = _first_non_finite(A)
@@ -502,7 +512,7 @@ def _checked_memmap(A: np.memmap, shown: str) -> np.memmap:
             f"{shown}: matrix has {nan} NaN and {bad - nan} Inf entries; "
             f"the first is at (row {row}, col {col}) (0-based)"
         )
-    return A
+    return largest
 
 
 def _row_blocks(A: np.ndarray):
