@@ -114,13 +114,16 @@ class Approximation(ABC):
             **self.info,
         }
 
-    def save(self, path) -> None:
-        """Write to ``.npz`` or ``.h5``/``.hdf5`` atomically (temporary name, then rename)."""
+    def save(self, path, *, force: bool = True) -> None:
+        """Write to ``.npz`` or ``.h5``/``.hdf5`` atomically (temporary name, then rename).
+
+        ``force=False`` refuses when `path` exists by the time the file is complete.
+        """
         from sfa_cli.io import atomic_output
 
         path = Path(path)
         writer = _writer_for(path)
-        with atomic_output(path) as tmp:
+        with atomic_output(path, force=force) as tmp:
             writer(tmp, self._arrays(), self.meta())
 
     def __repr__(self) -> str:

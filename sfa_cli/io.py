@@ -493,7 +493,8 @@ def _read_npy(path: str, key: str | None, size: int):
     if header.dtype.kind == "f" and header.dtype.itemsize in (4, 8) and header.dtype.isnative:
         # Copy-on-write: never read whole, and callers may still write into it.
         return np.load(path, mmap_mode="c", allow_pickle=False)
-    _require_read_memory(shown, f"the {header.claim()} matrix", _dense_read_bytes(header.shape, header.dtype),
+    _require_read_memory(shown, f"the {_describe(header.shape)} {header.dtype} matrix",
+                         _dense_read_bytes(header.shape, header.dtype),
                          "save it as float32 or float64, which sfa reads memory-mapped")
     return np.load(path, allow_pickle=False)
 
@@ -600,7 +601,7 @@ class _Npz:
         header = self.header(name)
         info = self.infos[name]
         _check_inflation(f"member {printable(name)}", info.file_size, info.compress_size)
-        _require_read_memory(self.shown, f"member {printable(name)} ({header.claim()})",
+        _require_read_memory(self.shown, f"the {_describe(header.shape)} {header.dtype} member {printable(name)}",
                              _dense_read_bytes(header.shape, header.dtype), hint)
         with self.archive.open(self.infos[name]) as fh:
             return np.lib.format.read_array(fh, allow_pickle=False)
@@ -1099,7 +1100,7 @@ def _read_mat5(path: str, key: str | None, size: int):
         bound = variable.inflated_bound()
         _require_read_memory(shown, f"variable {printable(name)} ({_describe(variable.shape)} {variable.cls})",
                              bound + 8 * math.prod(variable.shape[:2]) * (variable.cls != "sparse"),
-                             "save it as MATLAB v7.3 (save -v7.3) or as .npy, which sfa reads memory-mapped")
+                             _HINT_NPY)
         fh.seek(variable.pos)
         element = fh.read(variable.length)
     if variable.compressed:

@@ -20,6 +20,7 @@ import pytest
 import scipy.sparse as sp
 
 from sfa_cli import io as sfa_io
+from sfa_cli import memory
 from sfa_cli.baselines import truncated_svd
 from sfa_cli.errors import SfaError, printable
 from sfa_cli.io import atomic_output, check_output, load_array, load_matrix, save_matrix
@@ -467,3 +468,34 @@ def test_entries_whose_squares_overflow_are_refused(tmp_path, fmt):
         load_matrix(path)
     np.save(tmp_path / "fine.npy", np.eye(4) * 1e100)
     assert load_matrix(tmp_path / "fine.npy").max() == 1e100
+
+
+@pytest.mark.parametrize("name, write, hint", [
+    ("m.npz", lambda p: np.savez(p, A=np.eye(300)),
+     "reading the 300 x 300 float64 member A needs 703.1 KiB; 1000 B available; "
+     "extract it as .npy, which sfa reads memory-mapped: unzip -p {p} A.npy > A.npy"),
+    ("m.mtx", lambda p: sfa_io.scipy.io.mmwrite(p, np.eye(300)),
+     "available; convert it to .npy, which sfa reads memory-mapped"),
+    ("m.mat", lambda p: sfa_io.scipy.io.savemat(p, {"A": np.eye(300)}),
+     "reading variable A (300 x 300 double) needs"),
+    ("m.h5", lambda p: save_matrix(p, np.eye(300)), "convert it to .npy, which sfa reads memory-mapped"),
+])
+def test_whole_read_formats_check_memory_and_say_what_to_convert_to(tmp_path, monkeypatch, name, write, hint):
+    path = tmp_path / name
+    write(path)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)
+    with pytest.raises(SfaError) as caught:
+        load_matrix(path)
+    assert str(caught.value).startswith(f"{path}: reading ")
+    assert hint.format(p=path) in str(caught.value)
+    np.save(tmp_path / "big.npy", np.eye(300))  # memory-mapped: no memory needed up front
+    assert load_matrix(tmp_path / "big.npy").shape == (300, 300)
+
+
+def test_approximation_save_refuses_a_name_taken_meanwhile(tmp_path):
+    approx = truncated_svd(np.random.default_rng(0).standard_normal((10, 10)), 40)
+    approx.save(tmp_path / "F.npz", force=False)
+    with pytest.raises(SfaError, match=r"F.npz exists \(written meanwhile by another run\?\)"):
+        approx.save(tmp_path / "F.npz", force=False)
+    approx.save(tmp_path / "F.npz")  # force by default, as before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["F.npz"]
