@@ -6,6 +6,7 @@ file; each writer must leave either the complete file or nothing.
 """
 import errno
 import gzip
+import json
 import os
 import struct
 import subprocess
@@ -244,7 +245,7 @@ def test_a_refused_file_does_not_stop_the_batch(tmp_path, run_cli):
     result = run_cli("info", good, bad, good, "--json")
     assert result.exit_code == 1
     assert len(result.stderr.splitlines()) == 1 and str(bad) in result.stderr
-    assert [entry["n"] for entry in __import__("json").loads(result.stdout)] == [4, 4]
+    assert [entry["n"] for entry in json.loads(result.stdout)] == [4, 4]
 
 
 def _peak_rss_mib(code: str) -> float:
@@ -499,3 +500,32 @@ def test_approximation_save_refuses_a_name_taken_meanwhile(tmp_path):
         approx.save(tmp_path / "F.npz", force=False)
     approx.save(tmp_path / "F.npz")  # force by default, as before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["F.npz"]
+
+
+def _save_after(barrier, path, value, results):
+    barrier.wait()
+    try:
+        save_matrix(path, np.full((300, 300), value), force=False)
+        results.put((value, "written"))
+    except SfaError as exc:
+        results.put((value, str(exc)))
+
+
+def test_two_processes_writing_one_name_one_refuses(tmp_path):
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    barrier, results = ctx.Barrier(2), ctx.Queue()
+    path = tmp_path / "out.npz"
+    workers = [ctx.Process(target=_save_after, args=(barrier, path, float(v), results)) for v in (1, 2)]
+    for w in workers:
+        w.start()
+    outcomes = dict(results.get(timeout=60) for _ in workers)
+    for w in workers:
+        w.join(timeout=60)
+    written = [v for v, outcome in outcomes.items() if outcome == "written"]
+    assert len(written) == 1, outcomes
+    loser = ({1.0, 2.0} - set(written)).pop()
+    assert "out.npz exists (written meanwhile by another run?)" in outcomes[loser]
+    np.testing.assert_array_equal(np.load(path)["A"], np.full((300, 300), written[0]))
+    assert [p.name for p in tmp_path.iterdir()] == ["out.npz"]
