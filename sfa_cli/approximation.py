@@ -114,14 +114,18 @@ class Approximation(ABC):
             **self.info,
         }
 
-    def save(self, path) -> None:
-        """Write to ``.npz`` or ``.h5``/``.hdf5`` atomically (temporary name, then rename)."""
+    def save(self, path, info: dict | None = None) -> None:
+        """Write to ``.npz`` or ``.h5``/``.hdf5`` atomically (temporary name, then rename).
+
+        ``info``: facts to record in the file's metadata besides ``self.info`` (the error reached,
+        the input's name, ...); the object itself is not changed.
+        """
         from sfa_cli.io import atomic_output
 
         path = Path(path)
         writer = _writer_for(path)
         with atomic_output(path) as tmp:
-            writer(tmp, self._arrays(), self.meta())
+            writer(tmp, self._arrays(), {**self.meta(), **(info or {})})
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.method} n={self.n} params={self.params} {self.dtype.name}>"

@@ -245,7 +245,18 @@ def test_fit_method_not_applicable_is_one_error_line(cli_error, kernel_mtx, tmp_
     assert not (tmp_path / "B.npz").exists()
     line = cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "sparse", "--budget", "1")
     assert str(path) in line and "does not apply" in line
-    assert "must be positive" in cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "topk", "--budget", "-3")
+
+
+
+@pytest.mark.parametrize("command", ["fit", "compare"])
+@pytest.mark.parametrize("budget", ["-3", "0", "nan", "1.5"])
+def test_impossible_budgets_are_usage_errors(run_cli, kernel_mtx, tmp_path, command, budget):
+    path, _ = kernel_mtx
+    extra = ["-o", tmp_path / "B.npz", "--method", "topk"] if command == "fit" else []
+    result = run_cli(command, path, *extra, "--budget", budget)
+    assert result.exit_code == 2, result.output
+    assert "--budget" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "B.npz").exists()
 
 
 @pytest.mark.parametrize("args, message", [
