@@ -575,10 +575,10 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         _consoles.out.print(fit_table(outcome.summary))
     if not quiet:
         for hint in outcome.hints:
-            _consoles.err.print(f"note: {hint}", markup=False, highlight=False)
+            _consoles.err.print(f"note: {hint}", markup=False, highlight=False, soft_wrap=True)
     if outcome.interrupted:
         _consoles.err.print(f"interrupted: the best factors so far were written to {printable(output)}",
-                            markup=False, highlight=False)
+                            markup=False, highlight=False, soft_wrap=True)
         raise click.exceptions.Exit(130)
 
 
