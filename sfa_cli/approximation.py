@@ -405,7 +405,7 @@ class _NpzStore:
         self._fh = open(path, "rb")
         try:
             if self._fh.read(4) not in (b"PK\x03\x04", b"PK\x05\x06"):
-                raise _NotSfa("not a zip archive")
+                raise _NotSfa("cannot read as .npz: not a zip archive")
             self._fh.seek(0)
             self._zip = zipfile.ZipFile(self._fh)
         except BaseException:
@@ -466,7 +466,7 @@ class _H5Store:
         self._h5py = h5py
         with open(path, "rb") as fh:
             if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-                raise _NotSfa("not an HDF5 file")
+                raise _NotSfa("cannot read as .h5: not an HDF5 file")
         self._file = h5py.File(path, "r")
 
     def close(self) -> None:
