@@ -18,7 +18,6 @@ array([[2., 1., 1.],
 from __future__ import annotations
 
 import numpy as np
-import scipy.sparse as sp
 
 from sfa_cli.approximation import Approximation, StoredArrays, kind_class
 from sfa_cli.errors import SfaError

@@ -434,3 +434,13 @@ def test_commands_refuse_damaged_factor_files_in_one_line(cli_error, damaged, tm
             line = cli_error(command, *args)
         assert line.startswith(f"Error: {path}: "), (case, line)
         assert not (tmp_path / "y.npy").exists() and not (tmp_path / "d.npz").exists()
+
+
+def test_large_reads_are_checked_against_the_memory_available(tmp_path, monkeypatch):
+    from sfa_cli import approximation, memory
+
+    path = tmp_path / "L.npz"
+    EXAMPLES["low_rank"].save(path)
+    monkeypatch.setattr(approximation, "_RATIO_FREE_BYTES", 0)  # every read counts as large here
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 100)
+    assert re.search(r"reading array 'left' needs 384 B; 100 B available; the file is damaged", _refusal(path))
