@@ -464,9 +464,8 @@ class _H5Store:
         import h5py
 
         self._h5py = h5py
-        with open(path, "rb") as fh:
-            if fh.read(8) != b"\x89HDF\r\n\x1a\n":
-                raise _NotSfa("cannot read as .h5: not an HDF5 file")
+        if not h5py.is_hdf5(path):
+            raise _NotSfa("cannot read as .h5: not an HDF5 file")
         self._file = h5py.File(path, "r")
 
     def close(self) -> None:
@@ -590,7 +589,7 @@ class StoredArrays:
         indptr = self.indices(prefix + "indptr", (rows + 1,), upper=np.iinfo(np.int64).max)
         nnz = int(indptr[-1])
         indices = self._read(prefix + "indices", (nnz,), "iu", "integer")
-        check_csr_structure(indptr, indices, shape, f"{self._prefix}{prefix}*")
+        check_csr_structure(indptr, indices, shape, (self._prefix + prefix).rstrip(".") or "the CSR matrix")
         data = self.values(prefix + "data", (nnz,))
         return sp.csr_matrix((data, indices.astype(np.int64, copy=False), indptr), shape=shape)
 
@@ -618,13 +617,13 @@ class StoredArrays:
         return self._store.read(full)
 
     def _where(self, key: str) -> str:
-        return f"'{key}'" if not self._prefix else f"'{key}' of part {self._prefix[:-1]}"
+        return f"'{key}'" if not self._prefix else f"'{key}' of {self._prefix[:-1]}"
 
 
 def _check_meta(meta, where: str = "meta") -> None:
     """The fields every kind relies on: JSON types and values, before any array is read."""
     if not isinstance(meta, dict):
-        raise _NotSfa(f"{where} is not a JSON object")
+        raise (_NotSfa if where == "meta" else SfaError)(f"{where} is not a JSON object")
     if where == "meta" and meta.get("format") != FORMAT_NAME:
         raise _NotSfa(f"meta 'format' is {meta.get('format')!r}, not {FORMAT_NAME!r}")
     version = meta.get("format_version", FORMAT_VERSION if where != "meta" else None)
