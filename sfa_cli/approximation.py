@@ -122,7 +122,11 @@ class _Operator:
         return _Transposed(self)
 
     def as_linear_operator(self):
-        """A scipy LinearOperator with all four products (``aslinearoperator`` uses matvec for blocks)."""
+        """A scipy LinearOperator with all four products.
+
+        ``scipy.sparse.linalg.aslinearoperator(A_hat)`` works too, but scipy passes
+        no ``matmat`` for such objects and multiplies a block column by column.
+        """
         from scipy.sparse.linalg import LinearOperator
 
         return LinearOperator(self.shape, matvec=self.matmul, rmatvec=self.rmatmul, matmat=self.matmul,
@@ -166,10 +170,13 @@ class _Transposed(_Operator):
 class Approximation(_Operator, ABC):
     """An approximation A_hat of an n x n matrix, usable wherever a matrix is multiplied.
 
-    Subclasses set ``kind`` (the file-format tag, also listed in :data:`KINDS`),
-    implement ``params``, ``_matmul``, ``_rmatmul``, ``_arrays`` and
-    ``_from_file``, and may override ``_columns`` and ``_to_dense`` with
-    something faster than multiplying columns of the identity.
+    Subclasses set ``kind`` (the file-format tag; add it to :data:`KINDS` with
+    its module so that files of the kind load in any process), implement
+    ``params``, ``_matmul``, ``_rmatmul``, ``_arrays`` and ``_from_file`` (which
+    reads each array through :class:`StoredArrays`' checked accessors), and may
+    override ``_columns`` and ``_to_dense`` with something faster than
+    multiplying columns of the identity. Document the layout in docs/formats.md
+    with a recipe; tests/test_formats.py runs it.
 
     Attributes
     ----------
