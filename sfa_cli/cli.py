@@ -657,6 +657,9 @@ def apply_command(factors, x, output, transpose, force):
     _check_outputs(output, None, force, (".npy",))
     approx = load_approximation(factors)
     X = load_array(x)
+    if X.ndim not in (1, 2) or X.shape[0] != approx.n:
+        raise SfaError(f"{printable(x)}: X has shape {X.shape} but {printable(factors)} is {approx.n} x {approx.n}; "
+                       f"X needs {approx.n} rows")
     Y = approx.rmatmul(X) if transpose else approx.matmul(X)
     with atomic_output(output) as tmp:
         np.save(tmp, Y)
