@@ -279,6 +279,10 @@ class Approximation(_Operator, ABC):
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.method} n={self.n} params={self.params} {self.dtype.name}>"
 
+    def scaled(self, c: float) -> "Approximation":
+        """c A_hat as a new approximation of the same kind (the same parameters, one number changed in each)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be scaled")
+
     # -- hooks --------------------------------------------------------------
     @abstractmethod
     def _matmul(self, X: np.ndarray) -> np.ndarray:

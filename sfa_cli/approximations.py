@@ -52,6 +52,9 @@ class LowRank(Approximation):
         self.left = np.ascontiguousarray(left, dtype=dtype)
         self.right = np.ascontiguousarray(right, dtype=dtype)
 
+    def scaled(self, c: float) -> "LowRank":
+        return LowRank(self.left * c, self.right, method=self.method, info=self.info)
+
     @property
     def rank(self) -> int:
         return int(self.left.shape[1])
@@ -119,6 +122,9 @@ class SparseMatrix(Approximation):
         self.matrix = S
         self._csc = None
 
+    def scaled(self, c: float) -> "SparseMatrix":
+        return SparseMatrix(self.matrix * c, method=self.method, info=self.info)
+
     @property
     def params(self) -> int:
         return int(self.matrix.nnz)
@@ -184,6 +190,9 @@ class SumApproximation(Approximation):
                 raise SfaError(f"part {i} of a sum has n={p.n}; part 0 has n={n}")
         super().__init__(n, np.result_type(*(p.dtype for p in parts)), method, info)
         self.parts = parts
+
+    def scaled(self, c: float) -> "SumApproximation":
+        return SumApproximation([p.scaled(c) for p in self.parts], method=self.method, info=self.info)
 
     @property
     def params(self) -> int:
@@ -263,6 +272,9 @@ class Monarch(Approximation):
         self.s0, self.s1 = int(s0), int(s1)
         self.u = np.ascontiguousarray(u, dtype=dtype)
         self.v = np.ascontiguousarray(v, dtype=dtype)
+
+    def scaled(self, c: float) -> "Monarch":
+        return Monarch(self.u * c, self.v, method=self.method, info=self.info)
 
     @property
     def params(self) -> int:

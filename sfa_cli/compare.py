@@ -30,6 +30,7 @@ import scipy.sparse as sp
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.io import as_square_matrix
+from sfa_cli.metrics import never_worse_than_zero
 from sfa_cli.patterns import chord_at_budget, chord_budget, resolve_budget
 from sfa_cli.registry import METHODS as RECORDS
 from sfa_cli.registry import check_methods, method_record
@@ -323,6 +324,9 @@ def _run_method(A, name, budget, seed, options, keep, scale=False, sampled_optio
     error = error_report(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
                          confidence=measure["confidence"])
     note = note or approx.info.get("note", "")
+    if not error["rel_error_is_estimate"]:  # never worse than the zero matrix (the sampled fit rescales itself)
+        approx, error["rel_error"], rescaled = never_worse_than_zero(A, approx, error["rel_error"])
+        note = "; ".join(x for x in (note, rescaled) if x)
     return MethodResult(name, budget, approx.params, error["rel_error"], seconds, "ok", note, approx if keep else None,
                         rel_error_is_estimate=error["rel_error_is_estimate"],
                         rel_error_ci=tuple(error["rel_error_ci"]) if "rel_error_ci" in error else None,

@@ -91,6 +91,12 @@ class SparseFactors(Approximation):
         self._vector_cache: dict = {}
         self._last_csc = None
 
+    def scaled(self, c: float) -> "SparseFactors":
+        """c A_hat: the first factor's values times c (the others unchanged)."""
+        first = self.factors[0].copy()
+        first.data = first.data * np.asarray(c, dtype=first.dtype)
+        return SparseFactors([first, *self.factors[1:]], method=self.method, pattern=self.pattern, info=self.info)
+
     @classmethod
     def from_pattern(cls, pattern: Pattern, values=None, *, seed: int = 0, dtype=np.float64, info=None) -> "SparseFactors":
         """Factors with a pattern's structure.

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 from sfa_cli.errors import SfaError
 from sfa_cli.validation import as_square_matrix
 
-__all__ = ["relative_error", "residual_blocks", "residual_columns", "frobenius_norm", "column_block", "BLOCK_COLUMNS"]
+__all__ = ["relative_error", "residual_blocks", "best_scale", "never_worse_than_zero", "residual_columns", "frobenius_norm", "column_block", "BLOCK_COLUMNS"]
 
 #: Columns per block when streaming over A_hat; keeps a block near 64 MiB at n = 16384.
 BLOCK_COLUMNS = 512
@@ -148,3 +148,37 @@ def _approx_columns(approx, cols: np.ndarray) -> np.ndarray:
     E = np.zeros((approx.n, len(cols)), dtype=getattr(approx, "dtype", np.float64))
     E[cols, np.arange(len(cols))] = 1
     return np.asarray(approx.matmul(E), dtype=np.float64)
+
+
+def best_scale(A, approx, *, block: int = BLOCK_COLUMNS) -> tuple[float, float]:
+    """The scalar c minimising ||A - c A_hat||_F, and the relative error of c A_hat.
+
+    c = <A, A_hat> / ||A_hat||_F^2 (0 when A_hat = 0), so the error sqrt(1 - cos^2) is never above 1:
+    no method need report a result worse than the zero matrix. Streams over column blocks.
+    """
+    A = as_square_matrix(A)
+    _check_pair(A, approx)
+    norm = frobenius_norm(A)
+    if norm == 0.0:
+        raise SfaError("A: the matrix is all zeros; its relative error is undefined")
+    inner = power = 0.0
+    for start in range(0, A.shape[0], block):
+        J = np.arange(start, min(start + block, A.shape[0]))
+        P = np.asarray(_approx_columns(approx, J), dtype=np.float64)
+        inner += float(np.sum(column_block(A, J) * P))
+        power += float(np.sum(P * P))
+    if power == 0.0:
+        return 0.0, 1.0
+    c = inner / power
+    return c, float(np.sqrt(max(0.0, 1.0 - inner * inner / (power * norm * norm))))
+
+
+def never_worse_than_zero(A, approx, rel_error: float) -> tuple[object, float, str]:
+    """(approx, rel_error, note): an approximation whose error is above 1 (worse than the zero matrix)
+    is replaced by its best multiple c A_hat (:func:`best_scale`), which never is; the note says so."""
+    if not rel_error > 1.0:
+        return approx, rel_error, ""
+    c, error = best_scale(A, approx)
+    note = (f"rescaled by {c:.3g}: the fit's error {rel_error:.4g} was worse than the zero matrix"
+            if c != 0.0 else f"the fit's error {rel_error:.4g} was worse than the zero matrix")
+    return approx.scaled(c), error, note

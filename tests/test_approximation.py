@@ -48,6 +48,16 @@ def _close(a, b, dtype):
     return np.allclose(a, b, rtol=tol, atol=tol)
 
 
+def test_scaled_is_the_same_kind_times_c(approx, tmp_path):
+    from sfa_cli.approximation import load_approximation
+
+    twice = approx.scaled(-2.5)
+    assert type(twice) is type(approx) and twice.params == approx.params
+    assert _close(twice.to_dense(), -2.5 * approx.to_dense(), approx.dtype)
+    twice.save(tmp_path / "s.npz")
+    assert _close(load_approximation(tmp_path / "s.npz").to_dense(), twice.to_dense(), approx.dtype)
+
+
 def test_every_kind_is_an_example():
     assert {a.kind for a in EXAMPLES.values()} == set(KINDS)
 

@@ -160,3 +160,24 @@ def test_library_fit_matrix_decides_the_path_and_the_baseline():
     sampled = jobs.fit_matrix(A, sampled=True, schedule={"epochs": 1, "batch_columns": 20, "error_sample": 40},
                               path="A")
     assert sampled.summary["sampled"] and "rank" in sampled.summary
+
+
+def test_no_method_reports_an_error_above_one(run_cli, tmp_path):
+    # a fit stopped after one iteration is worse than the zero matrix here; what is reported is its best multiple
+    from sfa_cli.compare import compare
+    from sfa_cli.fit import fit
+    from sfa_cli.metrics import relative_error
+
+    A = np.random.default_rng(0).standard_normal((32, 32))
+    raw = fit(A, max_iter=1, seed=0, pattern="chord", base=4, factors=3)
+    assert relative_error(A, raw.approximation) > 1.0  # the case the guarantee is for
+    c = compare(A, methods=["chord"], budget=500, fit_options={"max_iter": 1}, keep=True)
+    r = c.results[0]
+    assert r.rel_error <= 1.0 and "worse than the zero matrix" in r.note
+    assert relative_error(A, r.approximation) == pytest.approx(r.rel_error, rel=1e-9)
+    path = tmp_path / "g.npy"
+    np.save(path, A)
+    result = run_cli("fit", path, "-o", tmp_path / "F.npz", "--budget", "500", "--max-iter", "1", "--json", "--quiet")
+    summary = json.loads(result.stdout)
+    assert summary["rel_error"] <= 1.0 and "worse than the zero matrix" in summary["note"]
+    assert load_approximation(tmp_path / "F.npz").info["rel_error"] == summary["rel_error"]
