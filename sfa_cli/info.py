@@ -15,6 +15,8 @@ Example
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
@@ -197,7 +199,9 @@ def _leading_singular_values(A, k: int, report) -> np.ndarray:
     Q = _orthonormal(passes.times(start))
     for _ in range(POWER_ITERATIONS):
         Q = _orthonormal(passes.times(_orthonormal(passes.times_transpose(Q))))
-    return np.linalg.svd(passes.times_transpose(Q), compute_uv=False)[:k]  # (A^T Q)^T = Q^T A
+    B = passes.times_transpose(Q)  # (A^T Q)^T = Q^T A
+    with _one_blas_thread():
+        return np.linalg.svd(B, compute_uv=False)[:k]
 
 
 class _Passes:
@@ -219,7 +223,21 @@ class _Passes:
 
 
 def _orthonormal(Y: np.ndarray) -> np.ndarray:
-    return np.linalg.qr(Y)[0]
+    with _one_blas_thread():
+        return np.linalg.qr(Y)[0]
+
+
+def _one_blas_thread():
+    """A context that runs BLAS on one thread: a tall, thin QR syncs its threads at every column.
+
+    On a loaded machine two BLAS threads made each QR 14x slower, one thread costs
+    nothing idle (docs/scale.md, "sfa info at scale"); the big products keep every thread.
+    """
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # an environment older than the dependency: same values, slower under load
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 def _numerical_rank(s: np.ndarray, n: int) -> tuple[int, float]:

@@ -230,3 +230,10 @@ def test_cli_help_has_example(run_cli):
     assert result.exit_code == 0
     lines = [line.strip() for line in result.stdout.splitlines()]
     assert lines[lines.index("Example:") + 1] == "sfa info data/lesmis.mtx"
+
+
+def test_thin_qr_runs_on_one_blas_thread():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with sfa_cli.info._one_blas_thread():
+        counts = {pool["num_threads"] for pool in threadpoolctl.threadpool_info() if pool["user_api"] == "blas"}
+    assert counts <= {1}
