@@ -290,7 +290,7 @@ def test_h5_layout(factors, tmp_path):
 def test_load_errors(tmp_path):
     bad = tmp_path / "x.npz"
     np.savez(bad, A=np.eye(3))
-    with pytest.raises(SfaError, match="not an sfa file"):
+    with pytest.raises(SfaError, match="not an sfa approximation file"):
         load_approximation(bad)
     with pytest.raises(SfaError, match="not found"):
         load_approximation(tmp_path / "missing.npz")
