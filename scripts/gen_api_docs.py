@@ -96,16 +96,33 @@ def _object_section(module: str, name: str, obj) -> str:
              "```python", _signature(f"{kind} {name}", obj, drop_self=False), "```", "",
              _markdown(inspect.getdoc(obj) or "(no docstring)")]
     if inspect.isclass(obj):
+        bases = [f"`{_public_path(b)}`" for b in obj.__bases__
+                 if b is not object and not b.__name__.startswith("_")]
+        lines[-1:-1] = [f"Bases: {', '.join(bases)}", ""] if bases else []
         lines += [_member_section(name, member, value) for member, value in _members(obj)]
     return "\n".join(lines)
 
 
+def _public_path(cls) -> str:
+    """The shortest import path of a class: ``torch.nn.Module``, not ``torch.nn.modules.module.Module``."""
+    parts = cls.__module__.split(".")
+    for i in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:i]))
+        if module is not None and getattr(module, cls.__qualname__, None) is cls:
+            return f"{'.'.join(parts[:i])}.{cls.__qualname__}"
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _members(cls):
-    """Public members the class itself defines, in source order, less undocumented overrides of foreign bases."""
-    for name, value in vars(cls).items():
-        if name.startswith("_") or not (callable(value) or isinstance(value, (property, classmethod, staticmethod))):
+    """Public members in source order: the class's own, then those of its private sfa bases
+    (a public base has its own entry), less undocumented overrides of foreign bases."""
+    owners = [cls] + [b for b in cls.__mro__[1:] if b.__name__.startswith("_") and b.__module__.startswith("sfa_cli")]
+    seen = set()
+    for name, value in ((n, v) for owner in owners for n, v in vars(owner).items()):
+        if name in seen or name.startswith("_") or inspect.isclass(value):
             continue
-        if inspect.isclass(value):
+        seen.add(name)
+        if not (callable(value) or isinstance(value, (property, classmethod, staticmethod))):
             continue
         if _own_doc(value) is None and any(
             hasattr(base, name) and not base.__module__.startswith("sfa_cli") for base in cls.__mro__[1:]
