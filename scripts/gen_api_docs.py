@@ -162,7 +162,7 @@ def _signature(head: str, obj, *, drop_self: bool) -> str:
         seen_star = seen_star or p.kind in (p.KEYWORD_ONLY, p.VAR_POSITIONAL)
         texts.append(_parameter(p))
     returns = ""
-    if sig.return_annotation is not inspect.Signature.empty:
+    if sig.return_annotation is not inspect.Signature.empty and not inspect.isclass(obj):
         returns = f" -> {_annotation(sig.return_annotation)}"
     one_line = f"{head}({', '.join(texts)}){returns}"
     if len(one_line.splitlines()[-1]) <= _SIGNATURE_WIDTH:
