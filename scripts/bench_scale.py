@@ -48,7 +48,8 @@ from sfa_cli.fit import make_pattern  # noqa: E402
 from sfa_cli.factors import initial_values, pattern_structures  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian, random_graph  # noqa: E402
-from sfa_cli.sampled import SPARSE_START_FRACTION, _ColumnChain, estimate_relative_error, fit_sampled, init_distributed  # noqa: E402
+from sfa_cli.kernels import SPARSE_START_FRACTION, ColumnChain as _ColumnChain  # noqa: E402
+from sfa_cli.sampled import estimate_relative_error, fit_sampled, init_distributed  # noqa: E402
 
 KINDS = ("grid", "graph")
 

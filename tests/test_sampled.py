@@ -17,12 +17,11 @@ from sfa_cli.errors import SfaError
 from sfa_cli.synthetic import grid_laplacian, random_graph
 from sfa_cli.factors import pattern_structures
 from sfa_cli.fit import make_pattern
-from sfa_cli.kernels import chain_matmul
+from sfa_cli.kernels import ColumnChain, chain_matmul
 from sfa_cli.metrics import relative_error
 from sfa_cli.sampled import (
     EXACT_ERROR_UP_TO,
     SampledFitResult,
-    _ColumnChain,
     error_report,
     estimate_relative_error,
     fit_sampled,
@@ -130,7 +129,7 @@ def test_column_chain_with_sparse_start_matches_chain_matmul():
     n = 1024
     pat = make_pattern(n, "chord")
     structs, _ = pattern_structures(pat)
-    chain = _ColumnChain(structs, n, "cpu", max_fraction=0.3)
+    chain = ColumnChain(structs, n, "cpu", max_fraction=0.3)
     assert len(chain.levels) >= 3  # the first factors act on a compact block
     gen = torch.Generator().manual_seed(0)
     values = [torch.rand(s.nnz, generator=gen, dtype=torch.float64).requires_grad_(True) for s in structs]
