@@ -243,11 +243,13 @@ class _FitProgress:
     def __enter__(self):
         self.progress.__enter__()
         # the first evaluation of a size may compile kernels for seconds: say so on the progress line
-        kernels._compile["notify"] = lambda message: self.progress.update(self.task, description=f"{self.label}: {message}")
+        self.notifier = kernels.compile_notifier(
+            lambda message: self.progress.update(self.task, description=f"{self.label}: {message}"))
+        self.notifier.__enter__()
         return self
 
     def __exit__(self, *exc):
-        kernels._compile["notify"] = None
+        self.notifier.__exit__(*exc)
         return self.progress.__exit__(*exc)
 
     def __call__(self, step) -> bool:

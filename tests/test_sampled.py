@@ -19,6 +19,7 @@ from sfa_cli.factors import pattern_structures
 from sfa_cli.fit import make_pattern
 from sfa_cli.kernels import ColumnChain, chain_matmul
 from sfa_cli.metrics import relative_error
+from sfa_cli.options import Placement, SampledSchedule
 from sfa_cli.sampled import (
     EXACT_ERROR_UP_TO,
     SampledFitResult,
@@ -116,13 +117,27 @@ def test_stopping_rules_and_interrupt():
 def test_invalid_options():
     A = grid_laplacian(4)
     for kwargs, text in (({"optimizer": "lbfgs"}, "adam"), ({"batch_columns": 0}, "batch_columns"),
-                         ({"start": "zeros"}, "unknown start"), ({"lr": -1.0}, "lr")):
+                         ({"start": "zeros"}, "start must be one of identity, paper"), ({"lr": -1.0}, "lr")):
         with pytest.raises(SfaError, match=text):
             fit_sampled(A, device="cpu", **kwargs)
     with pytest.raises(SfaError, match="all zeros"):
         fit_sampled(sp.csr_matrix((16, 16)), device="cpu")
     with pytest.raises(SfaError, match="square"):
         fit_sampled(np.ones((3, 4)), device="cpu")
+    with pytest.raises(SfaError, match="A: matrix has 1 NaN"):
+        bad = sp.csc_matrix(grid_laplacian(4))
+        bad.data[3] = np.nan
+        fit_sampled(bad, device="cpu")
+    with pytest.raises(SfaError, match="not both"):
+        fit_sampled(A, device="cpu", schedule=SampledSchedule(epochs=1), epochs=2)
+
+
+def test_typed_schedule_gives_the_same_fit_as_loose_keywords():
+    A = grid_laplacian(8)
+    loose = fit_sampled(A, epochs=2, batch_columns=16, error_sample=32, seed=1, device="cpu")
+    typed = fit_sampled(A, schedule=SampledSchedule(epochs=2, batch_columns=16, error_sample=32),
+                        placement=Placement(device="cpu", seed=1))
+    assert typed.rel_error == loose.rel_error and typed.iterations == loose.iterations == 8
 
 
 def test_column_chain_with_sparse_start_matches_chain_matmul():
