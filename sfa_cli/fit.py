@@ -1,7 +1,9 @@
 """The fitting engine: minimise 0.5 ||A - W(1)...W(M)||_F^2 over the pattern's entries.
 
-The objective is evaluated on the structured kernels of :mod:`sfa_cli.kernels`
-(no n x n x n products, no dense factors), in torch on CPU or CUDA. A is
+The objective (:class:`sfa_cli.objective.BlockObjective`) is evaluated over
+column blocks on the structured kernels of :mod:`sfa_cli.kernels` (no n x n x n
+products, no dense factors), in torch on CPU or CUDA, and the optimiser loop is
+:mod:`sfa_cli.optimize`'s (stopping rules, callback, best iterate). A is
 scaled to unit Frobenius norm for the optimisation (the objective is then
 half the squared relative error, so tolerances do not depend on A's scale);
 the scale is put back into the factors at the end, spread evenly over them.
@@ -17,7 +19,6 @@ Example
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np

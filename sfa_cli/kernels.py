@@ -309,7 +309,7 @@ def _make_circulant_kernels(offsets: tuple):
 
 def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
     """The compiled (forward, transposed, sampled) kernels for this structure and block, or None."""
-    if not (compile_settings.enabled and not _compile_failed and s.offsets is not None and s.n >= COMPILE_MIN_N and X.dim() == 2
+    if not (compiled_kernels_usable() and s.offsets is not None and s.n >= COMPILE_MIN_N and X.dim() == 2
             and X.device.type == "cpu" and X.dtype in _CSR_DTYPES):
         return None
     key = (s.offsets, s.n, X.shape[1], X.dtype)

@@ -71,7 +71,8 @@ from sfa_cli.optimize import Run, minimize
 from sfa_cli.options import OptimizerSpec, PatternSpec, Placement, StopRules
 from sfa_cli.patterns import chord_at_budget
 
-__all__ = ["learned_sparse", "chord_plus_sparse", "INITS", "PROJECTIONS", "ORDERS", "LEARNED_DEFAULTS"]
+__all__ = ["learned_sparse", "chord_plus_sparse", "LearnedOptions", "INITS", "PROJECTIONS", "ORDERS", "REFITS",
+           "LEARNED_DEFAULTS"]
 
 INITS = ("auto", "lowrank+sparse", "chord")
 PROJECTIONS = ("total", "factor", "row", "column")
@@ -164,13 +165,6 @@ class _Chain:
             return torch.eye(self.n, dtype=like.dtype, device=like.device)
         return self.product(factor_columns(self.structs[hi - 1], self.values[hi - 1].detach(), slice(0, self.n)),
                             lo=lo, hi=hi - 1)
-
-    def csr(self, m: int, *, transpose: bool = False) -> torch.Tensor:
-        """Factor m (or its transpose) as a torch sparse CSR tensor."""
-        s, v = self.structs[m], self.values[m].detach()
-        if transpose:
-            return torch.sparse_csr_tensor(s.crow_t, s.col_t, v[s.perm_t], (self.n, self.n), check_invariants=False)
-        return torch.sparse_csr_tensor(s.crow, s.col, v, (self.n, self.n), check_invariants=False)
 
     def to_scipy(self, scale: float = 1.0, dtype=np.float64) -> list[sp.csr_matrix]:
         factor_scale = scale ** (1.0 / self.factors)
@@ -298,14 +292,12 @@ def _refine_als(chain: _Chain, objective: _Target, sweeps: int, deadline: float)
             if time.perf_counter() > deadline:
                 break
             c = chain.with_values(values)
-            S2 = c.csr(1)
-            H = S2 @ c.dense(lo=1).T.contiguous()  # S2 S2^T
-            Y = S2 @ objective.T_t  # S2 T^T = (T S2^T)^T: Y[j, i]
+            H = c.product(c.dense(lo=1).T.contiguous(), lo=1)  # S2 S2^T
+            Y = c.product(objective.T_t, lo=1)  # S2 T^T = (T S2^T)^T: Y[j, i]
             values[0] = rows_of_first.solve(H, Y)
             c = chain.with_values(values)
-            S1t = c.csr(0, transpose=True)
-            H = S1t @ c.dense(hi=1)  # S1^T S1
-            Y = S1t @ T  # S1^T T: Y[j, l]
+            H = c.product(c.dense(hi=1), transpose=True, hi=1)  # S1^T S1
+            Y = c.product(T, transpose=True, hi=1)  # S1^T T: Y[j, l]
             x = columns_of_last.solve(H, Y)
             values[1] = torch.empty_like(x).index_copy_(0, order_t, x)
     out = chain.with_values(values)

@@ -252,9 +252,9 @@ class _Columns:
     def torch(self, cols: np.ndarray, device, dtype, scale: float) -> torch.Tensor:
         """A[:, cols] / scale as a dense (n, |cols|) tensor on `device`.
 
-        A sparse block travels as its non-zeros and is scattered on the device: at
-        n = 65536 and 256 columns, densifying on the host and copying 128 MB per
-        step made a GPU step about 4x slower than the chain itself.
+        A sparse block travels as its non-zeros and is scattered on the device:
+        densifying on the host and copying the dense block made a GPU step several
+        times slower than the chain itself (docs/performance.md).
         """
         if not sp.issparse(self.A):
             block = torch.from_numpy(np.ascontiguousarray(self.A[:, cols])).to(device=device, dtype=dtype)
@@ -632,7 +632,8 @@ class _SampledFit:
         n, M = self.n, self.pat.factors
         if init is not None:
             if init.n != n or init.num_factors != M:
-                raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, {M}")
+                raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; "
+                               f"the pattern needs n={n}, {M}")
             return [v.to(device=self.dev, dtype=self.dtype) / self.scale ** (1.0 / M)
                     for v in init.torch_chain(dtype=torch.float64)[1]]
         # The multiple of I closest to A has norm cos(A, I) = trace(A) / (||A||_F sqrt(n)); an

@@ -5,7 +5,6 @@ from functools import reduce
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 
 from sfa_cli.approximation import load_approximation
 from sfa_cli.errors import SfaError

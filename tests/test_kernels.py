@@ -1,10 +1,7 @@
 """The kernels: products of sparse factors and chains, transposes, gradients, the compiled path."""
-import json
 from functools import reduce
 
-import numpy as np
 import pytest
-import scipy.sparse as sp
 import torch
 
 from sfa_cli.kernels import FactorStructure, chain_matmul, sparse_matmul

@@ -1,7 +1,6 @@
 """The block objective and the run loop shared by every fit."""
 from functools import reduce
 
-import numpy as np
 import pytest
 import torch
 
