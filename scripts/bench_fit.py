@@ -310,6 +310,8 @@ def _section_times(tree: Path, args, out: Path) -> dict:
     cmd = [sys.executable, str(tree / "scripts" / "bench_fit.py"), "--sizes", args.sizes, "--repeats", str(args.repeats),
            "--reference-max", "0", "--skip-optimisers", "--skip-large", "--product-n", "256",
            "--anchor-seeds", str(args.anchor_seeds), "--device", args.device, "--out", str(out)]
+    if args.skip_anchors:
+        cmd.append("--skip-anchors")
     # one thread each: on a shared machine extra threads measure the neighbours, not the code
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
     subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
