@@ -321,6 +321,59 @@ def _section_times(tree: Path, args, out: Path) -> dict:
     return times
 
 
+def _old_objective_class(old_tree: Path):
+    """The other checkout's objective class (fit.BlockObjective before session 4, else
+    objective.BlockObjective), built on this tree's kernels: the two differ in the objective's code only."""
+    import ast
+
+    from sfa_cli import kernels as k
+
+    for rel in ("sfa_cli/objective.py", "sfa_cli/fit.py"):
+        path = old_tree / rel
+        if not path.exists():
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        nodes = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+                 and n.name in ("BlockObjective", "block_columns", "column_blocks", "DenseColumns")]
+        if not any(n.name == "BlockObjective" for n in nodes):
+            continue
+        namespace = {"torch": torch, "np": np, **{name: getattr(k, name) for name in
+                                                   ("chain_forward", "chain_backward", "column_entries", "factor_columns")}}
+        exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), namespace)
+        return namespace["BlockObjective"]
+    raise RuntimeError(f"no BlockObjective in {old_tree}")
+
+
+def bench_objective_against(old_tree: Path, sizes, rounds: int) -> list[dict]:
+    """This tree's BlockObjective against the other checkout's, in one process, calls alternating."""
+    Old = _old_objective_class(old_tree)
+    rows = []
+    for n in sizes:
+        structs, _ = pattern_structures(chord_pattern(n), "cpu")
+        start = initial_values(structs, seed=0, dtype=torch.float32)
+        target = torch.randn(n, n, generator=torch.Generator().manual_seed(n)).div_(n**0.5)
+        pairs = []
+        for cls in (Old, BlockObjective):
+            objective = cls(structs, target)
+            values = [v.clone().requires_grad_() for v in start]
+
+            def call(objective=objective, values=values):
+                for v in values:
+                    v.grad = None
+                return objective(values)
+
+            pairs.append(call)
+        assert pairs[0]() == pairs[1](), "the two objectives disagree"
+        old_t, new_t = interleaved_times(pairs, rounds, [3, 3])
+        ratios = np.divide(new_t, old_t)
+        rows.append({"section": f"(a) objective n={n}, one process", "old_s": float(np.median(old_t)),
+                     "new_s": float(np.median(new_t)), "ratio": float(np.median(ratios)),
+                     "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()), "rounds": rounds})
+        print_row("against", rows[-1])
+    return rows
+
+
 def bench_against(old_tree: Path, args) -> list[dict]:
     """Old and new sections (a)-(b) in alternating subprocesses; the new/old ratio of each round."""
     rounds = []
@@ -363,9 +416,15 @@ def main(argv=None):
     p.add_argument("--markdown", default=None, help="write the tables as markdown to this file")
     p.add_argument("--against", default=None, help="another checkout: compare its sections (a)-(b) with this one's")
     p.add_argument("--rounds", type=int, default=4, help="alternating old/new runs with --against")
+    p.add_argument("--objective-only", action="store_true",
+                   help="with --against: the two objectives in this process, calls alternating (section a only)")
     args = p.parse_args(argv)
     if args.against:
-        rows = bench_against(Path(args.against).resolve(), args)
+        old = Path(args.against).resolve()
+        if args.objective_only:
+            rows = bench_objective_against(old, [int(s) for s in args.sizes.split(",")], args.rounds)
+        else:
+            rows = bench_against(old, args)
         print("\n" + markdown_table(rows, ["section", "old_s", "new_s", "ratio", "ratio_min", "ratio_max", "rounds"],
                                     ["section", "old s", "new s", "new/old (median)", "min", "max", "rounds"]))
         return
