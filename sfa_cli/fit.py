@@ -31,7 +31,7 @@ from sfa_cli.io import as_square_matrix
 from sfa_cli.kernels import resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.objective import BlockObjective
-from sfa_cli.optimize import FitStep, Run, minimize
+from sfa_cli.optimize import ADAM_LR, FitStep, Run, minimize
 from sfa_cli.options import OPTIMIZERS, OptimizerSpec, PatternSpec, Placement, StopRules
 from sfa_cli.patterns import Pattern
 
@@ -43,7 +43,7 @@ DENSE_FIT_LIMIT = 8192
 #: Defaults of the loose keywords, from the typed options (chosen from scripts/bench_fit.py measurements,
 #: docs/performance.md).
 DEFAULTS = {"max_iter": StopRules.max_iter, "tol": StopRules.tol, "window": StopRules.window,
-            "history_size": OptimizerSpec.history_size, "adam_lr": 0.01}
+            "history_size": OptimizerSpec.history_size, "adam_lr": ADAM_LR}
 
 
 def default_max_iter(n: int) -> int:

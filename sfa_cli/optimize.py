@@ -34,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Run", "Stop", "FitStep", "Adam", "minimize", "RUNAWAY", "MAX_RESTARTS", "EXACT_REL_ERROR"]
+__all__ = ["Run", "Stop", "FitStep", "Adam", "minimize", "RUNAWAY", "MAX_RESTARTS", "EXACT_REL_ERROR",
+           "ADAM_LR", "STEPPERS"]
 
 #: A relative error above this during an L-BFGS line search restarts it from the best point
 #: (the objective is a polynomial of degree 2M in the step, and extrapolation can overflow).
@@ -43,6 +44,8 @@ RUNAWAY = 1e6
 MAX_RESTARTS = 20
 #: A relative error at or below this ends a fit as ``exact``.
 EXACT_REL_ERROR = 1e-7
+#: Adam's step size when none is given (full-batch fits; the sampled fit has its own schedule).
+ADAM_LR = 0.01
 
 
 @dataclass(frozen=True)
@@ -241,12 +244,17 @@ def minimize(run: Run, objective, optimizer: str = "lbfgs", *, lr: float | None 
     L-BFGS (strong-Wolfe line search, step ``lr`` default 1) runs inside one ``step`` call and is
     ended by the run's rules, or by itself after ``lbfgs_iterations`` iterations or
     ``lbfgs_evaluations`` evaluations (defaults: past ``run.max_iter``); a runaway line search
-    restarts it from the best point. Adam's step is ``lr`` (default 0.01). Ctrl-C ends the loop
-    as ``interrupted``.
+    restarts it from the best point. Adam's step is ``lr`` (default :data:`ADAM_LR`). Ctrl-C ends
+    the loop as ``interrupted``. Another optimiser is one more entry in :data:`STEPPERS`.
     """
+    if optimizer not in STEPPERS:
+        from sfa_cli.errors import SfaError
+
+        raise SfaError(f"optimizer must be one of {', '.join(STEPPERS)}; got {optimizer!r}")
+    options = {"lr": lr, "history_size": history_size, "iterations": lbfgs_iterations,
+               "evaluations": lbfgs_evaluations}
     try:
-        run.stopped_because = _minimize(run, objective, optimizer, lr, history_size, lbfgs_iterations,
-                                        lbfgs_evaluations)
+        run.stopped_because = STEPPERS[optimizer](run, objective, **options)
     except Stop as stop:
         run.stopped_because = stop.reason
     except KeyboardInterrupt:
@@ -254,28 +262,35 @@ def minimize(run: Run, objective, optimizer: str = "lbfgs", *, lr: float | None 
     return run.stopped_because
 
 
-def _minimize(run, objective, optimizer, lr, history_size, iterations, evaluations) -> str:
-    if optimizer == "lbfgs":
-        if iterations is None:
-            iterations = (run.max_iter if run.max_iter is not None else 10**9) + 1
-        evaluations = 25 * iterations if evaluations is None else evaluations
-        run.optimizer = _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)
-        while True:
-            try:
-                # One call runs every iteration; the objective raises Stop to end it.
-                run.optimizer.step(objective)
-                # L-BFGS returns early only when the gradient vanishes, the line search stalls, or its
-                # own caps are reached; its last point was evaluated (and recorded) already.
-                run.iteration = run.iteration_base + run.optimizer.state[run.params[0]].get("n_iter", 0)
-                return "tol"
-            except _Restart:
-                run.restarts += 1
-                if run.restarts > run.max_restarts:
-                    return "diverged"
-                run.restore_best()
-                run.iteration_base = run.iteration
-                run.optimizer = _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)
-    run.optimizer = Adam(run.params, lr=lr or 0.01)
+def _step_lbfgs(run: Run, objective, *, lr, history_size, iterations, evaluations) -> str:
+    if iterations is None:
+        iterations = (run.max_iter if run.max_iter is not None else 10**9) + 1
+    evaluations = 25 * iterations if evaluations is None else evaluations
+    run.optimizer = _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)
+    while True:
+        try:
+            # One call runs every iteration; the objective raises Stop to end it.
+            run.optimizer.step(objective)
+            # L-BFGS returns early only when the gradient vanishes, the line search stalls, or its
+            # own caps are reached; its last point was evaluated (and recorded) already.
+            run.iteration = run.iteration_base + run.optimizer.state[run.params[0]].get("n_iter", 0)
+            return "tol"
+        except _Restart:
+            run.restarts += 1
+            if run.restarts > run.max_restarts:
+                return "diverged"
+            run.restore_best()
+            run.iteration_base = run.iteration
+            run.optimizer = _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)
+
+
+def _step_adam(run: Run, objective, *, lr, history_size, iterations, evaluations) -> str:  # noqa: ARG001
+    run.optimizer = Adam(run.params, lr=lr or ADAM_LR)
     while True:
         run.optimizer.step(objective)
         run.end_iteration()
+
+
+#: name -> stepper(run, objective, *, lr, history_size, iterations, evaluations) -> stop reason; a stepper
+#: loops until the run's rules raise :class:`Stop` (or returns a reason of its own).
+STEPPERS = {"lbfgs": _step_lbfgs, "adam": _step_adam}
