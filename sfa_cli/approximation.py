@@ -49,6 +49,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sfa_cli._version import __version__
+from sfa_cli import limits
 from sfa_cli.errors import SfaError
 from sfa_cli.memory import require_memory
 from sfa_cli.validation import check_csr_structure, check_index_array, check_values, printable
@@ -60,7 +61,7 @@ __all__ = [
 FORMAT_NAME = "sfa"
 FORMAT_VERSION = 1
 #: Largest n for which ``to_dense`` forms the matrix by default (n^2 doubles = 2 GiB).
-DENSE_LIMIT = 16384
+DENSE_LIMIT = limits.DENSE_LIMIT  # the one definition is in sfa_cli/limits.py
 
 #: Every kind a file can hold and the module that defines it: :func:`load_approximation`
 #: imports the module on first use, so every kind loads whatever the caller imported.

@@ -354,21 +354,13 @@ class _FitProgress:
         # the first evaluation of a size may compile kernels for seconds: say so on the progress line
         from sfa_cli import kernels
 
-        notify = lambda message: self.progress.update(self.task, description=f"{self.label}: {message}")  # noqa: E731
-        if hasattr(kernels, "compile_notifier"):
-            self._notifier = kernels.compile_notifier(notify)
-            self._notifier.__enter__()
-        else:
-            kernels._compile["notify"] = notify
+        self._notifier = kernels.compile_notifier(
+            lambda message: self.progress.update(self.task, description=f"{self.label}: {message}"))
+        self._notifier.__enter__()
         return self
 
     def __exit__(self, *exc):
-        from sfa_cli import kernels
-
-        if self._notifier is not None:
-            self._notifier.__exit__(*exc)
-        elif hasattr(kernels, "_compile"):
-            kernels._compile["notify"] = None
+        self._notifier.__exit__(*exc)
         return self.progress.__exit__(*exc)
 
     def stage(self, name: str) -> None:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from sfa_cli import limits
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.io import as_square_matrix
@@ -41,7 +42,7 @@ __all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHOD
 
 #: A sparse matrix with n above this is compared at scale (nothing n x n is formed, errors are
 #: estimated from a column sample); read at call time, so tests may lower it.
-SCALE_ABOVE = EXACT_ERROR_UP_TO
+SCALE_ABOVE = limits.SCALE_ABOVE  # the one definition is in sfa_cli/limits.py
 #: Methods that need dense n x n work, and why: not run at scale (from the registry).
 DENSE_ONLY = {name: r.dense_only for name, r in RECORDS.items() if r.dense_only}
 #: Two errors within this factor of each other are a tie, not a win.

@@ -21,12 +21,13 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
+from sfa_cli import limits
 from sfa_cli.io import as_square_matrix
 from sfa_cli.patterns import chord_budget, tsvd_rank_at_budget
 
 __all__ = ["matrix_info", "is_symmetric", "EXACT_RANK_MAX_N", "STAGES"]
 
-EXACT_RANK_MAX_N = 4096
+EXACT_RANK_MAX_N = limits.EXACT_RANK_MAX_N  # the one definition is in sfa_cli/limits.py
 """Largest n whose rank comes from every singular value; above it, the leading ones."""
 
 LEADING_VALUES_MIN = 64
