@@ -20,12 +20,17 @@ A new family (Chord products, grid Laplacians, the N = 64 anchors) is one genera
 ``Case`` objects and a list of ``Method`` entries in ``FAMILIES``; the table, the JSON and the
 targets read nothing else.
 
+``--tree-study`` adds a small table: the closed form's error over the noise level on noisy random
+butterfly products when each split is balanced (the default) or peels one factor off the left
+or the right, without the best-scalar step.
+
 Prints the table and writes JSON (default docs/bench/recovery.json).
 
 Usage:
     python scripts/bench_recovery.py                               # every family, default sizes
     python scripts/bench_recovery.py --sizes 256,1024 --time-limit 5   # quick
     python scripts/bench_recovery.py --pyfaust-python /tmp/faust/bin/python   # pyfaust in its own venv
+    python scripts/bench_recovery.py --families none --tree-study        # the split-tree study alone
 """
 from __future__ import annotations
 
@@ -48,6 +53,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sfa_cli import butterfly as _butterfly  # noqa: E402
 from sfa_cli.butterfly import butterfly_closed_form  # noqa: E402
 from sfa_cli.factors import SparseFactors  # noqa: E402
 from sfa_cli.fit import fit  # noqa: E402
@@ -177,6 +183,31 @@ def target_met(row: dict, text: str) -> bool:
     return row["rel_error"] <= 1.05 * row["noise_level"]
 
 
+# -- the split tree of the closed form ----------------------------------------------------------
+TREES = {"balanced": lambda bits: bits // 2, "peel left": lambda bits: 1, "peel right": lambda bits: bits - 1}
+
+
+def tree_study(sizes, noises, seed: int) -> list[dict]:
+    """Error over noise of the raw hierarchical factors (no best scalar) for each split tree."""
+    rows = []
+    for n in sizes:
+        L = n.bit_length() - 1
+        for noise in noises:
+            A, level = add_noise(random_butterfly(n, seed + n), noise, seed + 1 + n)
+            target = _butterfly._support(A, L)
+            norm_sq = float(np.sum(A * A))
+            row = {"n": n, "noise": noise, "noise_level": level}
+            for name, tree in TREES.items():
+                t = time.perf_counter()
+                leaves = _butterfly._factor_segment(target, L, tree)
+                row[name] = {"error_over_noise": _butterfly._error(target, norm_sq, leaves) / level,
+                             "seconds": time.perf_counter() - t}
+            rows.append(row)
+            print(f"tree study n={n:>5} noise={noise:>5.1%}: " + ", ".join(
+                f"{name} {row[name]['error_over_noise']:.3f} ({row[name]['seconds']:.2f} s)" for name in TREES), flush=True)
+    return rows
+
+
 # -- running ----------------------------------------------------------------------------------
 def run_row(case: Case, method: Method, options: dict) -> dict:
     row = {"family": case.family, "case": case.name, "n": case.n, "noise": case.noise,
@@ -226,12 +257,15 @@ def pyfaust_python(requested: str | None) -> str | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated: {', '.join(FAMILIES)}")
+    p.add_argument("--families", default=",".join(FAMILIES), help=f"comma-separated: {', '.join(FAMILIES)} (or none)")
     p.add_argument("--sizes", default="256,1024,2048,4096", help="N of the butterfly cases")
     p.add_argument("--noises", default="0,0.01", help="relative noise ||N|| / ||B|| of the cases")
     p.add_argument("--time-limit", type=float, default=20.0, help="seconds for each gradient fit and polish")
     p.add_argument("--polish-iter", type=int, default=500, help="L-BFGS iterations of the polish")
     p.add_argument("--pyfaust-python", default=None, help="a Python with pyfaust installed (a separate venv)")
+    p.add_argument("--tree-study", action="store_true", help="compare split trees of the closed form")
+    p.add_argument("--tree-sizes", default="256,1024", help="N of the tree study")
+    p.add_argument("--tree-noises", default="0.01,0.1", help="noises of the tree study")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(OUTPUT), help="JSON file")
     args = p.parse_args(argv)
@@ -244,12 +278,19 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'case':<17} {'n':>5} {'noise':>6}  {'method':<27} {'rel_error':>10} {'/noise':>7} {'seconds':>9}")
     for family in args.families.split(","):
+        if family == "none":
+            continue
         make_cases, methods = FAMILIES[family]
         for case in make_cases(sizes, noises, args.seed):
             for method in methods:
                 if method.applies(case, options):
                     rows.append(run_row(case, method, options))
                     print(format_row(rows[-1]), flush=True)
+
+    trees = []
+    if args.tree_study:
+        trees = tree_study([int(s) for s in args.tree_sizes.split(",")],
+                           [float(s) for s in args.tree_noises.split(",")], args.seed)
 
     targets = []
     for family, name, n, noise, method, text in TARGETS:
@@ -262,7 +303,7 @@ def main(argv=None) -> int:
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": info, "options": {**options, "seed": args.seed}, "rows": rows,
-                               "targets": targets}, indent=1) + "\n")
+                               "targets": targets, "tree_study": trees}, indent=1) + "\n")
     print(f"wrote {out}")
     return 0
 

@@ -191,13 +191,21 @@ def _support(dense: np.ndarray, M: int) -> np.ndarray:
     return np.ascontiguousarray(blocks[:, diagonal, :, diagonal].transpose(1, 2, 0))[None]
 
 
-def _factor_segment(S: np.ndarray, bits: int) -> list[np.ndarray]:
-    """Leaves (H, 2, 2, Lo), one per bit, whose butterfly product approximates segment S."""
+def _balanced_tree(bits: int) -> int:
+    return bits // 2
+
+
+def _factor_segment(S: np.ndarray, bits: int, tree=_balanced_tree) -> list[np.ndarray]:
+    """Leaves (H, 2, 2, Lo), one per bit, whose butterfly product approximates segment S.
+
+    ``tree(bits)`` is how many high bits go to the left part of a split (scripts/bench_recovery.py
+    --tree-study compares the balanced tree with peeling one factor at a time).
+    """
     if bits == 1:
         return [S]
-    high = bits // 2
+    high = tree(bits)
     X, Y = _split(S, 2**high, 2 ** (bits - high))
-    return _factor_segment(X, high) + _factor_segment(Y, bits - high)
+    return _factor_segment(X, high, tree) + _factor_segment(Y, bits - high, tree)
 
 
 def _split(S: np.ndarray, G1: int, G2: int) -> tuple[np.ndarray, np.ndarray]:
