@@ -233,6 +233,19 @@ def format_row(row: dict) -> str:
     return f"{head} {row['rel_error']:10.3e} {ratio} {row['seconds']:9.2f}"
 
 
+def markdown_table(rows: list[dict]) -> str:
+    """The rows as a markdown table (for docs/)."""
+    lines = ["| case | n | noise | method | rel. error | error / noise | seconds |", "|---|---:|---:|---|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['n']} | {r['noise']:.0%} | {r['method']} | failed: {r['error']} | | |")
+            continue
+        ratio = f"{r['error_over_noise']:.3f}" if "error_over_noise" in r else ""
+        lines.append(f"| {r['case']} | {r['n']} | {r['noise']:.0%} | {r['method']} | {r['rel_error']:.3g} | {ratio} "
+                     f"| {r['seconds']:.2f} |")
+    return "\n".join(lines)
+
+
 def machine() -> dict:
     try:
         load = os.getloadavg()
@@ -268,6 +281,7 @@ def main(argv=None) -> int:
     p.add_argument("--tree-noises", default="0.01,0.1", help="noises of the tree study")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=str(OUTPUT), help="JSON file")
+    p.add_argument("--markdown", default=None, help="also write the table as markdown to this file")
     args = p.parse_args(argv)
 
     options = {"time_limit": args.time_limit, "polish_iter": args.polish_iter,
@@ -305,6 +319,9 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"machine": info, "options": {**options, "seed": args.seed}, "rows": rows,
                                "targets": targets, "tree_study": trees}, indent=1) + "\n")
     print(f"wrote {out}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(rows) + "\n")
+        print(f"wrote {args.markdown}")
     return 0
 
 
