@@ -49,6 +49,7 @@ import scipy.sparse as sp
 
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.factors import SparseFactors
+from sfa_cli.fit import fit
 from sfa_cli.io import as_square_matrix
 from sfa_cli.memory import require_memory
 from sfa_cli.patterns import butterfly_pattern
@@ -144,8 +145,6 @@ def butterfly_closed_form(
             "note": f"closed form (hierarchical rank-1 SVDs), {M} of {L} factors"}
     best = SparseFactors.from_pattern(pattern, values, info=info)
     if polish_iter > 0 and closed > 0.0:
-        from sfa_cli.fit import fit  # fit imports torch kernels; the closed form does not need them
-
         result = fit(A, pattern=pattern, init=best, max_iter=polish_iter, time_limit=time_limit,
                      device=device, dtype=out_dtype.name, callback=callback)
         polished = result.approximation
