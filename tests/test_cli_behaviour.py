@@ -181,3 +181,17 @@ def test_no_method_reports_an_error_above_one(run_cli, tmp_path):
     summary = json.loads(result.stdout)
     assert summary["rel_error"] <= 1.0 and "worse than the zero matrix" in summary["note"]
     assert load_approximation(tmp_path / "F.npz").info["rel_error"] == summary["rel_error"]
+
+
+def test_butterfly_method_is_exact_on_hadamard(run_cli, tmp_path):
+    import scipy.linalg
+
+    path = tmp_path / "hadamard.npy"
+    np.save(path, scipy.linalg.hadamard(64).astype(float))
+    result = run_cli("compare", path, "--methods", "butterfly,tsvd", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.stdout)["results"]}
+    assert rows["butterfly"]["rel_error"] < 1e-12 and rows["tsvd"]["rel_error"] > 0.5
+    result = run_cli("fit", path, "-o", tmp_path / "B.npz", "--method", "butterfly", "--json", "--quiet")
+    assert result.exit_code == 0 and json.loads(result.stdout)["rel_error"] < 1e-12
+    assert load_approximation(tmp_path / "B.npz").pattern["name"] == "butterfly"
