@@ -15,7 +15,7 @@ from sfa_cli import limits
 from sfa_cli._version import __version__
 from sfa_cli.errors import SfaError
 from sfa_cli.options import DEVICES, DTYPES, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
-from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, VARIANT_OPTIONS, method_record
+from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
 # The library (and torch) is imported inside the commands: `sfa --version` and every `--help`
 # answer without it (tests/test_cli_fit.py checks that importing this module leaves torch out).

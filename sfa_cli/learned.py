@@ -65,7 +65,7 @@ from sfa_cli.factors import SparseFactors
 from sfa_cli.fit import DENSE_FIT_LIMIT, default_max_iter, fit
 from sfa_cli.io import as_square_matrix
 from sfa_cli.kernels import FactorStructure, chain_matmul, factor_columns, resolve_device, resolve_dtype
-from sfa_cli.metrics import column_block, frobenius_norm
+from sfa_cli.metrics import frobenius_norm, residual_columns
 from sfa_cli.objective import BlockObjective, column_blocks
 from sfa_cli.optimize import Run, minimize
 from sfa_cli.options import OptimizerSpec, PatternSpec, Placement, StopRules
@@ -909,9 +909,7 @@ def _largest_of_residual(A, approx, k: int) -> tuple[sp.csr_matrix, float]:
     total = 0.0
     for start in range(0, n, width):
         cols = np.arange(start, min(n, start + width))
-        E = np.zeros((n, len(cols)), dtype=approx.dtype)
-        E[cols, np.arange(len(cols))] = 1
-        Dm = column_block(A, cols) - np.asarray(approx.matmul(E), dtype=np.float64)
+        Dm = residual_columns(A, approx, cols)
         total += float(np.sum(Dm * Dm))
         flat = Dm.ravel()
         top = baselines._largest(flat, k)

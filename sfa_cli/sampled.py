@@ -362,7 +362,7 @@ def estimate_relative_error(
         same columns, so methods compared with one seed share the sample.
     confidence : float, default=0.95
     block : int, optional
-        Columns per product ``approx.matmul(E_J)``; by default about 64 MiB of float64.
+        Columns per ``approx.columns(J)``; by default about 64 MiB of float64.
 
     Returns
     -------
@@ -383,14 +383,10 @@ def estimate_relative_error(
         raise SfaError("the matrix is all zeros; its relative error is undefined")
     cols = sample_columns(n, sample, seed)
     block = block or max(1, min(512, (64 << 20) // (8 * n)))
-    dtype = np.dtype(getattr(approx, "dtype", np.float64))
     r = np.empty(len(cols), dtype=np.float64)
     for i in range(0, len(cols), block):
         c = cols[i : i + block]
-        E = np.zeros((n, len(c)), dtype=dtype)
-        E[c, np.arange(len(c))] = 1
-        P = np.asarray(approx.matmul(E), dtype=np.float64)
-        D = columns.numpy(c).astype(np.float64) - P
+        D = columns.numpy(c).astype(np.float64) - np.asarray(approx.columns(c), dtype=np.float64)
         r[i : i + len(c)] = np.einsum("ij,ij->j", D, D)
     out = _estimate(r, columns.sq_norms[cols], n, a_total, confidence)
     return {**out, "sample_columns": len(cols), "n": n, "seed": int(seed), "confidence": confidence}

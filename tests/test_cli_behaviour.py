@@ -1,7 +1,6 @@
 """What a demanding user expects of the command line beyond the numbers: outputs checked before any work,
 Ctrl-C at any stage keeps the fit, one named line per failed file in a batch, verdicts that say what they mean."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
