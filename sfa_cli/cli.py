@@ -10,34 +10,53 @@ import os
 from pathlib import Path
 
 import click
-import numpy as np
-import scipy.sparse as sp
-from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from sfa_cli import kernels
+from sfa_cli import limits
 from sfa_cli._version import __version__
-from sfa_cli.approximation import DENSE_LIMIT, load_approximation
-from sfa_cli.baselines import tsvd_at_rank
-from sfa_cli.compare import METHODS, chord_at_budget, compare, resolve_budget, run_method
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import DEFAULTS, DENSE_FIT_LIMIT, OPTIMIZERS, default_max_iter, fit
-from sfa_cli.info import matrix_info
-from sfa_cli.io import atomic_output, check_writable, load_array, load_matrix, save_matrix
-from sfa_cli.learned import ORDERS
-from sfa_cli.memory import peak_rss_bytes
-from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import PATTERNS
-from sfa_cli.report import (
-    compare_rows, compare_table, eval_table, fit_table, info_notes, info_tables, plot_comparisons,
-    require_matplotlib, save_approximations, write_csv, write_json,
-)
-from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report, fit_sampled, init_distributed
+from sfa_cli.options import DEVICES, DTYPES, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
+from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
-# stdout for results, stderr for progress, logs and errors.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False)
+# The library (and torch) is imported inside the commands: `sfa --version` and every `--help`
+# answer without it (tests/test_cli_fit.py checks that importing this module leaves torch out).
+_SAMPLED = SampledSchedule()
+_STOP = StopRules()
+
+
+class _Consoles:
+    """stdout for results, stderr for progress, logs and errors; made on first use (rich is not needed
+    for --help). Output that is not a terminal is not wrapped (a piped table keeps its columns)."""
+
+    _out = _err = None
+
+    @property
+    def out(self):
+        if self._out is None:
+            from rich.console import Console
+
+            probe = Console(highlight=False)
+            self._out = Console(highlight=False, soft_wrap=True,
+                                width=None if probe.is_terminal else max(probe.width, 200))
+        return self._out
+
+    @property
+    def err(self):
+        if self._err is None:
+            from rich.console import Console
+
+            self._err = Console(stderr=True, highlight=False)
+        return self._err
+
+
+_consoles = _Consoles()
+
+
+def printable(text) -> str:
+    """``text`` with control characters (newlines, ANSI escapes) escaped: a file name cannot forge a line."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _SfaGroup(click.Group):
@@ -51,7 +70,7 @@ class _SfaGroup(click.Group):
         except SfaError as exc:
             if _debug(ctx):
                 raise
-            raise click.ClickException(str(exc)) from None
+            raise click.ClickException(printable(exc)) from None
         except KeyboardInterrupt:
             if _debug(ctx):
                 raise
@@ -60,9 +79,38 @@ class _SfaGroup(click.Group):
         except Exception as exc:  # an sfa bug or an environment failure
             if _debug(ctx):
                 raise
-            raise click.ClickException(
-                f"{type(exc).__name__}: {exc} (run with --debug for the traceback)"
-            ) from None
+            raise click.ClickException(_unexpected(exc)) from None
+
+
+def _unexpected(exc: BaseException, path: str | None = None) -> str:
+    """One line for an exception sfa did not foresee, naming the file when there is one."""
+    where = f"{printable(path)}: " if path else ""
+    if isinstance(exc, MemoryError):
+        return f"{where}out of memory ({printable(exc) or 'MemoryError'})"
+    if isinstance(exc, OSError) and exc.strerror:
+        name = f" ({printable(exc.filename)})" if exc.filename and str(exc.filename) != str(path) else ""
+        return f"{where}{exc.strerror}{name}"
+    return f"{where}{type(exc).__name__}: {printable(exc)} (run with --debug for the traceback)"
+
+
+def _per_file(ctx: click.Context, path: str, work) -> tuple[object, str | None]:
+    """Run ``work()`` for one file of a batch: (its result, None), or after an error (None, the message),
+    the message printed as one line naming the file, so the batch goes on."""
+    try:
+        return work(), None
+    except SfaError as exc:
+        if _debug(ctx):
+            raise
+        message, shown = printable(exc), printable(path)
+        message = message if shown in message else f"{shown}: {message}"
+    except (KeyboardInterrupt, click.exceptions.Exit, click.ClickException):
+        raise
+    except Exception as exc:
+        if _debug(ctx):
+            raise
+        message = _unexpected(exc, path)
+    click.echo(f"Error: {message}", err=True)
+    return None, message
 
 
 def _debug(ctx: click.Context) -> bool:
@@ -96,21 +144,50 @@ def cli(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+class _Spinner:
+    """A one-line status on stderr (rich), shown only on a terminal and unless quiet."""
+
+    def __init__(self, enabled: bool):
+        from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        err = _consoles.err
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err,
+                                 transient=True, disable=not (enabled and err.is_terminal))
+        self.task = self.progress.add_task("", total=None)
+        self.enabled = enabled
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def update(self, text: str) -> None:
+        self.progress.update(self.task, description=printable(text))
+
+    def log(self, text: str) -> None:
+        """A line that stays (stderr), above the spinner."""
+        if self.enabled:
+            self.progress.console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
+
+
 @cli.command()
 @click.argument("matrices", nargs=-1, required=True, metavar="MATRIX...")
 @click.option("--json", "as_json", is_flag=True,
               help="Print JSON (one object, or a list when several files are given).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.pass_context
-def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool) -> None:
+def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool, quiet: bool) -> None:
     """Describe matrices: size, sparsity, symmetry, rank and the equal budget.
 
     MATRIX is a .npz, .npy, .mtx, .mtx.gz, .h5/.hdf5 or .mat file; add :KEY to
     pick one array of a file holding several (file.npz:A, file.h5:/group/A).
     The budget rows give the Chord factorization's size (M factors with L+1
-    nonzeros per row), the truncated-SVD rank with the same parameter count,
-    and the share of ||A||_F^2 that rank keeps. A file that cannot be
-    read gets one error line; the others are still shown, and the exit code
-    is 1.
+    nonzeros per row), the truncated-SVD rank with the same parameter count
+    (floor(params / 2N)), and the share of ||A||_F^2 that rank keeps. A file
+    that cannot be read gets one error line; the others are still shown, and
+    the exit code is 1.
 
     \b
     Example:
@@ -118,44 +195,74 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool) -> None:
         sfa info data/*.mtx data/digits_cov.npz --json
         sfa info weights.h5:/layer1/W
     """
+    from sfa_cli.info import matrix_info
+    from sfa_cli.io import load_matrix
+    from sfa_cli.report import info_notes, info_tables
+
     infos, failed = [], False
-    for spec in matrices:
-        try:
-            infos.append(matrix_info(load_matrix(spec), path=spec))
-        except SfaError as exc:
-            if _debug(ctx):
-                raise
-            click.echo(f"Error: {exc}", err=True)
-            failed = True
+    with _Spinner(not quiet) as spinner:
+        for spec in matrices:
+            spinner.update(f"{spec}: reading")
+
+            def work(spec=spec):
+                A = load_matrix(spec)
+                return matrix_info(A, path=spec, **_info_progress(matrix_info, spinner, spec))
+
+            result, problem = _per_file(ctx, spec, work)
+            if problem is not None:
+                failed = True
+            else:
+                infos.append(result)
     if as_json:
         if infos or len(matrices) > 1:
             emit_json(infos if len(matrices) > 1 else infos[0])
     elif infos:
         for table in info_tables(infos):
-            out.print(table)
+            _consoles.out.print(table)
         for note in info_notes(infos):
-            out.print(note, markup=False)
+            _consoles.out.print(note, markup=False)
     if failed:
         ctx.exit(1)
 
 
+def _info_progress(matrix_info, spinner, spec) -> dict:
+    """``callback=`` for matrix_info when it takes one (stage, fraction)."""
+    import inspect
+
+    if "callback" not in inspect.signature(matrix_info).parameters:
+        return {}
+
+    def callback(stage, fraction=None):
+        done = f" {fraction:.0%}" if fraction is not None else ""
+        spinner.update(f"{spec}: {stage}{done}")
+
+    return {"callback": callback}
+
+
 # -- options shared by `fit` and `compare` -------------------------------------------
+def _positive_budget(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a parameter count or a fraction of N^2; got {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise click.BadParameter(f"a budget must be a positive count or fraction of N^2; got {text!r}")
+    if value >= 1 and value != int(value):
+        raise click.BadParameter(f"a budget >= 1 is a parameter count and must be an integer; got {text!r}")
+    return value
+
+
 def _budget_list(ctx, param, value):
     if value is None:
         return None
-    try:
-        return [float(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated numbers; got {value!r}") from None
+    budgets = [_positive_budget(v.strip()) for v in value.split(",") if v.strip()]
+    if not budgets:
+        raise click.BadParameter("expected comma-separated budgets")
+    return budgets
 
 
 def _budget_value(ctx, param, value):
-    if value is None:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        raise click.BadParameter(f"expected a parameter count or a fraction of N^2; got {value!r}") from None
+    return None if value is None else _positive_budget(value)
 
 
 def _method_list(ctx, param, value):
@@ -163,8 +270,8 @@ def _method_list(ctx, param, value):
         return None
     names = [v.strip() for v in value.split(",") if v.strip()]
     unknown = [v for v in names if v not in METHODS]
-    if unknown:
-        raise click.BadParameter(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if unknown or not names:
+        raise click.BadParameter(f"unknown method {unknown[0] if unknown else value!r}; choose from {', '.join(METHODS)}")
     return names
 
 
@@ -200,21 +307,18 @@ optimizer_options = _stack(
                  help="Optimiser iterations.  [default: 5000 up to N = 256, then 5000*256/N, at least 300]"),
     click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
                  help="Stop fitting after this many seconds (per fit)."),
-    click.option("--tol", type=click.FloatRange(min=0), default=DEFAULTS["tol"], show_default=True,
-                 help=f"Stop when the error improved by less than this fraction over {DEFAULTS['window']} iterations."),
+    click.option("--tol", type=click.FloatRange(min=0), default=_STOP.tol, show_default=True,
+                 help=f"Stop when the error improved by less than this fraction over {_STOP.window} iterations."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial factors (and of randomized methods)."),
-    click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+    click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                  help="Where to fit: auto picks CUDA when available and N >= 512 (below, the CPU is faster)."),
-    click.option("--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True),
+    click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True),
 )
 
 
 def _fit_options(kw: dict) -> dict:
-    """The keyword arguments of sfa_cli.fit.fit named by the shared CLI options."""
-    return {
-        "optimizer": kw["optimizer"], "lr": kw["lr"], "max_iter": kw["max_iter"], "time_limit": kw["time_limit"],
-        "tol": kw["tol"], "device": kw["device"], "dtype": kw["dtype"],
-    }
+    """The shared fitting options (registry.FIT_OPTIONS) named by the CLI options."""
+    return {name: kw[name] for name in FIT_OPTIONS}
 
 
 def _pattern_options(kw: dict) -> dict:
@@ -226,11 +330,14 @@ def _pattern_options(kw: dict) -> dict:
 
 
 class _FitProgress:
-    """A rich progress line on stderr fed by the fit callback."""
+    """A rich progress line on stderr fed by the fit callback, and the stage the command is in."""
 
     def __init__(self, label: str, max_iter: int, enabled: bool, start_line: str = "", unit: str = "it"):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        err = _consoles.err
         self.enabled = enabled
-        self.label = label
+        self.label = printable(label)
         self.start_line = start_line  # printed (also to logs) once the first evaluation is done
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(),
@@ -238,17 +345,29 @@ class _FitProgress:
             TextColumn("rel.err {task.fields[err]}"), TimeElapsedColumn(), console=err, transient=True,
             disable=not (enabled and err.is_terminal),
         )
-        self.task = self.progress.add_task(label, total=max_iter, err="-")
+        self.task = self.progress.add_task(self.label, total=max_iter, err="-")
+        self.description = self.label
+        self._notifier = None
 
     def __enter__(self):
         self.progress.__enter__()
         # the first evaluation of a size may compile kernels for seconds: say so on the progress line
-        kernels._compile["notify"] = lambda message: self.progress.update(self.task, description=f"{self.label}: {message}")
+        from sfa_cli import kernels
+
+        self._notifier = kernels.compile_notifier(
+            lambda message: self.progress.update(self.task, description=f"{self.label}: {message}"))
+        self._notifier.__enter__()
         return self
 
     def __exit__(self, *exc):
-        kernels._compile["notify"] = None
+        self._notifier.__exit__(*exc)
         return self.progress.__exit__(*exc)
+
+    def stage(self, name: str) -> None:
+        """The command moved to another stage (error, baseline): say so on the line."""
+        if name != "fitting":
+            what = {"error": "measuring the error", "baseline": "the equal-budget truncated SVD"}.get(name, name)
+            self.progress.update(self.task, description=f"{self.description}: {what}")
 
     def __call__(self, step) -> bool:
         if self.start_line and self.enabled:
@@ -256,13 +375,14 @@ class _FitProgress:
             self.start_line = ""
         # the sampled fit's steps also say which epoch they belong to; its error is the sample estimate
         epoch = f" epoch {step.epoch}/{step.epochs}" if getattr(step, "epochs", 0) else ""
+        self.description = self.label + epoch
         self.progress.update(self.task, completed=step.iteration, err=f"{step.best_rel_error:.4g}",
-                             description=self.label + epoch)
+                             description=self.description)
         return False
 
 
 error_sample_option = click.option(
-    "--error-sample", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["error_sample"], show_default=True,
+    "--error-sample", type=click.IntRange(min=1), default=_SAMPLED.error_sample, show_default=True,
     metavar="COLUMNS", help="Columns of the seeded sample that estimates the error (the same for every method).")
 
 
@@ -278,16 +398,10 @@ Example:
     sfa fit big.mtx -o F.npz --sampled --epochs 5 --error-sample 2048
 """
 
-_FIT_OPTION_NAMES = ("optimizer", "lr", "max_iter", "time_limit", "tol", "device", "dtype")
-#: Options of `sfa fit` that only some methods use: all of them Chord's, and --order the learned method's.
-_METHOD_SPECIFIC = ("pattern", "factors", "base", "symmetric", "no_self_link", "permute", "sampled", "batch_columns",
-                    "epochs", "exact_error", "order") + _FIT_OPTION_NAMES
-#: The method-specific options each method other than chord takes (what compare passes it).
-_FIT_METHOD_OPTIONS = {
-    "butterfly": _FIT_OPTION_NAMES,
-    "sparse": ("factors", "order", "max_iter", "time_limit", "device", "dtype"),
-    "chord+sparse": _FIT_OPTION_NAMES + ("symmetric", "no_self_link"),
-}
+#: `sfa fit` option names (click's parameter names) as the registry calls them.
+_CLI_TO_REGISTRY = {"no_self_link": "self_link"}
+#: Options of `sfa fit` that only some methods use (each record's `shared` and `own` say which).
+_METHOD_SPECIFIC = PATTERN_OPTIONS + ("symmetric", "no_self_link") + SAMPLED_OPTIONS + ("order",) + FIT_OPTIONS
 
 
 def _given(ctx: click.Context) -> set[str]:
@@ -302,8 +416,9 @@ def _option_flag(ctx: click.Context, name: str) -> str:
 
 
 def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
-    """Usage errors for options the chosen method does not use."""
+    """Usage errors for options the chosen method does not use (read from the registry)."""
     given = _given(ctx)
+    record = method_record(method)
     if method == "chord":
         if "order" in given:
             raise click.UsageError("--order applies to --method sparse (the learned supports)")
@@ -311,14 +426,46 @@ def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
             raise click.UsageError("--budget sizes the Chord pattern; for a butterfly at a budget use --method butterfly")
         if budget is not None and given & {"factors", "base"}:
             raise click.UsageError("--budget chooses the Chord factor count and base; give --budget or --factors/--base")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not ctx.params["sampled"]:
+            raise click.UsageError("runs under torchrun need --sampled (the full-batch fit runs in one process)")
+        if ctx.params["sampled"] and given & {"optimizer", "max_iter"}:
+            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
         return
-    allowed = _FIT_METHOD_OPTIONS.get(method, ())
-    bad = [name for name in _METHOD_SPECIFIC if name in given and name not in allowed]
+
+    def takes(name):
+        return record.takes(_CLI_TO_REGISTRY.get(name, name)) and name not in ("pattern", "sampled") + SAMPLED_OPTIONS
+
+    bad = [name for name in _METHOD_SPECIFIC if name in given and not takes(name)]
     if bad:
-        uses = ", ".join(_option_flag(ctx, name) for name in allowed) or "none of the fitting options"
+        uses = ", ".join(_option_flag(ctx, name) for name in _METHOD_SPECIFIC if takes(name) and any(
+            p.name == name for p in ctx.command.params)) or "none of the fitting options"
         raise click.UsageError(f"{_option_flag(ctx, bad[0])} does not apply to --method {method} (it takes {uses})")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise click.UsageError(f"--method {method} runs in one process; under torchrun only the Chord --sampled fit runs")
+
+
+def _check_outputs(output: str, report: str | None, force: bool, suffixes: tuple) -> None:
+    """Output paths checked before any work: extension, directory, overwrite, output vs report."""
+    from sfa_cli import io
+
+    if report and Path(report).resolve() == Path(output).resolve():
+        raise click.UsageError(f"--report {printable(report)} is the factor file -o; give two different paths")
+    checker = getattr(io, "check_output", None)
+    if checker is not None:
+        checker(output, suffixes=suffixes, force=force, others=(report,) if report else ())
+        if report:
+            checker(report, suffixes=(".json",), force=force, others=(output,))
+        return
+    name = Path(output).name.lower()
+    if not name.endswith(suffixes):
+        raise click.UsageError(f"-o {printable(output)}: the output must end in {', '.join(suffixes)}")
+    if not Path(output).parent.is_dir():
+        raise SfaError(f"{printable(output)}: the directory {printable(Path(output).parent)} does not exist")
+    io.check_writable(output, force)
+    if report:
+        if not Path(report).parent.is_dir():
+            raise SfaError(f"{printable(report)}: the directory {printable(Path(report).parent)} does not exist")
+        io.check_writable(report, force)
 
 
 @cli.command("fit", epilog=FIT_EXAMPLE)
@@ -330,18 +477,18 @@ def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
 @click.option("--budget", callback=_budget_value, default=None, metavar="PARAMS",
               help="Parameters allowed: a count, or a fraction of N^2 below 1 (as in sfa compare).  "
                    "[default: chord: its full pattern; other methods: the Chord budget M*N*(L+1)]")
-@click.option("--order", type=click.Choice(ORDERS), default=None,
+@click.option("--order", type=click.Choice(METHODS["sparse"].own_option("order").choices), default=None,
               help="With --method sparse and --factors > 2: fit all supports jointly, or FAuST's hierarchy of "
                    "two-factor splits.  [default: joint]")
-@click.option("--pattern", type=click.Choice(list(PATTERNS)), default="chord", show_default=True, help="Sparsity pattern.")
+@click.option("--pattern", type=click.Choice(PATTERN_NAMES), default="chord", show_default=True, help="Sparsity pattern.")
 @pattern_size_options
 @pattern_variant_options
 @optimizer_options
 @click.option("--sampled", is_flag=True,
-              help=f"Fit from blocks of columns with Adam, never forming N x N (automatic for sparse inputs above N = {DENSE_FIT_LIMIT}).")
-@click.option("--batch-columns", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["batch_columns"], show_default=True,
+              help=f"Fit from blocks of columns with Adam, never forming N x N (automatic for sparse inputs above N = {limits.DENSE_FIT_MAX_N}).")
+@click.option("--batch-columns", type=click.IntRange(min=1), default=_SAMPLED.batch_columns, show_default=True,
               help="With --sampled: columns per step (over all processes).")
-@click.option("--epochs", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["epochs"], show_default=True,
+@click.option("--epochs", type=click.IntRange(min=1), default=_SAMPLED.epochs, show_default=True,
               help="With --sampled: passes over all columns.")
 @click.option("--exact-error", is_flag=True,
               help="With --sampled: report the exact error (one more pass) instead of the sample estimate.")
@@ -357,139 +504,74 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
     Minimises ||A - W(1)...W(M)||_F over the non-zeros of a fixed pattern
     (Chord by default: M = ceil(log2 N) factors with floor(log2 N)+1 non-zeros
     per row). Ctrl-C stops the fit and still writes the best factors so far
-    (exit code 130). --method runs another method of sfa compare at --budget
+    (exit code 130), also when pressed while the final error or the baseline
+    is measured. --method runs another method of sfa compare at --budget
     instead (e.g. sparse: factors whose supports are learned) and saves its
     approximation; sfa eval, apply and reconstruct read every one.
     """
+    from sfa_cli.io import load_matrix
+    from sfa_cli.jobs import fit_matrix, uses_sampled_fit
+
     _check_fit_method_options(click.get_current_context(), method, budget)
-    check_writable(output, force)
-    if report:
-        check_writable(report, force)
+    _check_outputs(output, report, force, (".npz", ".h5", ".hdf5"))
     A = load_matrix(matrix)
-    if method != "chord":
-        return _fit_method_command(A, matrix, output, report, method, budget, order, no_baseline, as_json, quiet, kw)
-    extra = {}
-    if budget is not None:
-        variant = {k: v for k, v in _pattern_options(kw).items() if k in ("symmetric", "self_link") and v is not None}
-        params = resolve_budget(A.shape[0], budget)
-        sizes, note = chord_at_budget(A.shape[0], params, **variant)
-        kw.update(sizes)
-        extra = {"budget": params, **({"note": note} if note else {})}
-    total = kw["max_iter"] or default_max_iter(A.shape[0])
-    start_line = (f"fitting {matrix}: n={A.shape[0]}, {pattern} pattern, up to {total} iterations "
-                  f"(Ctrl-C stops and keeps the best factors)")
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not sampled:
-        raise click.UsageError("runs under torchrun need --sampled (the full-batch fit runs in one process)")
-    if sampled or (sp.issparse(A) and A.shape[0] > DENSE_FIT_LIMIT):
-        if kw["optimizer"] != "lbfgs" or kw["max_iter"] is not None:
-            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
-        return _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns,
-                                    epochs, exact_error, error_sample, kw, extra)
-    with _FitProgress(Path(matrix).name, total, enabled=not quiet, start_line=start_line) as progress:
-        try:
-            result = fit(A, pattern=pattern, seed=kw["seed"], callback=progress, **_pattern_options(kw),
-                         **_fit_options(kw))
-        except SfaError as exc:  # e.g. the memory guard: say which file
-            raise SfaError(f"{matrix}: {exc}") from None
-    approx = result.approximation
-    rel_error = relative_error(A, approx)  # float64, from the factors as saved
-    summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "rel_error": rel_error,
-               "fit_rel_error": result.rel_error}
-    if not no_baseline:
-        summary.update(_tsvd_baseline(A, approx.params))
-    summary.update(extra)
-    _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
-
-
-def _write_fit_outputs(approx, result, summary, matrix, output, report, as_json):
-    """Save the factors and the report, print the summary; exit 130 after an interrupt.
-
-    ``result`` is the FitResult of a Chord fit, or None for the other methods
-    (their report holds ``details``, the facts the method recorded, instead of a history).
-    """
-    facts = {"rel_error": summary["rel_error"], "input": str(matrix)}
-    if result is not None:
-        facts["stopped_because"] = result.stopped_because
-    details = dict(approx.info)
-    approx.info.update(facts)
-    approx.save(output)
-    if report:
-        write_json(report, {**summary, "history": result.history} if result is not None
-                   else {**summary, "details": details})
-    if as_json:
-        emit_json(summary)
-    else:
-        out.print(fit_table(summary))
-    if result is not None and result.interrupted:
-        err.print(f"interrupted: the best factors so far were written to {output}")
-        raise click.exceptions.Exit(130)
-
-
-def _fit_sampled_command(A, matrix, output, report, pattern, no_baseline, as_json, quiet, batch_columns, epochs,
-                         exact_error, error_sample, kw, extra):
-    """`sfa fit` by column blocks (also under torchrun: rank 0 writes and prints)."""
-    rank, _world = init_distributed(kw["device"])
-    # the sampled fit always uses Adam with its schedule; max_iter and tol belong to the full-batch fit
-    options = {k: v for k, v in _fit_options(kw).items() if k not in ("max_iter", "tol", "optimizer")}
     n = A.shape[0]
-    per_epoch = -(-n // min(batch_columns, n))
-    start_line = (f"fitting {matrix} by column blocks: n={n}, {pattern} pattern, {epochs} epochs of {per_epoch} steps "
-                  f"x {min(batch_columns, n)} columns (Ctrl-C stops and keeps the best factors)")
-    with _FitProgress(Path(matrix).name, epochs * per_epoch, enabled=not quiet and rank == 0, start_line=start_line,
-                      unit="step") as progress:
-        result = fit_sampled(A, pattern=pattern, seed=kw["seed"], batch_columns=batch_columns, epochs=epochs,
-                             exact_error=exact_error, error_sample=error_sample, callback=progress,
-                             **_pattern_options(kw), **options)
-    approx = result.approximation
-    summary = {"path": matrix, "output": output, "method": pattern, **result.to_dict(), "seed": kw["seed"]}
-    if not no_baseline and rank == 0:  # measured on the same columns as the fit's estimate
-        summary.update(_tsvd_baseline(A, approx.params, exact_error=exact_error, sample=result.error_sample,
-                                      seed=kw["seed"]))
-    summary.update(extra)
-    if rank == 0:
-        _write_fit_outputs(approx, result, summary, matrix, output, report, as_json)
-
-
-def _fit_method_command(A, matrix, output, report, method, budget, order, no_baseline, as_json, quiet, kw):
-    """`sfa fit --method NAME`: one method of sfa compare at the budget, through compare's own code."""
-    fit_options = {**_fit_options(kw), **{k: v for k, v in _pattern_options(kw).items() if k not in ("factors", "base")}}
-    options = {}
+    method_options = {k: v for k, v in (("order", order), ("factors", kw["factors"])) if v is not None} \
+        if method == "sparse" else None
+    pattern_options = _pattern_options(kw)
     if method == "sparse":
-        options = {k: v for k, v in (("order", order), ("factors", kw["factors"])) if v is not None}
-    n = A.shape[0]
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=err, transient=True,
-                  disable=quiet or not err.is_terminal) as progress:
-        progress.add_task(f"{Path(matrix).name}: {method} (n={n})", total=None)
-        result = run_method(A, method, budget, seed=kw["seed"], fit_options=fit_options, options=options)
-    if result.status != "ok":
-        what = "does not apply" if result.status == "not applicable" else "failed"
-        raise SfaError(f"{matrix}: method {method} {what}: {result.note}")
-    approx = result.approximation
-    summary = {"path": matrix, "output": output, "method": method, "n": n}
-    if isinstance(approx, SparseFactors):
-        summary["factors"] = approx.num_factors
-    summary.update(budget=result.budget, params=approx.params, compression=n**2 / approx.params,
-                   rel_error=result.rel_error, seconds=result.seconds, dtype=approx.dtype.name)
-    if isinstance(approx, SparseFactors):
-        summary["pattern"] = approx.pattern
-    if result.note:
-        summary["note"] = result.note
-    summary["peak_memory_bytes"] = peak_rss_bytes()
-    if not no_baseline and method != "tsvd":
-        summary.update(_tsvd_baseline(A, approx.params))
-    _write_fit_outputs(approx, None, summary, matrix, output, report, as_json)
+        pattern_options.pop("factors")
+    schedule = {"batch_columns": batch_columns, "epochs": epochs, "exact_error": exact_error,
+                "error_sample": error_sample}
+    is_sampled = method == "chord" and uses_sampled_fit(A, True if sampled else None)
+    if is_sampled:
+        from sfa_cli.sampled import init_distributed
 
+        rank, _world = init_distributed(kw["device"])
+        per_epoch = -(-n // min(batch_columns, n))
+        total, unit = epochs * per_epoch, "step"
+        start_line = (f"fitting {printable(matrix)} by column blocks: n={n}, {pattern} pattern, {epochs} epochs of "
+                      f"{per_epoch} steps x {min(batch_columns, n)} columns (Ctrl-C stops and keeps the best factors)")
+    else:
+        from sfa_cli.fit import default_max_iter
 
-def _tsvd_baseline(A, params: int, **estimate) -> dict:
-    """The equal-budget truncated SVD (rank params / 2N) the fit summaries report.
+        rank = 0
+        total, unit = kw["max_iter"] or default_max_iter(n), "it"
+        start_line = (f"fitting {printable(matrix)}: n={n}, {pattern} pattern, up to {total} iterations "
+                      f"(Ctrl-C stops and keeps the best factors)")
+    if method != "chord":
+        start_line = ""
+    with _FitProgress(Path(matrix).name if method == "chord" else f"{Path(matrix).name}: {method} (n={n})", total,
+                      enabled=not quiet and rank == 0, start_line=start_line, unit=unit) as progress:
+        outcome = fit_matrix(
+            A, method=method, budget=budget, pattern=pattern, pattern_options=pattern_options,
+            fit_options=_fit_options(kw), method_options=method_options, seed=kw["seed"],
+            sampled=True if is_sampled else (False if method == "chord" else None), schedule=schedule,
+            baseline=not no_baseline, path=matrix, output=output,
+            callback=progress if method == "chord" else None, on_stage=progress.stage,
+        )
+    outcome.summary.pop("rank", None)
+    outcome.report.pop("rank", None)
+    if rank != 0:
+        return
+    outcome.approximation.save(output, info=outcome.facts)
+    if report:
+        from sfa_cli.report import write_json
 
-    Exact, or with ``estimate`` (error_report's exact_error, sample, seed) measured as the sampled fit is.
-    """
-    rank = max(1, params // (2 * A.shape[0]))
-    if not estimate:
-        return {"tsvd_rank": rank, "tsvd_rel_error": relative_error(A, tsvd_at_rank(A, rank))}
-    tsvd = error_report(A, tsvd_at_rank(A, rank), **estimate)
-    return {"tsvd_rank": rank, "tsvd_rel_error": tsvd["rel_error"], "tsvd_rel_error_ci": tsvd.get("rel_error_ci")}
+        write_json(report, outcome.report)
+    if as_json:
+        emit_json(outcome.summary)
+    else:
+        from sfa_cli.report import fit_table
+
+        _consoles.out.print(fit_table(outcome.summary))
+    if not quiet:
+        for hint in outcome.hints:
+            _consoles.err.print(f"note: {hint}", markup=False, highlight=False, soft_wrap=True)
+    if outcome.interrupted:
+        _consoles.err.print(f"interrupted: the best factors so far were written to {printable(output)}",
+                            markup=False, highlight=False, soft_wrap=True)
+        raise click.exceptions.Exit(130)
 
 
 EVAL_EXAMPLE = """
@@ -506,11 +588,11 @@ Example:
 @click.argument("factors")
 @click.argument("matrix")
 @click.option("--sampled", "estimate", is_flag=True,
-              help=f"Estimate the error from a column sample even for N <= {EXACT_ERROR_UP_TO}.")
+              help=f"Estimate the error from a column sample even for N <= {limits.EXACT_ERROR_MAX_N}.")
 @error_sample_option
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the error sample.")
 @click.option("--exact-error", is_flag=True,
-              help=f"Exact error over all columns (streamed) even for N > {EXACT_ERROR_UP_TO}.")
+              help=f"Exact error over all columns (streamed) even for N > {limits.EXACT_ERROR_MAX_N}.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_json):
     """Relative error of saved FACTORS (any sfa approximation file) on MATRIX.
@@ -520,12 +602,17 @@ def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_
     an estimate. The same --seed and --error-sample give the same columns as
     `sfa fit --sampled` and `sfa compare`.
     """
+    from sfa_cli.approximation import load_approximation
+    from sfa_cli.io import load_matrix
+    from sfa_cli.sampled import error_report
+
     if estimate and exact_error:
         raise click.UsageError("--sampled and --exact-error exclude each other")
     approx = load_approximation(factors)
     A = load_matrix(matrix)
     if A.shape[0] != approx.n:
-        raise SfaError(f"{factors}: the approximation is {approx.n} x {approx.n} but {matrix} is {A.shape[0]} x {A.shape[0]}")
+        raise SfaError(f"{printable(factors)}: the approximation is {approx.n} x {approx.n} but {printable(matrix)} "
+                       f"is {A.shape[0]} x {A.shape[0]}")
     error = error_report(A, approx, exact_error=True if exact_error else False if estimate else None,
                          sample=error_sample, seed=seed)
     row = {"factors": factors, "path": matrix, "n": approx.n, "method": approx.method, "params": approx.params,
@@ -533,7 +620,9 @@ def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_
     if as_json:
         emit_json(row)
     else:
-        out.print(eval_table(row))
+        from sfa_cli.report import eval_table
+
+        _consoles.out.print(eval_table(row))
 
 
 APPLY_EXAMPLE = """
@@ -552,9 +641,17 @@ Example:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def apply_command(factors, x, output, transpose, force):
     """Y = W(1)...W(M) X for a vector or block X stored as .npy."""
-    check_writable(output, force)
+    import numpy as np
+
+    from sfa_cli.approximation import load_approximation
+    from sfa_cli.io import atomic_output, load_array
+
+    _check_outputs(output, None, force, (".npy",))
     approx = load_approximation(factors)
     X = load_array(x)
+    if X.ndim not in (1, 2) or X.shape[0] != approx.n:
+        raise SfaError(f"{printable(x)}: X has shape {X.shape} but {printable(factors)} is {approx.n} x {approx.n}; "
+                       f"X needs {approx.n} rows")
     Y = approx.rmatmul(X) if transpose else approx.matmul(X)
     with atomic_output(output) as tmp:
         np.save(tmp, Y)
@@ -571,12 +668,15 @@ Example:
 @click.argument("factors")
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Dense matrix to write (.npz, .npy, .mtx or .h5).")
-@click.option("--max-n", type=click.IntRange(min=2), default=DENSE_LIMIT, show_default=True,
+@click.option("--max-n", type=click.IntRange(min=2), default=limits.DENSE_LIMIT, show_default=True,
               help="Refuse to form matrices larger than this.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def reconstruct_command(factors, output, max_n, force):
     """Form the dense matrix A_hat of saved FACTORS (size-guarded)."""
-    check_writable(output, force)
+    from sfa_cli.approximation import load_approximation
+    from sfa_cli.io import save_matrix
+
+    _check_outputs(output, None, force, (".npz", ".npy", ".mtx", ".mtx.gz", ".h5", ".hdf5", ".mat"))
     approx = load_approximation(factors)
     save_matrix(output, approx.to_dense(max_n=max_n))
 
@@ -592,6 +692,11 @@ Example:
 """
 
 
+def _compare_help() -> str:
+    lines = [f"{name}: {record.description}" for name, record in METHODS.items()]
+    return "\n".join(lines)
+
+
 @cli.command("compare", epilog=COMPARE_EXAMPLE)
 @click.argument("matrices", nargs=-1, required=True, metavar="MATRIX...")
 @click.option("--methods", callback=_method_list, default=None,
@@ -600,7 +705,7 @@ Example:
               help="Parameter budget: a count, or a fraction of N^2 below 1.  [default: the Chord budget M*N*(L+1)]")
 @click.option("--sweep", callback=_budget_list, default=None, metavar="B1,B2,...",
               help="Several budgets: the error-versus-parameters curve of every method.")
-@click.option("--order", type=click.Choice(ORDERS), default=None,
+@click.option("--order", type=click.Choice(METHODS["sparse"].own_option("order").choices), default=None,
               help="Method sparse: joint supports or FAuST's hierarchy (matters with more than 2 factors).  "
                    "[default: joint]")
 @pattern_variant_options
@@ -609,76 +714,99 @@ Example:
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Write one row per (matrix, budget, method).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
-              help="Draw the errors (or sweep curves); needs matplotlib (pip install 'sfa[plot]').")
+              help="Draw the errors (or sweep curves); needs matplotlib (pip install 'sfa-cli[plot]').")
 @click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Keep every method's approximation here.")
 @click.option("--sampled", "at_scale", is_flag=True,
-              help=f"Compare at scale (nothing N x N formed) even for small N; automatic for sparse inputs above N = {DENSE_FIT_LIMIT}.")
-@click.option("--epochs", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["epochs"], show_default=True,
+              help=f"Compare at scale (nothing N x N formed) even for small N; automatic for sparse inputs above N = {limits.SCALE_ABOVE}.")
+@click.option("--epochs", type=click.IntRange(min=1), default=_SAMPLED.epochs, show_default=True,
               help="At scale: passes of the sampled fit (chord, butterfly).")
-@click.option("--batch-columns", type=click.IntRange(min=1), default=SAMPLED_DEFAULTS["batch_columns"], show_default=True,
+@click.option("--batch-columns", type=click.IntRange(min=1), default=_SAMPLED.batch_columns, show_default=True,
               help="At scale: columns per step of the sampled fit.")
 @error_sample_option
 @click.option("--exact-error", is_flag=True, help="Exact errors over all columns (streamed), also at scale.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--force", is_flag=True, help="Overwrite existing output files.")
-def compare_command(matrices, methods, budget, sweep, order, as_json, csv_path, plot_path, save_dir, at_scale, epochs,
-                    batch_columns, error_sample, exact_error, quiet, force, **kw):
+@click.pass_context
+def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_path, plot_path, save_dir, at_scale,
+                    epochs, batch_columns, error_sample, exact_error, quiet, force, **kw):
     """Compare every method at the same parameter budget on each MATRIX.
 
     Methods: chord (the paper's sparse factorization), butterfly, tsvd
     (truncated SVD), rsvd (randomized SVD), topk (largest entries), monarch,
-    lowrank+sparse, sparse (learned supports), chord+sparse. A bad file gets a one-line error and the others still
-    run; the exit code is 1 if any file failed.
+    lowrank+sparse, sparse (learned supports), chord+sparse. A bad file gets a
+    one-line error (and an {"path", "error"} record with --json) and the others
+    still run; the exit code is 1 if any file failed. Each method's name, time
+    and error are shown on stderr as it finishes.
 
     A sparse MATRIX with N > 8192 is compared at scale: chord and butterfly by
     the sampled fit, tsvd by svds and rsvd on the sparse matrix, topk keeps it
     sparse, the methods that need dense N x N work are "not applicable", and
     every error is an estimate on the same seeded column sample, with its 95%
-    interval.
+    interval. With --sweep, one verdict per budget and where the winner changes.
     """
-    for path in (csv_path, plot_path):
+    import time
+
+    from sfa_cli.compare import compare
+    from sfa_cli.io import check_writable, load_matrix
+    from sfa_cli.report import compare_rows, compare_table, plot_comparisons, require_matplotlib, \
+        save_approximations, unique_stems, write_csv
+
+    for path, suffixes in ((csv_path, (".csv",)), (plot_path, (".png", ".pdf", ".svg"))):
         if path:
+            if not Path(path).parent.is_dir():
+                raise SfaError(f"{printable(path)}: the directory {printable(Path(path).parent)} does not exist")
             check_writable(path, force)
     if plot_path:
         require_matplotlib()
     fit_options = {**_fit_options(kw), **{k: v for k, v in _pattern_options(kw).items() if k not in ("factors", "base")}}
-    done, failed = [], 0
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=err, transient=True, disable=quiet or not err.is_terminal) as progress:
-        task = progress.add_task("", total=None)
+    stems = unique_stems(matrices)
+    done, records, failures = [], [], 0  # records: the JSON, one per input in order (failures as {path, error})
+    with _Spinner(not quiet) as spinner:
         for path in matrices:
-            try:
+            started = {}
+
+            def before(method, b, p=path):
+                started["t"] = time.perf_counter()
+                spinner.update(f"{p}: {method} (budget {b})")
+
+            def after(result, p=path):
+                error = f"{result.rel_error:.4g}" if result.rel_error is not None else result.status
+                spinner.log(f"{p}: {result.method} (budget {result.budget}) {error} in {result.seconds:.1f} s")
+
+            def work(path=path):
+                spinner.update(f"{path}: reading")
                 A = load_matrix(path)
-                comparison = compare(
+                return compare(
                     A, methods=methods, budget=budget, sweep=sweep, seed=kw["seed"], fit_options=fit_options,
                     keep=save_dir is not None, method_options={"sparse": {"order": order}} if order else None,
                     scale=True if at_scale else None,
                     sampled_options={"epochs": epochs, "batch_columns": batch_columns},
                     exact_error=True if exact_error else None, error_sample=error_sample,
-                    callback=lambda m, b, p=path: progress.update(task, description=f"{p}: {m} (budget {b})"),
+                    callback=before, result_callback=after,
                 )
-            except SfaError as exc:
-                if _debug(click.get_current_context()):
-                    raise
-                failed += 1
-                progress.console.print(f"Error: {exc}", markup=False, highlight=False, soft_wrap=True)
+
+            comparison, problem = _per_file(ctx, path, work)
+            if problem is not None:
+                records.append({"path": path, "error": problem})
+                failures += 1
                 continue
             done.append((path, comparison))
+            records.append({"path": path, **comparison.to_dict()})
             if save_dir:
-                save_approximations(save_dir, path, comparison, force)
+                save_approximations(save_dir, path, comparison, force, stem=stems[path])
             if not as_json:
-                progress.stop()
-                out.print(compare_table(path, comparison))
-                out.print(comparison.verdict(), markup=False)
-                progress.start()
-    payload = [{"path": p, **c.to_dict()} for p, c in done]
+                spinner.progress.stop()
+                _consoles.out.print(compare_table(printable(path), comparison))
+                for line in comparison.verdicts():
+                    _consoles.out.print(line, markup=False)
+                spinner.progress.start()
     if as_json:
-        emit_json(payload[0] if len(matrices) == 1 and payload else payload)
+        emit_json(records[0] if len(matrices) == 1 and done else records)
     if csv_path:
         write_csv(csv_path, compare_rows(done))
     if plot_path and done:
         plot_comparisons(plot_path, done)
-    if failed:
+    if failures:
         raise click.exceptions.Exit(1)
 
 

@@ -27,112 +27,48 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from sfa_cli import baselines, learned, sampled
+from sfa_cli import limits
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
-from sfa_cli.fit import DENSE_FIT_LIMIT, fit
-from sfa_cli.patterns import butterfly_at_budget, chord_at_budget, chord_budget, resolve_budget
-from sfa_cli.sampled import SAMPLED_DEFAULTS, error_report, fit_sampled
+from sfa_cli.io import as_square_matrix
+from sfa_cli.metrics import never_worse_than_zero
+from sfa_cli.patterns import chord_at_budget, chord_budget, resolve_budget
+from sfa_cli.registry import METHODS as RECORDS
+from sfa_cli.registry import check_methods, method_record
+from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report
 
-__all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHODS", "METHOD_OPTIONS", "MethodResult",
-           "Comparison", "SCALE_ABOVE", "DENSE_ONLY"]
+__all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHODS", "MethodResult", "Comparison",
+           "SCALE_ABOVE", "DENSE_ONLY", "TIE", "check_methods"]
 
 #: A sparse matrix with n above this is compared at scale (nothing n x n is formed, errors are
 #: estimated from a column sample); read at call time, so tests may lower it.
-SCALE_ABOVE = DENSE_FIT_LIMIT
-#: Methods that need dense n x n work, and why: not run at scale.
-DENSE_ONLY = {
-    "monarch": "reads all n^2 entries of A as dense blocks",
-    "lowrank+sparse": "reads all n^2 entries of A - L",
-    "sparse": "keeps dense n x n residuals",
-    "chord+sparse": "needs all n^2 entries of A - P",
-}
-#: Options of the full-batch fit that the sampled fit does not take (it uses Adam with its own schedule).
-_FULL_FIT_ONLY = ("optimizer", "max_iter", "tol")
+SCALE_ABOVE = limits.SCALE_ABOVE  # the one definition is in sfa_cli/limits.py
+#: Methods that need dense n x n work, and why: not run at scale (from the registry).
+DENSE_ONLY = {name: r.dense_only for name, r in RECORDS.items() if r.dense_only}
+#: Two errors within this factor of each other are a tie, not a win.
+TIE = 1.01
 
 
-def _fit_at(A, pattern, options, note, seed, fit_options, scale, sampled_options):
-    """The full-batch fit, or at scale the sampled fit (its note says with how many epochs)."""
-    if scale:
-        run = {k: v for k, v in fit_options.items() if k not in _FULL_FIT_ONLY}
-        result = fit_sampled(A, pattern=pattern, seed=seed, **options, **run, **(sampled_options or {}))
-        epochs = f"{result.epochs} epoch" + ("s" if result.epochs != 1 else "")
-        done = f"sampled fit, {epochs} x {result.batch_columns} columns"
-        note = f"{done}; {note}" if note else done
-    else:
-        result = fit(A, pattern=pattern, seed=seed, **options, **fit_options)
-    if result.interrupted:
-        raise KeyboardInterrupt
-    return result.approximation, note
+def _legacy(record):
+    """``METHODS[name](A, budget, *, seed, fit_options, scale, sampled_options, **options)``, the
+    signature before the registry, for scripts that call a method directly."""
 
-
-def _chord(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **_):
-    fit_options = dict(fit_options or {})
-    variant = {k: fit_options[k] for k in ("symmetric", "self_link") if fit_options.get(k) is not None}
-    options, note = chord_at_budget(A.shape[0], budget, **variant)
-    return _fit_at(A, "chord", options, note, seed, fit_options, scale, sampled_options)
-
-
-def _butterfly(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **_):
-    sizes, note = butterfly_at_budget(A.shape[0], budget)
-    options = {k: v for k, v in (fit_options or {}).items() if k not in ("base", "symmetric", "self_link", "permute")}
-    return _fit_at(A, "butterfly", sizes, note, seed, options, scale, sampled_options)
-
-
-def _learned(function):
     def run(A, budget, *, seed=0, fit_options=None, scale=False, sampled_options=None, **options):
-        approx = function(A, budget, seed=seed, fit_options=fit_options, **options)
-        return approx, approx.info.get("note", "")
+        return record.run(A, budget, seed=seed, options=_options_for(record, fit_options, options), scale=scale,
+                          schedule=sampled_options)
 
-    run.__doc__ = function.__doc__
+    run.__doc__ = record.description
     return run
 
 
-def _baseline(function):
-    def run(A, budget, *, seed=0, **_):
-        return function(A, budget, seed=seed), ""
-
-    run.__doc__ = function.__doc__
-    return run
+#: name -> callable, the registry's functions with the signature scripts used before it existed.
+METHODS = {name: _legacy(record) for name, record in RECORDS.items()}
 
 
-def _tsvd(A, budget, *, seed=0, scale=False, **_):
-    """Truncated SVD; at scale by svds on the (sparse) matrix."""
-    if scale:
-        return baselines.truncated_svd(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
-    return baselines.truncated_svd(A, budget, seed=seed), ""
-
-
-def _rsvd(A, budget, *, seed=0, scale=False, **_):
-    """Randomized SVD; at scale torch.svd_lowrank on the sparse tensor."""
-    return baselines.randomized_svd(A, budget, seed=seed, keep_sparse=scale), ""
-
-
-#: name -> callable(A, budget, *, seed, fit_options, scale, sampled_options, **options) -> (Approximation, note)
-METHODS = {
-    "chord": _chord,
-    "butterfly": _butterfly,
-    "tsvd": _tsvd,
-    "rsvd": _rsvd,
-    "topk": _baseline(baselines.top_k),
-    "monarch": _baseline(baselines.monarch),
-    "lowrank+sparse": _baseline(baselines.lowrank_plus_sparse),
-    "sparse": _learned(learned.learned_sparse),
-    "chord+sparse": _learned(learned.chord_plus_sparse),
-}
-
-
-#: The method options (beyond seed and fit_options) each method takes, passed by ``compare(method_options=...)``.
-METHOD_OPTIONS = {"sparse": ("order", "factors")}
-
-
-def check_methods(methods) -> list[str]:
-    """Validate method names against the registry (the error lists the choices)."""
-    methods = list(METHODS) if not methods else list(methods)
-    for m in methods:
-        if m not in METHODS:
-            raise SfaError(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    return methods
+def _options_for(record, fit_options: dict | None, own: dict | None) -> dict:
+    """The shared options the method takes (None values dropped) and its own options, checked."""
+    shared = {k: v for k, v in (fit_options or {}).items() if v is not None and k in record.shared}
+    return {**shared, **record.check_options(own)}
 
 
 @dataclass(frozen=True)
@@ -194,7 +130,10 @@ class Comparison:
         return min(ok, key=lambda r: r.rel_error) if ok else None
 
     def verdict(self, budget: int | None = None) -> str:
-        """One line saying which method wins and by how much."""
+        """One line saying which method wins at a budget (the first by default) and by how much.
+
+        Errors within 1% of each other (:data:`TIE`) are called a tie, not a win.
+        """
         budget = self.budgets[0] if budget is None else budget
         best = self.best(budget)
         if best is None:
@@ -203,18 +142,36 @@ class Comparison:
             if best.method == "topk":
                 return f"topk is exact: the matrix has {self.nnz} non-zeros, no more than the budget {budget}"
             return f"{best.method} is exact at this budget"
-        others = [r for r in self.results if r.status == "ok" and r.budget == budget and r.method != best.method]
+        others = sorted((r for r in self.results if r.status == "ok" and r.budget == budget and r is not best),
+                        key=lambda r: r.rel_error)
         measured = ""
         if self.error.get("estimate"):
             measured = f"estimates on the same {self.error['sample_columns']} sampled columns"
         if not others:
             return f"{best.method}: relative error {best.rel_error:.4g}" + (f" ({measured})" if measured else "")
-        second = min(others, key=lambda r: r.rel_error)
+        tied = [r for r in others if r.rel_error <= best.rel_error * TIE]
+        if tied:
+            names = ", ".join([best.method] + [r.method for r in tied])
+            return (f"tie within 1%: {names} at relative error {best.rel_error:.4g}"
+                    + (f" ({measured})" if measured else ""))
+        second = others[0]
         ratio = second.rel_error / best.rel_error if best.rel_error > 0 else math.inf
         return (
             f"{best.method} wins: relative error {best.rel_error:.4g} against {second.rel_error:.4g} "
             f"for {second.method} ({ratio:.2f}x{'; ' + measured if measured else ''})"
         )
+
+    def verdicts(self) -> list[str]:
+        """One verdict per budget, and with several budgets a last line saying where the winner changes."""
+        if len(self.budgets) == 1:
+            return [self.verdict()]
+        lines = [f"budget {b}: {self.verdict(b)}" for b in self.budgets]
+        winners = [(b, self.best(b).method if self.best(b) else None) for b in self.budgets]
+        changes = [f"{prev[1]} -> {cur[1]} at budget {cur[0]}" for prev, cur in zip(winners, winners[1:])
+                   if prev[1] != cur[1]]
+        lines.append("the winner changes: " + "; ".join(changes) if changes else
+                     f"the same method wins at every budget: {winners[0][1]}")
+        return lines
 
     def to_dict(self) -> dict:
         best = self.best()
@@ -234,7 +191,8 @@ class Comparison:
         }
         if len(self.budgets) > 1:
             out["sweep"] = [
-                {"budget": b, "best": (self.best(b).method if self.best(b) else None)} for b in self.budgets
+                {"budget": b, "best": (self.best(b).method if self.best(b) else None), "verdict": self.verdict(b)}
+                for b in self.budgets
             ]
         return out
 
@@ -249,6 +207,7 @@ def compare(
     fit_options: dict | None = None,
     keep: bool = False,
     callback=None,
+    result_callback=None,
     method_options: dict | None = None,
     scale: bool | None = None,
     sampled_options: dict | None = None,
@@ -262,7 +221,7 @@ def compare(
     ----------
     A : ndarray or sparse matrix of shape (n, n)
     methods : list of str, optional
-        Names from METHODS (default: all of them).
+        Names from the registry, :data:`sfa_cli.registry.METHODS` (default: all of them).
     budget : int or float, optional
         Parameter count, or a fraction of n^2 when below 1; default the Chord budget.
     sweep : list of int or float, optional
@@ -276,8 +235,10 @@ def compare(
         Keep every approximation in its MethodResult (for saving).
     callback : callable, optional
         ``callback(method, budget)`` before each method runs.
+    result_callback : callable, optional
+        ``result_callback(result: MethodResult)`` after each method ran (progress: its error and time).
     method_options : dict, optional
-        ``{method: {option: value}}``, options of one method (see METHOD_OPTIONS),
+        ``{method: {option: value}}``, options of one method (``MethodRecord.own`` in the registry),
         e.g. ``{"sparse": {"order": "hierarchical", "factors": 3}}``.
     scale : bool, optional
         Compare at scale (see the module docstring); None: when A is sparse and n > SCALE_ABOVE.
@@ -292,16 +253,18 @@ def compare(
     confidence : float, default=0.95
         Level of the intervals ``rel_error_ci``.
     """
+    A = as_square_matrix(A)
     methods = check_methods(methods)
-    method_options = _check_method_options(method_options)
+    method_options = {name: dict(opts or {}) for name, opts in (method_options or {}).items()}
+    for name, opts in method_options.items():
+        method_record(name).check_options(opts)
     n = A.shape[0]
     budgets = [resolve_budget(n, b) for b in (sweep if sweep else [budget])]
     nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
     if scale is None:
         scale = sp.issparse(A) and n > SCALE_ABOVE
     if exact_error is None:
-        exact_error = not scale and n <= sampled.EXACT_ERROR_UP_TO
-    fit_options = dict(fit_options or {})
+        exact_error = not scale and n <= EXACT_ERROR_UP_TO
     sampled_options = dict(sampled_options or {})
     if scale:
         sampled_options.setdefault("error_sample", error_sample)
@@ -311,8 +274,11 @@ def compare(
         for name in methods:
             if callback is not None:
                 callback(name, b)
-            results.append(_run_method(A, name, b, seed, fit_options, keep, scale, sampled_options, measure,
-                                       method_options.get(name)))
+            results.append(_run_method(A, name, b, seed, _options_for(RECORDS[name], fit_options,
+                                                                       method_options.get(name)),
+                                       keep, scale, sampled_options, measure))
+            if result_callback is not None:
+                result_callback(results[-1])
     error = {"estimate": any(r.rel_error_is_estimate for r in results), "seed": int(seed)}
     if error["estimate"]:
         error.update(sample_columns=min(int(error_sample), n), confidence=confidence)
@@ -325,38 +291,28 @@ def _measure(seed, exact_error, sample=SAMPLED_DEFAULTS["error_sample"], confide
 
 
 def run_method(A, method: str, budget: float | int | None = None, *, seed: int = 0, fit_options: dict | None = None,
-               options: dict | None = None) -> MethodResult:
-    """Run one method of METHODS at a budget, as :func:`compare` does, keeping its approximation.
+               options: dict | None = None, scale: bool = False, sampled_options: dict | None = None) -> MethodResult:
+    """Run one method of the registry at a budget, as :func:`compare` does, keeping its approximation.
 
-    ``budget`` as in :func:`resolve_budget`; ``options`` the method's own options
-    (METHOD_OPTIONS). A method that does not apply gives status "not applicable"
-    and the reason in ``note``; MethodResult.approximation holds the result otherwise.
+    ``budget`` as in :func:`sfa_cli.patterns.resolve_budget`; ``fit_options`` the shared fitting
+    options (those the method does not take are ignored); ``options`` the method's own options
+    (``MethodRecord.own``). A method that does not apply gives status "not applicable" and the
+    reason in ``note``; MethodResult.approximation holds the result otherwise.
     """
-    check_methods([method])
-    options = _check_method_options({method: options or {}})[method]
-    return _run_method(A, method, resolve_budget(A.shape[0], budget), seed, fit_options, True, options=options)
+    A = as_square_matrix(A)
+    record = method_record(method)
+    measure = _measure(seed, not scale and A.shape[0] <= EXACT_ERROR_UP_TO)
+    return _run_method(A, method, resolve_budget(A.shape[0], budget), seed, _options_for(record, fit_options, options),
+                       True, scale, sampled_options, measure)
 
 
-def _check_method_options(method_options) -> dict:
-    method_options = dict(method_options or {})
-    for name, opts in method_options.items():
-        check_methods([name])
-        unknown = [k for k in (opts or {}) if k not in METHOD_OPTIONS.get(name, ())]
-        if unknown:
-            allowed = ", ".join(METHOD_OPTIONS.get(name, ())) or "none"
-            raise SfaError(f"method {name} has no option {unknown[0]!r} (its options: {allowed})")
-    return {name: dict(opts or {}) for name, opts in method_options.items()}
-
-
-def _run_method(A, name, budget, seed, fit_options, keep, scale=False, sampled_options=None, measure=None,
-                options=None) -> MethodResult:
+def _run_method(A, name, budget, seed, options, keep, scale=False, sampled_options=None, measure=None) -> MethodResult:
     t0 = time.perf_counter()
-    if scale and name in DENSE_ONLY:
-        return MethodResult(name, budget, None, None, 0.0, "not applicable",
-                            f"{DENSE_ONLY[name]}; not run at scale")
+    record = RECORDS[name]
+    if scale and record.dense_only:
+        return MethodResult(name, budget, None, None, 0.0, "not applicable", f"{record.dense_only}; not run at scale")
     try:
-        approx, note = METHODS[name](A, budget, seed=seed, fit_options=fit_options, scale=scale,
-                                     sampled_options=sampled_options, **(options or {}))
+        approx, note = record.run(A, budget, seed=seed, options=options, scale=scale, schedule=sampled_options)
     except NotApplicable as exc:
         return MethodResult(name, budget, None, None, time.perf_counter() - t0, "not applicable", str(exc))
     except MemoryError:
@@ -365,10 +321,13 @@ def _run_method(A, name, budget, seed, fit_options, keep, scale=False, sampled_o
     if approx.params > budget:  # a method that overspends is a bug; never report it as a win
         raise SfaError(f"method {name} used {approx.params} parameters > budget {budget}")
     if measure is None:  # as compare() measures by default
-        measure = _measure(seed, A.shape[0] <= sampled.EXACT_ERROR_UP_TO)
+        measure = _measure(seed, A.shape[0] <= EXACT_ERROR_UP_TO)
     error = error_report(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
                          confidence=measure["confidence"])
     note = note or approx.info.get("note", "")
+    if not error["rel_error_is_estimate"]:  # never worse than the zero matrix (the sampled fit rescales itself)
+        approx, error["rel_error"], rescaled = never_worse_than_zero(A, approx, error["rel_error"])
+        note = "; ".join(x for x in (note, rescaled) if x)
     return MethodResult(name, budget, approx.params, error["rel_error"], seconds, "ok", note, approx if keep else None,
                         rel_error_is_estimate=error["rel_error_is_estimate"],
                         rel_error_ci=tuple(error["rel_error_ci"]) if "rel_error_ci" in error else None,

@@ -53,6 +53,7 @@ from scipy.io.matlab import MatReadError
 
 from sfa_cli.errors import SfaError, printable
 from sfa_cli.memory import available_bytes, human_bytes, require_memory
+from sfa_cli.validation import as_csr, as_square_matrix, float_dtype
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -294,7 +295,7 @@ def load_array(path, *, rows: int | None = None) -> np.ndarray:
     dtype = header.dtype
     if not (dtype.kind in "biuf"):
         raise SfaError(f"{shown}: expected real numbers; got dtype {dtype}")
-    target = _float_dtype(dtype)
+    target = float_dtype(dtype)
     require_memory(header.count * target.itemsize, f"{shown}: reading its {_describe(header.shape)} {dtype} array",
                    "apply the factors to fewer columns at a time")
     try:
@@ -430,7 +431,7 @@ def _check_matrix_claim(shown: str, shape: tuple, dtype: np.dtype) -> None:
 def _dense_read_bytes(shape: tuple, dtype: np.dtype) -> int:
     """Memory to read a dense array and convert it to sfa's float dtype."""
     stored = _nbytes(shape, dtype.itemsize)
-    target = _float_dtype(dtype) if dtype.kind in "biuf" else dtype
+    target = float_dtype(dtype) if dtype.kind in "biuf" else dtype
     return stored + (0 if target == dtype else _nbytes(shape, target.itemsize))
 
 
@@ -1228,161 +1229,6 @@ _READERS = {
 
 
 # ---------------------------------------------------------------------------
-# Validation
-# ---------------------------------------------------------------------------
-
-def as_square_matrix(obj, name: str = "A"):
-    """Validate a square matrix and return it as a float ndarray or canonical CSR.
-
-    Parameters
-    ----------
-    obj : ndarray, scipy sparse matrix or array (any format), torch.Tensor or array-like
-        The matrix. Sparse input stays sparse.
-    name : str, default="A"
-        What to call it in error messages (the file path when loading).
-
-    Returns
-    -------
-    ndarray or scipy.sparse.csr_matrix of shape (n, n)
-        float32 and float64 are kept; integers and booleans become float64,
-        other floats float32 (float16) or float64 (longer). A CSR result has
-        sorted indices and no duplicates.
-
-    Raises
-    ------
-    SfaError
-        Not 2-D, object, complex or non-numeric dtype, empty, not square,
-        n < 2, or NaN/Inf entries (with their count and first position).
-    """
-    A = _to_array_or_sparse(obj, name)
-    A = _as_float(A, name)
-    _check_square(A.shape, name)
-    _check_finite(A, name)
-    return A
-
-
-def _to_array_or_sparse(obj, name: str):
-    """An ndarray or canonical CSR from any supported input, without densifying."""
-    if sp.issparse(obj):
-        _check_sparse_structure(obj, name)
-        return _canonical_csr(obj)
-    torch = sys.modules.get("torch")  # no tensor can exist unless torch is imported
-    if torch is not None and isinstance(obj, torch.Tensor):
-        return _from_tensor(obj, torch, name)
-    try:
-        return np.asarray(obj)
-    except (ValueError, TypeError) as exc:
-        raise SfaError(f"{name}: cannot convert to an array: {_short_reason(exc)}") from exc
-
-
-def _check_sparse_structure(obj, name: str) -> None:
-    """Reject a compressed sparse matrix (CSR, CSC, BSR) with inconsistent index arrays.
-
-    scipy's constructors check little (and ``check_format(full_check=True)``
-    misses a negative last ``indptr``); index arrays read from a corrupt file
-    can point out of bounds, and converting such a matrix crashes the
-    interpreter inside scipy's C++ code.
-    """
-    if obj.format not in ("csr", "csc", "bsr"):
-        return  # COO checks its indices on construction; the others are built safely
-    rows, cols = obj.shape
-    block_rows, block_cols = obj.blocksize if obj.format == "bsr" else (1, 1)
-    major, minor = (cols, rows) if obj.format == "csc" else (rows // block_rows, cols // block_cols)
-    indptr, indices = np.asarray(obj.indptr), np.asarray(obj.indices)
-    valid = (
-        len(indptr) == major + 1
-        and indptr[0] == 0
-        and indptr[-1] == len(indices) == len(obj.data)
-        and bool(np.all(np.diff(indptr) >= 0))
-        and (indices.size == 0 or (indices.min() >= 0 and indices.max() < minor))
-    )
-    if not valid:
-        raise SfaError(f"{name}: invalid sparse matrix (index arrays out of range or inconsistent)")
-
-
-def _canonical_csr(obj) -> sp.csr_matrix:
-    """CSR matrix with sorted indices and summed duplicates (input left untouched)."""
-    csr = sp.csr_matrix(obj)
-    if not csr.has_canonical_format:
-        csr = csr.copy()  # its arrays may be the caller's, and sum_duplicates works in place
-        csr.sum_duplicates()
-    return csr
-
-
-def _from_tensor(tensor, torch, name: str):
-    """A torch tensor as ndarray, or as CSR when the tensor is sparse."""
-    t = tensor.detach().cpu()
-    if t.dtype == torch.bfloat16:  # numpy has no bfloat16
-        t = t.float()
-    if t.layout == torch.strided:
-        return t.numpy()
-    if t.ndim != 2:
-        raise SfaError(f"{name}: expected a 2-D matrix, got a {t.ndim}-D sparse tensor")
-    coo = t.to_sparse_coo().coalesce()
-    rows, cols = coo.indices().numpy()
-    return _canonical_csr(sp.coo_matrix((coo.values().numpy(), (rows, cols)), shape=tuple(t.shape)))
-
-
-def _as_float(A, name: str):
-    """The matrix with sfa's dtype rules applied (see :func:`as_square_matrix`)."""
-    dtype = A.dtype
-    if dtype.kind == "c":
-        raise SfaError(f"{name}: complex matrices are not supported yet")
-    if dtype.kind == "O":
-        raise SfaError(f"{name}: holds Python objects (dtype object), not numbers")
-    if dtype.kind not in "biuf":
-        raise SfaError(f"{name}: unsupported dtype {dtype}; sfa needs real numbers")
-    if A.ndim != 2:
-        raise SfaError(f"{name}: expected a 2-D matrix, got a {A.ndim}-D array of shape {A.shape}")
-    target = _float_dtype(dtype)
-    return A if dtype == target else A.astype(target)
-
-
-def _float_dtype(dtype: np.dtype) -> np.dtype:
-    """float32/float64 kept; ints and bools -> float64; float16 -> float32; longer -> float64."""
-    if dtype.kind == "f" and dtype.itemsize <= 4:
-        return np.dtype(np.float32)
-    return np.dtype(np.float64)
-
-
-def _check_square(shape: tuple, name: str) -> None:
-    """Reject empty, non-square and 1 x 1 shapes."""
-    rows, cols = shape
-    if rows == 0 or cols == 0:
-        raise SfaError(f"{name}: matrix is empty ({rows} x {cols})")
-    if rows != cols:
-        raise SfaError(f"{name}: matrix is {rows} x {cols}; sfa needs a square matrix")
-    if rows < 2:
-        raise SfaError(f"{name}: matrix is {rows} x {cols}; sfa needs N >= 2")
-
-
-def _check_finite(A, name: str) -> None:
-    """Reject NaN and Inf entries, giving their counts and the first position."""
-    values = A.data if sp.issparse(A) else A
-    bad = ~np.isfinite(values)
-    if not bad.any():
-        return
-    nan = int(np.isnan(values).sum())
-    row, col = _first_position(A, bad)
-    raise SfaError(
-        f"{name}: matrix has {nan} NaN and {int(bad.sum()) - nan} Inf entries; "
-        f"the first is at (row {row}, col {col}) (0-based)"
-    )
-
-
-def _first_position(A, bad: np.ndarray) -> tuple[int, int]:
-    """(row, col) of the first flagged entry in row-major order."""
-    if sp.issparse(A):
-        k = int(np.argmax(bad))
-        row = int(np.searchsorted(A.indptr, k, side="right")) - 1
-        return row, int(A.indices[k])
-    row, col = np.unravel_index(int(np.argmax(bad)), bad.shape)
-    return int(row), int(col)
-
-
-
-
-# ---------------------------------------------------------------------------
 # Writing
 # ---------------------------------------------------------------------------
 
@@ -1644,7 +1490,7 @@ def save_matrix(path, A, *, force: bool = True) -> None:
         raise SfaError(
             f"{printable(path)}: unknown file type; sfa writes {', '.join(SUPPORTED_EXTENSIONS)}"
         )
-    A = _canonical_csr(A) if sp.issparse(A) else np.asarray(A)
+    A = as_csr(A, printable(path)) if sp.issparse(A) else np.asarray(A)
     if ext == ".npy" and sp.issparse(A):
         raise SfaError(
             f"{printable(path)}: .npy holds dense arrays only; use .npz, .mtx or .h5 for a sparse matrix"

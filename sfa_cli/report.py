@@ -16,6 +16,7 @@ __all__ = [
     "info_table", "info_tables", "info_notes", "INFO_COLUMNS_MAX", "key_value_table", "fit_table", "eval_table",
     "compare_table", "error_text",
     "compare_rows", "write_csv", "write_json", "require_matplotlib", "plot_comparisons", "save_approximations",
+    "unique_stems",
 ]
 
 INFO_COLUMNS_MAX = 4
@@ -65,8 +66,11 @@ def _label(info: dict) -> str:
 
 
 def _rank(info: dict) -> str:
-    """``448``, or ``~448 (estimate)`` when only leading singular values were used."""
+    """``448``; ``>= 448 (lower bound)`` when every computed singular value is above the tolerance;
+    ``~448 (estimate)`` when only leading singular values were used otherwise."""
     rank = f"{info['rank']:,}"
+    if info.get("rank_is_lower_bound"):
+        return f">= {rank} (lower bound)"
     return f"~{rank} (estimate)" if info["rank_is_estimate"] else rank
 
 
@@ -242,28 +246,43 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise SfaError("--plot needs matplotlib: pip install 'sfa[plot]' (or pip install matplotlib)") from None
+        raise SfaError("--plot needs matplotlib: pip install 'sfa-cli[plot]' (or pip install matplotlib)") from None
     return plt
 
 
 def plot_comparisons(path, done) -> None:
-    """Bar charts of the errors, or error-versus-parameters curves for a sweep."""
+    """Bar charts of the errors on a log scale, or error-versus-parameters curves for a sweep.
+
+    An exact result (error 0) is drawn at the axis' floor and labelled "exact"; a method that
+    does not apply (or failed) has no bar and is labelled "n/a" (or "failed") in its place.
+    """
     plt = require_matplotlib()
     fig, axes = plt.subplots(1, len(done), figsize=(5 * len(done), 4), squeeze=False)
     for ax, (name, c) in zip(axes[0], done):
         ok = [r for r in c.results if r.status == "ok"]
+        positive = [r.rel_error for r in ok if r.rel_error > 0]
+        floor = min(positive) / 10 if positive else 1e-16
         if len(c.budgets) > 1:
             for method in dict.fromkeys(r.method for r in ok):
-                pts = sorted((r.params, max(r.rel_error, 1e-16)) for r in ok if r.method == method)
+                pts = sorted((r.params, max(r.rel_error, floor)) for r in ok if r.method == method)
                 ax.plot(*zip(*pts), marker="o", label=method)
             ax.set_xscale("log")
-            ax.set_yscale("log")
             ax.set_xlabel("parameters")
             ax.legend(fontsize=8)
         else:
-            ax.bar([r.method for r in ok], [r.rel_error for r in ok])
+            shown = [r for r in c.results if r.budget == c.budgets[0]]
+            names = [r.method for r in shown]
+            heights = [max(r.rel_error, floor) if r.status == "ok" else 0 for r in shown]
+            ax.bar(names, heights, bottom=None)
+            for i, r in enumerate(shown):
+                label = ("exact" if r.rel_error == 0 else None) if r.status == "ok" else (
+                    "n/a" if r.status == "not applicable" else r.status)
+                if label:
+                    ax.annotate(label, (i, floor), ha="center", va="bottom", fontsize=8, rotation=90)
             ax.tick_params(axis="x", rotation=45)
-        ax.set_ylabel("relative error")
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=floor / 2)
+        ax.set_ylabel("relative error (log scale)")
         ax.set_title(f"{Path(name).name} (n={c.n})")
     fig.tight_layout()
     with atomic_output(path) as tmp:
@@ -271,11 +290,35 @@ def plot_comparisons(path, done) -> None:
     plt.close(fig)
 
 
-def save_approximations(directory, matrix_path, comparison, force: bool) -> list[Path]:
-    """Save every kept approximation as DIR/<matrix stem>.<method>[.b<budget>].npz."""
+def _stem(spec: str) -> str:
+    """A file-name stem for an input spec: its base name without extensions, plus the key of
+    ``file.npz:KEY`` (a key's slashes become underscores)."""
+    from sfa_cli.io import split_spec
+
+    path, key = split_spec(str(spec))
+    base = Path(path).name.split(".")[0] or "matrix"
+    key = (key or "").strip("/").replace("/", "_")
+    return f"{base}.{key}" if key else base
+
+
+def unique_stems(specs) -> dict:
+    """Stems for :func:`save_approximations` that never collide within one run: a stem shared by
+    several inputs (``a/x.mtx`` and ``b/x.mtx``) gets ``-2``, ``-3``, ... in input order."""
+    stems, seen = {}, {}
+    for spec in specs:
+        stem = _stem(spec)
+        count = seen.get(stem, 0) + 1
+        seen[stem] = count
+        stems[spec] = stem if count == 1 else f"{stem}-{count}"
+    return stems
+
+
+def save_approximations(directory, matrix_path, comparison, force: bool, stem: str | None = None) -> list[Path]:
+    """Save every kept approximation as DIR/<stem>.<method>[.b<budget>].npz (``stem`` from
+    :func:`unique_stems`; by default the matrix's base name)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)  # --save-dir names a directory to fill; outputs never make one
-    stem = Path(str(matrix_path).split(":")[0]).name.split(".")[0]
+    stem = stem or _stem(matrix_path)
     written = []
     for r in comparison.results:
         if r.approximation is None:

@@ -122,7 +122,8 @@ def test_eval_apply_reconstruct(run_cli, cli_error, graph_mtx, tmp_path):
     assert np.load(tmp_path / "y.npy").shape == (48,)
 
     np.save(tmp_path / "wrong.npy", np.ones(5))
-    assert "dimension mismatch" in cli_error("apply", F, tmp_path / "wrong.npy", "-o", tmp_path / "z.npy")
+    line = cli_error("apply", F, tmp_path / "wrong.npy", "-o", tmp_path / "z.npy")
+    assert "wrong.npy: X has shape (5,)" in line and "X needs 48 rows" in line
     assert "limit" in cli_error("reconstruct", F, "-o", tmp_path / "d2.npz", "--max-n", "10")
     other = tmp_path / "other.npy"
     np.save(other, np.eye(10) + 1)
@@ -245,7 +246,18 @@ def test_fit_method_not_applicable_is_one_error_line(cli_error, kernel_mtx, tmp_
     assert not (tmp_path / "B.npz").exists()
     line = cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "sparse", "--budget", "1")
     assert str(path) in line and "does not apply" in line
-    assert "must be positive" in cli_error("fit", path, "-o", tmp_path / "B.npz", "--method", "topk", "--budget", "-3")
+
+
+
+@pytest.mark.parametrize("command", ["fit", "compare"])
+@pytest.mark.parametrize("budget", ["-3", "0", "nan", "1.5"])
+def test_impossible_budgets_are_usage_errors(run_cli, kernel_mtx, tmp_path, command, budget):
+    path, _ = kernel_mtx
+    extra = ["-o", tmp_path / "B.npz", "--method", "topk"] if command == "fit" else []
+    result = run_cli(command, path, *extra, "--budget", budget)
+    assert result.exit_code == 2, result.output
+    assert "--budget" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "B.npz").exists()
 
 
 @pytest.mark.parametrize("args, message", [

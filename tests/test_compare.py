@@ -90,7 +90,9 @@ def test_cli_json_csv_and_a_bad_file_in_the_middle(run_cli, matrices, tmp_path):
     errors = [l for l in result.stderr.splitlines() if l.startswith("Error:")]
     assert len(errors) == 1 and str(bad) in errors[0] and "4 x 5" in errors[0]
     payload = json.loads(result.stdout)
-    assert [p["path"] for p in payload] == [str(good1), str(good2)]
+    assert [p["path"] for p in payload] == [str(good1), str(bad), str(good2)]  # in input order, the failure too
+    failed = payload.pop(1)
+    assert set(failed) == {"path", "error"} and "4 x 5" in failed["error"] and str(bad) in failed["error"]
     for p in payload:
         assert {"path", "n", "budget", "results", "best"} <= p.keys() and "params" in p["budget"]
         for r in p["results"]:

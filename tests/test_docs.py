@@ -30,6 +30,31 @@ def test_every_method_is_documented():
         assert f"`{method}`" in README
 
 
+def test_readme_method_table_is_the_registry():
+    from sfa_cli.registry import method_table
+
+    assert method_table() in README, "the README's method table differs from sfa_cli.registry (paste method_table())"
+
+
+def test_cli_choices_come_from_the_registry(run_cli):
+    from sfa_cli.registry import METHODS as RECORDS
+
+    fit_help = run_cli("fit", "--help").output
+    compare_help = run_cli("compare", "--help").output
+    assert all(name in fit_help and name in compare_help for name in RECORDS)
+    assert "sfa-cli[plot]" in compare_help
+
+
+def test_importing_the_cli_leaves_torch_out():
+    # `sfa --version` and every --help answer without importing torch (issue 17)
+    import subprocess
+    import sys
+
+    code = "import sys, sfa_cli.cli; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_public_json_keys_are_documented():
     for key in ("tsvd_rel_error", "stopped_because", "rank_is_estimate", "tsvd_energy", "factor{m}.indptr"):
         assert key in README

@@ -236,7 +236,7 @@ def test_sampled_fit_shows_progress_by_steps_on_a_terminal(run_cli, monkeypatch,
     sio.mmwrite(path, grid_laplacian(12))  # n = 144: 3 steps of 48 columns per epoch
     screen = io.StringIO()
     terminal = Console(file=screen, force_terminal=True, width=140)
-    monkeypatch.setattr(cli_module, "err", terminal)
+    monkeypatch.setattr(cli_module._consoles, "_err", terminal)
     result = run_cli("fit", path, "-o", tmp_path / "F.npz", "--sampled", "--epochs", "2", "--batch-columns", "48",
                      "--error-sample", "100")
     assert result.exit_code == 0, result.output

@@ -1,0 +1,286 @@
+"""What `sfa fit` and `sfa eval` compute, as library calls: the CLI parses, calls one of these, renders.
+
+:func:`fit_matrix` decides between the full-batch fit and the column-block (sampled) fit,
+sizes the pattern to a budget, runs any other method of the registry, and measures the
+equal-budget truncated SVD; it returns a :class:`FitOutcome` whose ``summary`` is the
+table / JSON the command prints, ``report`` the ``--report`` file, and ``facts`` what the
+factor file records besides the approximation's own metadata.
+
+Ctrl-C during the fit returns the best factors so far (``interrupted``); Ctrl-C after the
+optimiser finished (during the final error or the baseline) keeps the result too, without
+what was not measured, and sets ``interrupted`` as well.
+
+Example
+-------
+>>> import numpy as np
+>>> from sfa_cli.jobs import fit_matrix
+>>> A = np.random.default_rng(0).standard_normal((16, 16))
+>>> outcome = fit_matrix(A, method="tsvd", budget=0.25)
+>>> outcome.summary["method"], outcome.summary["params"] <= 64, outcome.interrupted
+('tsvd', True, False)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import scipy.sparse as sp
+
+from sfa_cli import limits
+from sfa_cli.errors import SfaError
+from sfa_cli.registry import FIT_OPTIONS, method_record
+
+__all__ = ["FitOutcome", "fit_matrix", "tsvd_baseline", "uses_sampled_fit"]
+
+
+@dataclass
+class FitOutcome:
+    """The result of :func:`fit_matrix`.
+
+    Attributes
+    ----------
+    approximation : Approximation
+        What to save.
+    summary : dict
+        The keys `sfa fit` prints (README, "sfa fit").
+    report : dict
+        The summary plus ``history`` (Chord and butterfly fits) or ``details`` (other methods).
+    facts : dict
+        Recorded in the saved file's metadata: ``rel_error``, ``input``, ``stopped_because``.
+    interrupted : bool
+        Ctrl-C ended the run; what was done is kept.
+    hints : list of str
+        Advice for the user (e.g. the budget holds every non-zero, so storing the matrix is exact).
+    """
+
+    approximation: object
+    summary: dict
+    report: dict
+    facts: dict
+    interrupted: bool = False
+    hints: list = field(default_factory=list)
+
+
+def uses_sampled_fit(A, sampled: bool | None = None) -> bool:
+    """Whether the fit of A works from column blocks: when asked, or for a sparse A with n above
+    :data:`sfa_cli.limits.DENSE_FIT_MAX_N` (densifying it would not fit)."""
+    if sampled is not None:
+        return bool(sampled)
+    return sp.issparse(A) and A.shape[0] > limits.DENSE_FIT_MAX_N
+
+
+def tsvd_baseline(A, params: int, **estimate) -> dict:
+    """The equal-budget truncated SVD the fit summaries report: rank floor(params / 2n), at least 1.
+
+    Exact, or with ``estimate`` (error_report's exact_error, sample, seed) measured as the sampled fit is.
+    """
+    from sfa_cli.baselines import tsvd_at_rank
+    from sfa_cli.metrics import relative_error
+    from sfa_cli.patterns import tsvd_rank_at_budget
+    from sfa_cli.sampled import error_report
+
+    rank = max(1, tsvd_rank_at_budget(A.shape[0], params))
+    if not estimate:
+        return {"tsvd_rank": rank, "tsvd_rel_error": relative_error(A, tsvd_at_rank(A, rank))}
+    tsvd = error_report(A, tsvd_at_rank(A, rank), **estimate)
+    return {"tsvd_rank": rank, "tsvd_rel_error": tsvd["rel_error"], "tsvd_rel_error_ci": tsvd.get("rel_error_ci")}
+
+
+def fit_matrix(
+    A,
+    *,
+    method: str = "chord",
+    budget: float | int | None = None,
+    pattern: str = "chord",
+    pattern_options: dict | None = None,
+    fit_options: dict | None = None,
+    method_options: dict | None = None,
+    seed: int = 0,
+    sampled: bool | None = None,
+    schedule: dict | None = None,
+    baseline: bool = True,
+    path: str | None = None,
+    output: str | None = None,
+    callback=None,
+    on_stage=None,
+) -> FitOutcome:
+    """Fit one method to A the way `sfa fit` does, and measure it.
+
+    Parameters
+    ----------
+    A : ndarray or sparse matrix of shape (n, n)
+    method : str, default="chord"
+        A name of :data:`sfa_cli.registry.METHODS`.
+    budget : int or float, optional
+        Parameters allowed (a count, or a fraction of n^2 below 1). Chord: sizes the pattern
+        (:func:`sfa_cli.patterns.chord_at_budget`; default its full pattern); other methods:
+        default the Chord budget.
+    pattern : {"chord", "butterfly"}, default="chord"
+        The fixed pattern of ``method="chord"``.
+    pattern_options : dict, optional
+        ``factors, base, symmetric, self_link, permute`` (None leaves a default).
+    fit_options : dict, optional
+        ``optimizer, lr, max_iter, time_limit, tol, device, dtype``.
+    method_options : dict, optional
+        The method's own options (``order``, ``factors`` of ``sparse``).
+    seed : int, default=0
+    sampled : bool, optional
+        Force (True) or forbid (False) the column-block fit; None: :func:`uses_sampled_fit`.
+    schedule : dict, optional
+        The sampled fit's ``batch_columns, epochs, exact_error, error_sample``.
+    baseline : bool, default=True
+        Measure the equal-budget truncated SVD.
+    path, output : str, optional
+        Names reported in the summary (the input and the factor file).
+    callback : callable, optional
+        The fit's progress callback (``FitStep``), returning True to stop.
+    on_stage : callable, optional
+        ``on_stage(name)`` when a stage starts: "fitting", "error", "baseline".
+    """
+    from sfa_cli.io import as_square_matrix
+
+    A = as_square_matrix(A, name=path or "A")
+    record = method_record(method)
+    stage = on_stage or (lambda name: None)
+    fit_options = {k: v for k, v in (fit_options or {}).items() if v is not None}
+    pattern_options = {k: v for k, v in (pattern_options or {}).items() if v is not None}
+    head = {"path": path, "output": output}
+    if method != "chord":
+        return _fit_method(A, record, budget, fit_options, pattern_options, method_options, seed, baseline, head,
+                           stage, sampled)
+    from sfa_cli.patterns import chord_at_budget, resolve_budget
+
+    n = A.shape[0]
+    extra = {}
+    if budget is not None:
+        if pattern != "chord":
+            raise SfaError("a budget sizes the Chord pattern; for a butterfly at a budget use method butterfly")
+        variant = {k: v for k, v in pattern_options.items() if k in ("symmetric", "self_link")}
+        params = resolve_budget(n, budget)
+        sizes, note = chord_at_budget(n, params, **variant)
+        pattern_options.update(sizes)
+        extra = {"budget": params, **({"note": note} if note else {})}
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not sampled:
+        raise SfaError("runs under torchrun need the sampled fit (the full-batch fit runs in one process)")
+    stage("fitting")
+    if uses_sampled_fit(A, sampled):
+        outcome = _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule or {}, baseline, head,
+                               callback, stage)
+    else:
+        outcome = _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, callback, stage)
+    for target in (outcome.summary, outcome.report):
+        notes = [x for x in (extra.get("note"), target.get("note")) if x]
+        target.update(extra)
+        if notes:
+            target["note"] = "; ".join(notes)
+    return outcome
+
+
+def _interruptible(outcome_parts: dict, stage, steps) -> bool:
+    """Run ``steps`` (name, function returning a dict) in order, merging their results into
+    ``outcome_parts``; Ctrl-C stops the remaining ones. Returns whether it was pressed."""
+    for name, step in steps:
+        stage(name)
+        try:
+            outcome_parts.update(step())
+        except KeyboardInterrupt:
+            return True
+    return False
+
+
+def _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, callback, stage) -> FitOutcome:
+    from sfa_cli.fit import fit
+    from sfa_cli.metrics import relative_error
+
+    try:
+        result = fit(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
+    except SfaError as exc:  # e.g. the memory guard: say which file
+        raise SfaError(f"{head['path']}: {exc}" if head["path"] else str(exc)) from None
+    from sfa_cli.metrics import never_worse_than_zero
+
+    kept = {"approx": result.approximation}
+    summary = {**head, "method": pattern, **result.to_dict(), "fit_rel_error": result.rel_error}
+
+    def error():  # float64, from the factors as saved; never worse than the zero matrix
+        approx, rel_error, note = never_worse_than_zero(A, kept["approx"], relative_error(A, kept["approx"]))
+        kept["approx"] = approx
+        return {"rel_error": rel_error, **({"note": note} if note else {})}
+
+    steps = [("error", error)]
+    if baseline:
+        steps.append(("baseline", lambda: tsvd_baseline(A, kept["approx"].params)))
+    late = _interruptible(summary, stage, steps)
+    return _outcome(A, kept["approx"], summary, {"history": result.history}, result.stopped_because,
+                    result.interrupted or late)
+
+
+def _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule, baseline, head, callback,
+                 stage) -> FitOutcome:
+    from sfa_cli.sampled import fit_sampled, init_distributed
+
+    rank, _world = init_distributed(fit_options.get("device", "auto"))
+    if fit_options.get("optimizer", "lbfgs") != "lbfgs" or fit_options.get("max_iter") is not None:
+        raise SfaError("the sampled fit uses Adam with its schedule: give epochs and lr, not optimizer/max_iter")
+    run = {k: v for k, v in fit_options.items() if k not in ("max_iter", "tol", "optimizer")}
+    result = fit_sampled(A, pattern=pattern, seed=seed, callback=callback, **schedule, **pattern_options, **run)
+    approx = result.approximation
+    summary = {**head, "method": pattern, **result.to_dict(), "seed": seed}
+    late = False
+    if baseline and rank == 0:  # measured on the same columns as the fit's estimate
+        late = _interruptible(summary, stage, [("baseline", lambda: tsvd_baseline(
+            A, approx.params, exact_error=schedule.get("exact_error", False), sample=result.error_sample, seed=seed))])
+    outcome = _outcome(A, approx, summary, {"history": result.history}, result.stopped_because,
+                       result.interrupted or late)
+    outcome.summary["rank"] = rank  # removed by the caller: only rank 0 writes and prints
+    return outcome
+
+
+def _fit_method(A, record, budget, fit_options, pattern_options, method_options, seed, baseline, head, stage,
+                sampled) -> FitOutcome:
+    from sfa_cli.compare import run_method
+    from sfa_cli.factors import SparseFactors
+    from sfa_cli.memory import peak_rss_bytes
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SfaError(f"method {record.name} runs in one process; under torchrun only the Chord sampled fit runs")
+    shared = {k: v for k, v in {**fit_options, **pattern_options}.items() if k in FIT_OPTIONS or k in record.shared}
+    stage("fitting")
+    result = run_method(A, record.name, budget, seed=seed, fit_options=shared, options=method_options,
+                        scale=bool(sampled))
+    if result.status != "ok":
+        what = "does not apply" if result.status == "not applicable" else "failed"
+        raise SfaError(f"{head['path'] or 'A'}: method {record.name} {what}: {result.note}")
+    approx = result.approximation
+    n = A.shape[0]
+    summary = {**head, "method": record.name, "n": n}
+    if isinstance(approx, SparseFactors):
+        summary["factors"] = approx.num_factors
+    summary.update(budget=result.budget, params=approx.params, compression=n**2 / approx.params,
+                   rel_error=result.rel_error, seconds=result.seconds, dtype=approx.dtype.name)
+    if isinstance(approx, SparseFactors):
+        summary["pattern"] = approx.pattern
+    if result.note:
+        summary["note"] = result.note
+    summary["peak_memory_bytes"] = peak_rss_bytes()
+    late = False
+    if baseline and record.name != "tsvd":
+        late = _interruptible(summary, stage, [("baseline", lambda: tsvd_baseline(A, approx.params))])
+    return _outcome(A, approx, summary, {"details": dict(approx.info)}, None, late)
+
+
+def _outcome(A, approx, summary, extra_report, stopped_because, interrupted) -> FitOutcome:
+    facts = {"rel_error": summary.get("rel_error"), "input": str(summary.get("path"))}
+    if stopped_because is not None:
+        facts["stopped_because"] = stopped_because
+    return FitOutcome(approx, summary, {**summary, **extra_report}, facts, interrupted, _hints(A, summary))
+
+
+def _hints(A, summary) -> list[str]:
+    """Advice worth a line: when storing the matrix itself is exact within the budget."""
+    nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
+    budget = summary.get("budget") or summary.get("params")
+    if budget and nnz <= budget and summary.get("method") != "topk":
+        return [f"the matrix has {nnz} non-zeros, no more than the budget {budget}: storing them "
+                f"(--method topk) is exact"]
+    return []

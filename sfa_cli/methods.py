@@ -1,0 +1,126 @@
+"""How each method of the registry runs at a budget: one function per record.
+
+Every function has the signature ``run(A, budget, *, seed=0, options=None, scale=False,
+schedule=None) -> (Approximation, note)``: ``options`` holds only the options the method's
+record takes (:mod:`sfa_cli.registry`), ``scale`` asks for the column-block path (nothing
+n x n formed), ``schedule`` is the sampled fit's :class:`~sfa_cli.options.SampledSchedule`
+options, and ``note`` says what the method chose (a smaller pattern, a split, ...).
+A method that cannot run at this n or budget raises :class:`~sfa_cli.errors.NotApplicable`.
+
+The functions import their implementations when called, so the registry stays light.
+"""
+from __future__ import annotations
+
+from sfa_cli.patterns import butterfly_at_budget, chord_at_budget
+
+__all__ = ["chord", "butterfly", "tsvd", "rsvd", "topk", "monarch", "lowrank_plus_sparse", "learned_sparse",
+           "chord_plus_sparse"]
+
+#: Options of the full-batch fit that the sampled fit does not take (it runs Adam on its own schedule).
+_FULL_FIT_ONLY = ("optimizer", "max_iter", "tol")
+
+
+def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, scale: bool, schedule: dict | None):
+    """The full-batch fit, or at scale the sampled fit (its note says with how many epochs)."""
+    options = {k: v for k, v in options.items() if v is not None}
+    if scale:
+        from sfa_cli.sampled import fit_sampled
+
+        run = {k: v for k, v in options.items() if k not in _FULL_FIT_ONLY}
+        result = fit_sampled(A, pattern=pattern, seed=seed, **sizes, **run, **(schedule or {}))
+        epochs = f"{result.epochs} epoch" + ("s" if result.epochs != 1 else "")
+        done = f"sampled fit, {epochs} x {result.batch_columns} columns"
+        note = f"{done}; {note}" if note else done
+    else:
+        from sfa_cli.fit import fit
+
+        result = fit(A, pattern=pattern, seed=seed, **sizes, **options)
+    if result.interrupted:
+        raise KeyboardInterrupt
+    return result.approximation, note
+
+
+def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """The Chord factorization sized to the budget (:func:`sfa_cli.patterns.chord_at_budget`)."""
+    options = dict(options or {})
+    variant = {k: options[k] for k in ("symmetric", "self_link") if options.get(k) is not None}
+    sizes, note = chord_at_budget(A.shape[0], budget, **variant)
+    return _fit_at(A, "chord", sizes, note, seed, options, scale, schedule)
+
+
+def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """The butterfly pattern, as many factors as the budget holds: the closed-form hierarchical
+    factorization (:func:`sfa_cli.butterfly.butterfly_closed_form`; exact on butterfly products), with
+    an L-BFGS polish of ``max_iter`` iterations when that option is given; at scale the sampled fit."""
+    sizes, note = butterfly_at_budget(A.shape[0], budget)
+    options = dict(options or {})
+    if scale:
+        return _fit_at(A, "butterfly", sizes, note, seed, options, scale, schedule)
+    from sfa_cli.butterfly import butterfly_closed_form
+
+    approx = butterfly_closed_form(A, factors=sizes["factors"], polish_iter=options.get("max_iter") or 0,
+                                   time_limit=options.get("time_limit"), device=options.get("device", "auto"))
+    done = "closed form" + (f", polished ({approx.info['polish_iterations']} iterations)"
+                            if approx.info.get("polish_iterations") else "")
+    return approx, f"{done}; {note}" if note else done
+
+
+def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """Truncated SVD; at scale by svds on the (sparse) matrix."""
+    from sfa_cli.baselines import truncated_svd
+
+    if scale:
+        return truncated_svd(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
+    return truncated_svd(A, budget, seed=seed), ""
+
+
+def rsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """Randomized SVD; at scale torch.svd_lowrank on the sparse tensor."""
+    from sfa_cli.baselines import randomized_svd
+
+    return randomized_svd(A, budget, seed=seed, keep_sparse=scale), ""
+
+
+def topk(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """The budget's largest entries."""
+    from sfa_cli.baselines import top_k
+
+    return top_k(A, budget, seed=seed), ""
+
+
+def monarch(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """The closed-form Monarch projection."""
+    from sfa_cli.baselines import monarch as project
+
+    return project(A, budget, seed=seed), ""
+
+
+def lowrank_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """Low rank plus the residual's largest entries."""
+    from sfa_cli.baselines import lowrank_plus_sparse as split
+
+    return split(A, budget, seed=seed), ""
+
+
+def _fit_options(options: dict) -> dict:
+    from sfa_cli.registry import FIT_OPTIONS, VARIANT_OPTIONS
+
+    return {k: v for k, v in options.items() if k in FIT_OPTIONS + VARIANT_OPTIONS and v is not None}
+
+
+def learned_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """Sparse factors with learned supports."""
+    from sfa_cli.learned import learned_sparse as learn
+
+    options = dict(options or {})
+    own = {k: options[k] for k in ("factors", "order") if options.get(k) is not None}
+    approx = learn(A, budget, seed=seed, fit_options=_fit_options(options), **own)
+    return approx, approx.info.get("note", "")
+
+
+def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
+    """Chord factors plus the residual's largest entries."""
+    from sfa_cli.learned import chord_plus_sparse as hybrid
+
+    approx = hybrid(A, budget, seed=seed, fit_options=_fit_options(dict(options or {})))
+    return approx, approx.info.get("note", "")
