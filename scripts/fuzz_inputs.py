@@ -22,7 +22,8 @@ Each run is classified:
   accepted   exit 0 (the mutation left a readable matrix)
 
 By default each case runs in a child forked from this process after sfa is
-imported (milliseconds a case, so thousands fit in minutes); its peak memory
+imported and each command has run once on a valid file (so the children
+import nothing; milliseconds a case, thousands in a minute or two); its peak memory
 is measured from the child's resource usage against that of an empty forked
 run (``sfa --version``), and its address space is capped (--memory-cap-mb) so a huge
 allocation fails instead of swapping. --spawn runs ``python -m sfa_cli`` in a
@@ -361,6 +362,33 @@ def _wait4_timeout(proc, timeout):
     raise subprocess.TimeoutExpired(proc.args, timeout)
 
 
+def _warm_up(seeds: dict, work: Path) -> None:
+    """Run each command once on a valid seed in this process, output discarded.
+
+    The command line imports its libraries lazily; imported here, before the
+    children fork, they are not imported again in every case.
+    """
+    from sfa_cli.cli import cli
+
+    factors, matrix, vector = (str(seeds[k][0]) for k in ("factors", "matrix", "vector"))
+    saved = os.dup(1), os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        for args in (["info", matrix], ["eval", factors, matrix],
+                     ["apply", factors, vector, "-o", str(work / "y.npy"), "--force"]):
+            try:
+                cli.main(args=args, prog_name="sfa", standalone_mode=False)
+            except BaseException:  # noqa: BLE001 - a warm-up only
+                pass
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
 def classify(code, stderr: str, peak_mb: float, shown_path: str, memory_flag_mb: float) -> str:
     """The class of one run (the first flagged class that applies)."""
     lines = stderr.splitlines()
@@ -419,6 +447,8 @@ def main(argv=None) -> int:
         seeds_dir.mkdir()
         work.mkdir()
         seeds = write_seeds(seeds_dir)
+        if not opts.spawn:
+            _warm_up(seeds, work)
         counts = {cmd: dict.fromkeys(CLASSES, 0) for cmd in commands}
         examples = {cls: [] for cls in FLAGGED}
         peaks, seconds = [], []
