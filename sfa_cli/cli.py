@@ -13,7 +13,7 @@ import click
 
 from sfa_cli import limits
 from sfa_cli._version import __version__
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import SfaError, printable
 from sfa_cli.options import DEVICES, DTYPES, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
 from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
@@ -50,13 +50,6 @@ class _Consoles:
 
 _consoles = _Consoles()
 
-
-def printable(text) -> str:
-    """``text`` with control characters (newlines, ANSI escapes) escaped: a file name cannot forge a line."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _SfaGroup(click.Group):
@@ -554,11 +547,11 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
     outcome.report.pop("rank", None)
     if rank != 0:
         return
-    outcome.approximation.save(output, info=outcome.facts)
+    outcome.approximation.save(output, info=outcome.facts, force=force)
     if report:
         from sfa_cli.report import write_json
 
-        write_json(report, outcome.report)
+        write_json(report, outcome.report, force=force)
     if as_json:
         emit_json(outcome.summary)
     else:
@@ -653,7 +646,7 @@ def apply_command(factors, x, output, transpose, force):
         raise SfaError(f"{printable(x)}: X has shape {X.shape} but {printable(factors)} is {approx.n} x {approx.n}; "
                        f"X needs {approx.n} rows")
     Y = approx.rmatmul(X) if transpose else approx.matmul(X)
-    with atomic_output(output) as tmp:
+    with atomic_output(output, force=force) as tmp:
         np.save(tmp, Y)
 
 
@@ -678,7 +671,7 @@ def reconstruct_command(factors, output, max_n, force):
 
     _check_outputs(output, None, force, (".npz", ".npy", ".mtx", ".mtx.gz", ".h5", ".hdf5", ".mat"))
     approx = load_approximation(factors)
-    save_matrix(output, approx.to_dense(max_n=max_n))
+    save_matrix(output, approx.to_dense(max_n=max_n), force=force)
 
 
 COMPARE_EXAMPLE = """
@@ -803,9 +796,9 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
     if as_json:
         emit_json(records[0] if len(matrices) == 1 and done else records)
     if csv_path:
-        write_csv(csv_path, compare_rows(done))
+        write_csv(csv_path, compare_rows(done), force=force)
     if plot_path and done:
-        plot_comparisons(plot_path, done)
+        plot_comparisons(plot_path, done, force=force)
     if failures:
         raise click.exceptions.Exit(1)
 

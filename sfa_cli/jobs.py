@@ -141,6 +141,17 @@ def fit_matrix(
     from sfa_cli.io import as_square_matrix
 
     A = as_square_matrix(A, name=path or "A")
+    try:
+        return _fit_matrix(A, method, budget, pattern, pattern_options, fit_options, method_options, seed, sampled,
+                           schedule, baseline, path, output, callback, on_stage)
+    except SfaError as exc:  # say which file (the memory guards, a method that does not apply, ...)
+        if path and str(path) not in str(exc):
+            raise SfaError(f"{path}: {exc}") from None
+        raise
+
+
+def _fit_matrix(A, method, budget, pattern, pattern_options, fit_options, method_options, seed, sampled, schedule,
+                baseline, path, output, callback, on_stage) -> FitOutcome:
     record = method_record(method)
     stage = on_stage or (lambda name: None)
     fit_options = {k: v for k, v in (fit_options or {}).items() if v is not None}
@@ -193,10 +204,7 @@ def _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, ca
     from sfa_cli.fit import fit
     from sfa_cli.metrics import relative_error
 
-    try:
-        result = fit(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
-    except SfaError as exc:  # e.g. the memory guard: say which file
-        raise SfaError(f"{head['path']}: {exc}" if head["path"] else str(exc)) from None
+    result = fit(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
     from sfa_cli.metrics import never_worse_than_zero
 
     kept = {"approx": result.approximation}

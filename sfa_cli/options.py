@@ -30,6 +30,8 @@ OPTIMIZERS = ("lbfgs", "adam")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 SAMPLED_STARTS = ("identity", "paper")
+#: Patterns needing more than this are checked against the memory available before they are built.
+_PATTERN_GUARD_FROM = 256 << 20
 
 
 def _choice(name: str, value, choices) -> None:
@@ -103,10 +105,30 @@ class PatternSpec(_Options):
                                          or self.permute is not None):
             raise SfaError("the butterfly pattern takes no options but the number of factors")
 
+    def entries(self, n: int) -> tuple[int, int]:
+        """(factors M, non-zeros per row k) of the pattern for size n, computed without building it."""
+        from sfa_cli.patterns import _ceil_log, chord_offsets
+
+        if self.name == "butterfly":
+            return (self.factors or max(1, int(n).bit_length() - 1)), 2
+        base = self.base or 2
+        k = len(chord_offsets(n, base, symmetric=self.symmetric, self_link=self.self_link))
+        return (self.factors or _ceil_log(n, base)), max(1, k)
+
     def build(self, n: int):
-        """The :class:`~sfa_cli.patterns.Pattern` for size n."""
+        """The :class:`~sfa_cli.patterns.Pattern` for size n (its memory checked first: a file that
+        declares a huge n must not make the pattern's index tables before anything refuses it)."""
+        from sfa_cli.memory import require_memory
         from sfa_cli.patterns import butterfly_pattern, chord_pattern
 
+        M, k = self.entries(n)
+        # the shared index table (int64), and per non-zero its CSR index, its structure's gather
+        # indices, the value, its gradient and the optimiser's two moments (float32): about 40 bytes.
+        # Only a pattern of hundreds of MiB can be a danger; the fits' own guards plan the rest.
+        need = 8.0 * n * k + 40.0 * M * n * k
+        if need > _PATTERN_GUARD_FROM:
+            require_memory(need, f"the {self.name} pattern for n={n} ({M} factors x {k} non-zeros per row)",
+                           "give fewer factors (--factors) or a budget (--budget)")
         if self.name == "butterfly":
             return butterfly_pattern(n, factors=self.factors)
         options = {"factors": self.factors, "base": self.base, "permute": self.permute}

@@ -223,17 +223,17 @@ def compare_rows(done) -> list[dict]:
     return rows
 
 
-def write_csv(path, rows, columns=CSV_COLUMNS) -> None:
-    """Write rows as CSV atomically."""
-    with atomic_output(path) as tmp, open(tmp, "w", newline="") as f:
+def write_csv(path, rows, columns=CSV_COLUMNS, *, force: bool = True) -> None:
+    """Write rows as CSV atomically (without ``force``, refusing a file another run wrote meanwhile)."""
+    with atomic_output(path, force=force) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def write_json(path, obj) -> None:
-    """Write one JSON document atomically."""
-    with atomic_output(path) as tmp, open(tmp, "w") as f:
+def write_json(path, obj, *, force: bool = True) -> None:
+    """Write one JSON document atomically (without ``force``, refusing a file another run wrote meanwhile)."""
+    with atomic_output(path, force=force) as tmp, open(tmp, "w") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
 
@@ -250,7 +250,7 @@ def require_matplotlib():
     return plt
 
 
-def plot_comparisons(path, done) -> None:
+def plot_comparisons(path, done, *, force: bool = True) -> None:
     """Bar charts of the errors on a log scale, or error-versus-parameters curves for a sweep.
 
     An exact result (error 0) is drawn at the axis' floor and labelled "exact"; a method that
@@ -285,7 +285,7 @@ def plot_comparisons(path, done) -> None:
         ax.set_ylabel("relative error (log scale)")
         ax.set_title(f"{Path(name).name} (n={c.n})")
     fig.tight_layout()
-    with atomic_output(path) as tmp:
+    with atomic_output(path, force=force) as tmp:
         fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
@@ -326,6 +326,6 @@ def save_approximations(directory, matrix_path, comparison, force: bool, stem: s
         suffix = f".b{r.budget}" if len(comparison.budgets) > 1 else ""
         target = directory / f"{stem}.{r.method}{suffix}.npz"
         check_writable(target, force)
-        r.approximation.save(target)
+        r.approximation.save(target, force=force)
         written.append(target)
     return written

@@ -26,7 +26,7 @@ import sys
 import numpy as np
 import scipy.sparse as sp
 
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import SfaError, printable
 
 __all__ = [
     "as_square_matrix",
@@ -300,10 +300,3 @@ def _short_reason(exc: BaseException) -> str:
         return type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
 
-
-def printable(text) -> str:
-    """``text`` with control characters (newlines, ANSI escapes) escaped, so a name stays on one line."""
-    text = str(text)
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -194,3 +194,29 @@ def test_butterfly_method_is_exact_on_hadamard(run_cli, tmp_path):
     result = run_cli("fit", path, "-o", tmp_path / "B.npz", "--method", "butterfly", "--json", "--quiet")
     assert result.exit_code == 0 and json.loads(result.stdout)["rel_error"] < 1e-12
     assert load_approximation(tmp_path / "B.npz").pattern["name"] == "butterfly"
+
+
+def test_a_huge_declared_pattern_is_refused_before_it_is_built():
+    # 10^7 x 10^7 with ten entries passes a reader (it is honest), but the Chord pattern would need
+    # hundreds of GiB: refused by the memory guard naming the pattern and the options that avoid it
+    from sfa_cli.errors import SfaError
+
+    A = sp.csr_matrix((np.ones(10), (np.arange(10), np.arange(10))), shape=(10**7, 10**7))
+    with pytest.raises(SfaError, match=r"big: the chord pattern for n=10000000 .* needs .*--factors"):
+        jobs.fit_matrix(A, path="big", baseline=False)
+
+
+def test_a_second_writer_of_one_name_refuses_without_force(run_cli, small, tmp_path, monkeypatch):
+    out = tmp_path / "F.npz"
+    real = jobs.fit_matrix
+
+    def meanwhile(*args, **kwargs):  # another run writes the same name while this one fits
+        outcome = real(*args, **kwargs)
+        out.write_bytes(b"the other run's factors")
+        return outcome
+
+    monkeypatch.setattr(jobs, "fit_matrix", meanwhile)
+    result = run_cli("fit", small, "-o", out, "--max-iter", "3", "--quiet")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert out.read_bytes() == b"the other run's factors"
+    assert not list(tmp_path.glob("F.tmp-*"))
