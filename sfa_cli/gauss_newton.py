@@ -39,7 +39,6 @@ import torch
 
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.fit import FitResult
 from sfa_cli.kernels import (FactorStructure, chain_backward, chain_forward, chain_matmul, column_entries,
                              factor_columns, resolve_device, resolve_dtype)
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes
@@ -145,7 +144,11 @@ class ChainLeastSquares:
 
 @dataclass
 class Linearization:
-    """A point of :class:`ChainLeastSquares` with its loss, gradient and Jacobian products."""
+    """A point of :class:`ChainLeastSquares` with its loss, gradient and Jacobian products.
+
+    ``values`` are the caller's tensors (detached, not copied): they must not change while the
+    linearisation is used. ``kept``: the forward blocks per column block, when cached.
+    """
 
     problem: ChainLeastSquares
     values: list
@@ -470,7 +473,7 @@ def chord_product(n: int, *, kind: str = "signed", noise: float = 0.0, seed: int
 
 def fit_lm(A, pattern: str | Pattern = "chord", *, factors: int | None = None, start: str = "identity",
            max_iter: int = 1000, time_limit: float | None = None, tol: float = 1e-5, seed: int = 0,
-           device: str = "auto", dtype: str = "float64", callback=None, **options) -> FitResult:
+           device: str = "auto", dtype: str = "float64", callback=None, **options):
     """Fit sparse factors on a fixed pattern to A by Levenberg-Marquardt (:func:`lm_fit`).
 
     Parameters
@@ -496,7 +499,7 @@ def fit_lm(A, pattern: str | Pattern = "chord", *, factors: int | None = None, s
         As :func:`sfa_cli.fit.fit` returns, with ``optimizer="lm"``. A is scaled to unit
         Frobenius norm for the fit and the scale spread evenly over the returned factors.
     """
-    from sfa_cli.fit import make_pattern
+    from sfa_cli.fit import FitResult, make_pattern  # here: fit may import this module for optimizer="lm"
 
     t0 = time.perf_counter()
     n = A.shape[0]
