@@ -10,7 +10,7 @@ from sfa_cli.errors import SfaError
 from sfa_cli.factors import pattern_structures
 from sfa_cli.gauss_newton import ChainLeastSquares, chord_product, fit_lm, lm_fit, start_values
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import chord_pattern
+from sfa_cli.patterns import butterfly_pattern, chord_pattern
 
 
 def _dense_chain(structs, values, n):
@@ -20,10 +20,12 @@ def _dense_chain(structs, values, n):
     return P
 
 
-@pytest.mark.parametrize("blocks, cache", [(None, True), ([slice(0, 3), slice(3, 8)], False)])
-def test_products_match_autograd_through_dense_factors(blocks, cache):
+@pytest.mark.parametrize("pattern, blocks, cache", [(chord_pattern(8), None, True),
+                                                    (chord_pattern(8), [slice(0, 3), slice(3, 8)], False),
+                                                    (butterfly_pattern(8), [slice(0, 5), slice(5, 8)], True)])
+def test_products_match_autograd_through_dense_factors(pattern, blocks, cache):
     n = 8
-    structs, _ = pattern_structures(chord_pattern(n))
+    structs, _ = pattern_structures(pattern)
     gen = torch.Generator().manual_seed(0)
     T = torch.randn(n, n, generator=gen, dtype=torch.float64)
     values = [torch.randn(s.nnz, generator=gen, dtype=torch.float64) for s in structs]
