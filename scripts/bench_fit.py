@@ -18,6 +18,11 @@ Usage:
     python scripts/bench_fit.py --sizes 256,512 --skip-large
     python scripts/bench_fit.py --device cuda --sizes 1024,4096,16384
     python scripts/bench_fit.py --markdown docs/performance.md
+    python scripts/bench_fit.py --against ../old-checkout --rounds 4   # (a)-(b): this tree vs another
+
+``--against TREE`` runs sections (a) and (b) of this tree and of another checkout (its own
+scripts/bench_fit.py) in alternating subprocesses, ``--rounds`` times each, and reports the
+new / old time ratios per round (median and range): drift on a shared machine then hits both alike.
 """
 from __future__ import annotations
 
@@ -41,7 +46,8 @@ sys.path.insert(0, str(ROOT))
 
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures  # noqa: E402
 from sfa_cli import kernels  # noqa: E402
-from sfa_cli.fit import BlockObjective, fit  # noqa: E402
+from sfa_cli.fit import fit  # noqa: E402
+from sfa_cli.objective import BlockObjective  # noqa: E402
 from sfa_cli.kernels import resolve_device  # noqa: E402
 from sfa_cli.patterns import chord_pattern  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian  # noqa: E402
@@ -99,7 +105,7 @@ def bench_evaluation(sizes, repeats, device, reference_max):
         start = initial_values(structs, seed=0, dtype=torch.float32)
         target = torch.randn(n, n, generator=torch.Generator().manual_seed(n)).div_(n**0.5).to(device)
         values = [v.clone().to(device).requires_grad_() for v in start]
-        # exactly what `sfa fit` evaluates: the objective over column blocks (fit.py)
+        # exactly what `sfa fit` evaluates: the objective over column blocks (objective.py)
         loss_and_grad = BlockObjective(structs, target)
 
         def sfa_eval():
@@ -298,6 +304,101 @@ def machine() -> dict:
     return info
 
 
+# -- old against new, interleaved ----------------------------------------------------------
+def _section_times(tree: Path, args, out: Path) -> dict:
+    """Run sections (a)-(b) of the bench_fit.py in ``tree`` in a subprocess; {label: seconds}."""
+    cmd = [sys.executable, str(tree / "scripts" / "bench_fit.py"), "--sizes", args.sizes, "--repeats", str(args.repeats),
+           "--reference-max", "0", "--skip-optimisers", "--skip-large", "--product-n", "256",
+           "--anchor-seeds", str(args.anchor_seeds), "--device", args.device, "--out", str(out)]
+    if args.skip_anchors:
+        cmd.append("--skip-anchors")
+    # one thread each: on a shared machine extra threads measure the neighbours, not the code
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd, cwd=tree, env=env, check=True, capture_output=True, text=True)
+    report = json.loads(out.read_text())
+    times = {f"(a) eval n={r['n']}": r["sfa_s"] for r in report["evaluation"]}
+    times.update({f"(b) {r['matrix']}": r.get("seconds") for r in report.get("anchors", [])})
+    return times
+
+
+def _old_objective_class(old_tree: Path):
+    """The other checkout's objective class (fit.BlockObjective before session 4, else
+    objective.BlockObjective), built on this tree's kernels: the two differ in the objective's code only."""
+    import ast
+
+    from sfa_cli import kernels as k
+
+    for rel in ("sfa_cli/objective.py", "sfa_cli/fit.py"):
+        path = old_tree / rel
+        if not path.exists():
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        nodes = [n for n in tree.body if isinstance(n, (ast.ClassDef, ast.FunctionDef))
+                 and n.name in ("BlockObjective", "block_columns", "column_blocks", "DenseColumns")]
+        if not any(n.name == "BlockObjective" for n in nodes):
+            continue
+        namespace = {"torch": torch, "np": np, **{name: getattr(k, name) for name in
+                                                   ("chain_forward", "chain_backward", "column_entries", "factor_columns")}}
+        exec(compile(ast.Module(body=nodes, type_ignores=[]), str(path), "exec"), namespace)
+        return namespace["BlockObjective"]
+    raise RuntimeError(f"no BlockObjective in {old_tree}")
+
+
+def bench_objective_against(old_tree: Path, sizes, rounds: int) -> list[dict]:
+    """This tree's BlockObjective against the other checkout's, in one process, calls alternating."""
+    Old = _old_objective_class(old_tree)
+    rows = []
+    for n in sizes:
+        structs, _ = pattern_structures(chord_pattern(n), "cpu")
+        start = initial_values(structs, seed=0, dtype=torch.float32)
+        target = torch.randn(n, n, generator=torch.Generator().manual_seed(n)).div_(n**0.5)
+        pairs = []
+        for cls in (Old, BlockObjective):
+            objective = cls(structs, target)
+            values = [v.clone().requires_grad_() for v in start]
+
+            def call(objective=objective, values=values):
+                for v in values:
+                    v.grad = None
+                return objective(values)
+
+            pairs.append(call)
+        assert pairs[0]() == pairs[1](), "the two objectives disagree"
+        old_t, new_t = interleaved_times(pairs, rounds, [3, 3])
+        ratios = np.divide(new_t, old_t)
+        rows.append({"section": f"(a) objective n={n}, one process", "old_s": float(np.median(old_t)),
+                     "new_s": float(np.median(new_t)), "ratio": float(np.median(ratios)),
+                     "ratio_min": float(ratios.min()), "ratio_max": float(ratios.max()), "rounds": rounds})
+        print_row("against", rows[-1])
+    return rows
+
+
+def bench_against(old_tree: Path, args) -> list[dict]:
+    """Old and new sections (a)-(b) in alternating subprocesses; the new/old ratio of each round."""
+    rounds = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for k in range(args.rounds):
+            # alternate which goes first, so that a drift within a round favours neither
+            order = [("old", old_tree), ("new", ROOT)] if k % 2 == 0 else [("new", ROOT), ("old", old_tree)]
+            got = {name: _section_times(tree, args, Path(tmp) / f"{name}{k}.json") for name, tree in order}
+            rounds.append(got)
+            print(f"[against] round {k + 1}: " + "  ".join(
+                f"{label}={got['new'][label] / got['old'][label]:.3f}" for label in got["new"]
+                if got["new"].get(label) and got["old"].get(label)), flush=True)
+    rows = []
+    for label in rounds[0]["new"]:
+        pairs = [(r["old"].get(label), r["new"].get(label)) for r in rounds]
+        ratios = [b / a for a, b in pairs if a and b]
+        rows.append({"section": label, "old_s": float(np.median([a for a, _ in pairs if a])) if ratios else None,
+                     "new_s": float(np.median([b for _, b in pairs if b])) if ratios else None,
+                     "ratio": float(np.median(ratios)) if ratios else None,
+                     "ratio_min": min(ratios) if ratios else None, "ratio_max": max(ratios) if ratios else None,
+                     "rounds": len(ratios)})
+        print_row("against", rows[-1])
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="256,512,1024,2048,4096", help="N for the evaluation benchmark")
@@ -313,7 +414,20 @@ def main(argv=None):
     p.add_argument("--anchor-seeds", type=int, default=7, help="start seeds per N = 64 anchor (section b)")
     p.add_argument("--out", default=str(ROOT / "bench_out" / "bench_fit.json"))
     p.add_argument("--markdown", default=None, help="write the tables as markdown to this file")
+    p.add_argument("--against", default=None, help="another checkout: compare its sections (a)-(b) with this one's")
+    p.add_argument("--rounds", type=int, default=4, help="alternating old/new runs with --against")
+    p.add_argument("--objective-only", action="store_true",
+                   help="with --against: the two objectives in this process, calls alternating (section a only)")
     args = p.parse_args(argv)
+    if args.against:
+        old = Path(args.against).resolve()
+        if args.objective_only:
+            rows = bench_objective_against(old, [int(s) for s in args.sizes.split(",")], args.rounds)
+        else:
+            rows = bench_against(old, args)
+        print("\n" + markdown_table(rows, ["section", "old_s", "new_s", "ratio", "ratio_min", "ratio_max", "rounds"],
+                                    ["section", "old s", "new s", "new/old (median)", "min", "max", "rounds"]))
+        return
     device = resolve_device(args.device)
     sizes = [int(s) for s in args.sizes.split(",")]
 

@@ -3,6 +3,10 @@
 Public API (re-exported names only); see the README for the command line.
 The fitting and comparison functions live in their modules, whose names they
 share: ``from sfa_cli.fit import fit``, ``from sfa_cli.compare import compare``.
+
+Importing the package is light (no numpy, scipy or torch): every name is
+imported on first use. :func:`load_approximation` reads files of every kind
+in a fresh process (each kind's module is imported when a file needs it).
 """
 import os
 
@@ -12,15 +16,37 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from sfa_cli._version import __version__  # noqa: E402
-from sfa_cli.approximation import Approximation, load_approximation  # noqa: E402
 from sfa_cli.errors import SfaError  # noqa: E402
-from sfa_cli.factors import SparseFactors  # noqa: E402
-from sfa_cli.fit import FitResult  # noqa: E402
-from sfa_cli.io import load_matrix, save_matrix  # noqa: E402
-from sfa_cli.metrics import relative_error  # noqa: E402
-from sfa_cli.patterns import butterfly_pattern, chord_pattern  # noqa: E402
 
 __all__ = [
     "__version__", "SfaError", "Approximation", "load_approximation", "SparseFactors", "FitResult",
-    "load_matrix", "save_matrix", "relative_error", "chord_pattern", "butterfly_pattern",
+    "load_matrix", "save_matrix", "relative_error", "as_square_matrix", "chord_pattern", "butterfly_pattern",
 ]
+
+# name -> module, imported on first access (PEP 562), so `import sfa_cli` stays light.
+_LAZY = {
+    "Approximation": "sfa_cli.approximation",
+    "load_approximation": "sfa_cli.approximation",
+    "relative_error": "sfa_cli.metrics",
+    "as_square_matrix": "sfa_cli.validation",
+    "chord_pattern": "sfa_cli.patterns",
+    "butterfly_pattern": "sfa_cli.patterns",
+    "SparseFactors": "sfa_cli.factors",
+    "FitResult": "sfa_cli.fit",
+    "load_matrix": "sfa_cli.io",
+    "save_matrix": "sfa_cli.io",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'sfa_cli' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

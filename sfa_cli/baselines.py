@@ -34,13 +34,13 @@ import math
 import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
-import torch
 
-from sfa_cli import approximation as _approximation
-from sfa_cli.approximation import Approximation, info_fields
+# The approximation classes live in sfa_cli.approximations; importing them from here keeps working.
+from sfa_cli.approximations import LowRank, Monarch, SparseMatrix, SumApproximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import column_block, frobenius_norm
 from sfa_cli.patterns import tsvd_rank_at_budget
+from sfa_cli.validation import as_square_matrix, check_budget
 
 __all__ = [
     "NotApplicable",
@@ -69,253 +69,6 @@ OVERSAMPLING = 10
 _BLOCK_ENTRIES = 1 << 22
 
 
-# -- approximation classes ---------------------------------------------------------
-class LowRank(Approximation):
-    """A_hat = left @ right, a rank-r matrix with the singular values folded into ``left``.
-
-    Parameters
-    ----------
-    left : ndarray of shape (n, r)
-    right : ndarray of shape (r, n)
-    method : str
-        The method that produced it (``tsvd``, ``rsvd``, ...).
-    info : dict, optional
-        Facts stored with the file.
-    """
-
-    kind = "low_rank"
-
-    def __init__(self, left, right, *, method: str, info: dict | None = None):
-        left, right = np.asarray(left), np.asarray(right)
-        if left.ndim != 2 or right.ndim != 2 or left.shape[1] != right.shape[0] or left.shape[0] != right.shape[1]:
-            raise SfaError(f"a low-rank pair needs shapes (n, r) and (r, n); got {left.shape} and {right.shape}")
-        dtype = np.result_type(left.dtype, right.dtype)
-        super().__init__(left.shape[0], dtype, method, info)
-        # C order, so that a saved and reloaded copy multiplies bit for bit alike
-        self.left = np.ascontiguousarray(left, dtype=dtype)
-        self.right = np.ascontiguousarray(right, dtype=dtype)
-
-    @property
-    def rank(self) -> int:
-        return int(self.left.shape[1])
-
-    @property
-    def params(self) -> int:
-        return int(self.left.size + self.right.size)
-
-    def _matmul(self, X):
-        return self.left @ (self.right @ X)
-
-    def _rmatmul(self, X):
-        return self.right.T @ (self.left.T @ X)
-
-    def _to_dense(self):
-        return self.left @ self.right
-
-    def _meta(self) -> dict:
-        return {"rank": self.rank}
-
-    def _arrays(self) -> dict:
-        return {"left": self.left, "right": self.right}
-
-    @classmethod
-    def _from_arrays(cls, arrays, meta):
-        info = {k: v for k, v in info_fields(meta).items() if k != "rank"}
-        return cls(arrays["left"], arrays["right"], method=meta.get("method", "tsvd"), info=info)
-
-    def __repr__(self) -> str:
-        return f"<LowRank {self.method} n={self.n} rank={self.rank} params={self.params} {self.dtype.name}>"
-
-
-class SparseMatrix(Approximation):
-    """A_hat = S, one sparse matrix stored as CSR; params = its stored entries.
-
-    Parameters
-    ----------
-    S : sparse matrix or ndarray of shape (n, n)
-    method : str
-        The method that produced it (``topk``, ...).
-    info : dict, optional
-        Facts stored with the file.
-    """
-
-    kind = "sparse"
-
-    def __init__(self, S, *, method: str, info: dict | None = None):
-        S = sp.csr_matrix(S)
-        if S.shape[0] != S.shape[1]:
-            raise SfaError(f"a sparse approximation must be square; got {S.shape}")
-        S.sum_duplicates()
-        S.sort_indices()
-        super().__init__(S.shape[0], S.dtype, method, info)
-        self.matrix = S
-
-    @property
-    def params(self) -> int:
-        return int(self.matrix.nnz)
-
-    def _matmul(self, X):
-        return np.asarray(self.matrix @ X)
-
-    def _rmatmul(self, X):
-        return np.asarray(self.matrix.T @ X)
-
-    def _to_dense(self):
-        return self.matrix.toarray()
-
-    def _meta(self) -> dict:
-        return {"nnz": self.params}
-
-    def _arrays(self) -> dict:
-        return {"indptr": self.matrix.indptr, "indices": self.matrix.indices, "data": self.matrix.data}
-
-    @classmethod
-    def _from_arrays(cls, arrays, meta):
-        n = int(meta["n"])
-        S = sp.csr_matrix((arrays["data"], arrays["indices"], arrays["indptr"]), shape=(n, n))
-        info = {k: v for k, v in info_fields(meta).items() if k != "nnz"}
-        return cls(S, method=meta.get("method", "topk"), info=info)
-
-
-class SumApproximation(Approximation):
-    """A_hat = sum of several approximations of the same n (e.g. low rank plus sparse).
-
-    Parameters
-    ----------
-    parts : list of Approximation
-        All of the same n; params is the sum of theirs.
-    method : str
-        The method that produced the sum (``lowrank+sparse``, ...).
-    info : dict, optional
-        Facts stored with the file.
-
-    Notes
-    -----
-    In a file, part i's arrays are stored under the prefix ``part{i}.`` and its
-    meta record in ``meta["parts"][i]``.
-    """
-
-    kind = "sum"
-
-    def __init__(self, parts, *, method: str, info: dict | None = None):
-        parts = list(parts)
-        if not parts:
-            raise SfaError("a sum approximation needs at least one part")
-        n = parts[0].n
-        for i, p in enumerate(parts):
-            if not isinstance(p, Approximation):
-                raise SfaError(f"part {i} of a sum is a {type(p).__name__}, not an Approximation")
-            if p.n != n:
-                raise SfaError(f"part {i} of a sum has n={p.n}; part 0 has n={n}")
-        super().__init__(n, np.result_type(*(p.dtype for p in parts)), method, info)
-        self.parts = parts
-
-    @property
-    def params(self) -> int:
-        return int(sum(p.params for p in self.parts))
-
-    def _matmul(self, X):
-        return sum(np.asarray(p._matmul(X), dtype=np.result_type(X.dtype, self.dtype)) for p in self.parts)
-
-    def _rmatmul(self, X):
-        return sum(np.asarray(p._rmatmul(X), dtype=np.result_type(X.dtype, self.dtype)) for p in self.parts)
-
-    def _to_dense(self):
-        return sum(np.asarray(p._to_dense(), dtype=self.dtype) for p in self.parts)
-
-    def _meta(self) -> dict:
-        return {"parts": [p.meta() for p in self.parts]}
-
-    def _arrays(self) -> dict:
-        return {f"part{i}.{key}": a for i, p in enumerate(self.parts) for key, a in p._arrays().items()}
-
-    @classmethod
-    def _from_arrays(cls, arrays, meta):
-        parts = []
-        for i, part_meta in enumerate(meta["parts"]):
-            part_cls = _approximation._KINDS[part_meta["kind"]]
-            prefix = f"part{i}."
-            sub = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
-            parts.append(part_cls._from_arrays(sub, part_meta))
-        info = {k: v for k, v in info_fields(meta).items() if k != "parts"}
-        return cls(parts, method=meta.get("method", "sum"), info=info)
-
-    def __repr__(self) -> str:
-        inner = " + ".join(type(p).__name__ for p in self.parts)
-        return f"<SumApproximation {self.method} n={self.n} ({inner}) params={self.params} {self.dtype.name}>"
-
-
-class Monarch(Approximation):
-    """A Monarch matrix (Dao et al. 2022) stored as one rank-1 factor pair per block slice.
-
-    With n = s0 * s1, i = i0 * s1 + i1 and j = j0 * s1 + j1 (i0, j0 < s0; i1, j1 < s1),
-
-        A_hat[i, j] = u[i1, j0, i0] * v[i1, j0, j1],
-
-    which is the product of a block-diagonal matrix of s0 blocks of s1 x s1
-    (entries v, acting on j1 for each j0), a permutation, and a block-diagonal
-    matrix of s1 blocks of s0 x s0 (entries u, acting on j0 for each i1).
-
-    Parameters
-    ----------
-    u : ndarray of shape (s1, s0, s0)
-        u[i1, j0, :] is the left vector (over i0) of slice (i1, j0).
-    v : ndarray of shape (s1, s0, s1)
-        v[i1, j0, :] is the right vector (over j1) of slice (i1, j0).
-    method : str, default="monarch"
-    info : dict, optional
-        Facts stored with the file.
-    """
-
-    kind = "monarch"
-
-    def __init__(self, u, v, *, method: str = "monarch", info: dict | None = None):
-        u, v = np.asarray(u), np.asarray(v)
-        if u.ndim != 3 or v.ndim != 3 or u.shape[:2] != v.shape[:2] or u.shape[1] != u.shape[2] or v.shape[0] != v.shape[2]:
-            raise SfaError(f"Monarch factors need shapes (s1, s0, s0) and (s1, s0, s1); got {u.shape} and {v.shape}")
-        s1, s0 = u.shape[0], u.shape[1]
-        dtype = np.result_type(u.dtype, v.dtype)
-        super().__init__(s0 * s1, dtype, method, info)
-        self.s0, self.s1 = int(s0), int(s1)
-        self.u = np.ascontiguousarray(u, dtype=dtype)
-        self.v = np.ascontiguousarray(v, dtype=dtype)
-
-    @property
-    def params(self) -> int:
-        return int(self.u.size + self.v.size)
-
-    def _matmul(self, X):
-        s0, s1, k = self.s0, self.s1, X.shape[1]
-        X3 = X.reshape(s0, s1, k)  # [j0, j1, :]
-        Z = np.matmul(self.v.transpose(1, 0, 2), X3)  # [j0, i1, :] = sum_j1 v[i1, j0, j1] X[j0, j1]
-        Y = np.matmul(self.u.transpose(0, 2, 1), Z.transpose(1, 0, 2))  # [i1, i0, :]
-        return Y.transpose(1, 0, 2).reshape(self.n, k)
-
-    def _rmatmul(self, X):
-        s0, s1, k = self.s0, self.s1, X.shape[1]
-        X3 = X.reshape(s0, s1, k).transpose(1, 0, 2)  # [i1, i0, :]
-        Z = np.matmul(self.u, X3)  # [i1, j0, :] = sum_i0 u[i1, j0, i0] X[i0, i1]
-        Y = np.matmul(self.v.transpose(1, 2, 0), Z.transpose(1, 0, 2))  # [j0, j1, :]
-        return Y.reshape(self.n, k)
-
-    def _to_dense(self):
-        return np.einsum("bai,baj->ibaj", self.u, self.v).reshape(self.n, self.n)
-
-    def _meta(self) -> dict:
-        return {"blocks": [self.s0, self.s1]}
-
-    def _arrays(self) -> dict:
-        return {"u": self.u, "v": self.v}
-
-    @classmethod
-    def _from_arrays(cls, arrays, meta):
-        info = {k: v for k, v in info_fields(meta).items() if k != "blocks"}
-        return cls(arrays["u"], arrays["v"], method=meta.get("method", "monarch"), info=info)
-
-    def __repr__(self) -> str:
-        return f"<Monarch n={self.n} blocks={self.s0}x{self.s1} params={self.params} {self.dtype.name}>"
-
-
 # -- methods ---------------------------------------------------------------------
 def truncated_svd(A, budget: int, *, seed: int = 0, solver: str = "auto") -> LowRank:
     """Best rank-r approximation with r = floor(budget / 2n), capped at n.
@@ -340,8 +93,8 @@ def truncated_svd(A, budget: int, *, seed: int = 0, solver: str = "auto") -> Low
     NotApplicable
         When budget < 2n (not even rank 1 fits).
     """
-    A = _as_matrix(A)
-    n, budget = A.shape[0], _check_budget(budget)
+    A = as_square_matrix(A)
+    n, budget = A.shape[0], check_budget(budget)
     return tsvd_at_rank(A, _rank_for(n, budget), seed=seed, solver=solver)
 
 
@@ -367,7 +120,7 @@ def tsvd_at_rank(A, rank: int, *, seed: int = 0, solver: str = "auto") -> LowRan
     LowRank
         left (n, rank) with the singular values folded in, right (rank, n); method ``tsvd``.
     """
-    A = _as_matrix(A)
+    A = as_square_matrix(A)
     n = A.shape[0]
     if int(rank) != rank or rank < 1:
         raise SfaError(f"the truncated-SVD rank must be a positive integer; got {rank!r}")
@@ -414,8 +167,8 @@ def randomized_svd(A, budget: int, *, seed: int = 0, n_iter: int = 4, keep_spars
     NotApplicable
         When budget < 2n.
     """
-    A = _as_matrix(A)
-    n, budget = A.shape[0], _check_budget(budget)
+    A = as_square_matrix(A)
+    n, budget = A.shape[0], check_budget(budget)
     if int(n_iter) != n_iter or n_iter < 0:
         raise SfaError(f"n_iter must be a non-negative integer; got {n_iter!r}")
     r = _rank_for(n, budget)
@@ -440,8 +193,8 @@ def top_k(A, budget: int, *, seed: int = 0) -> SparseMatrix:
         method ``topk``; A itself, with the note ``exact: nnz <= budget``, when A
         has no more non-zeros than the budget.
     """
-    A = _as_matrix(A)
-    n, budget = A.shape[0], _check_budget(budget)
+    A = as_square_matrix(A)
+    n, budget = A.shape[0], check_budget(budget)
     if sp.issparse(A):
         S = A.copy()
         S.sum_duplicates()
@@ -494,8 +247,8 @@ def monarch(A, budget: int, *, seed: int = 0) -> Monarch:
     NotApplicable
         When n is prime (no block structure) or n (s0 + s1) > budget.
     """
-    A = _as_matrix(A)
-    n, budget = A.shape[0], _check_budget(budget)
+    A = as_square_matrix(A)
+    n, budget = A.shape[0], check_budget(budget)
     s0, s1 = monarch_blocks(n)
     if s1 == 1:
         why = " (n is prime)" if n > 1 else ""
@@ -562,8 +315,8 @@ def lowrank_plus_sparse(
     rank r, and the S-step streams over column blocks, so a sparse A is never
     densified.
     """
-    A = _as_matrix(A)
-    n, budget = A.shape[0], _check_budget(budget)
+    A = as_square_matrix(A)
+    n, budget = A.shape[0], check_budget(budget)
     splits = [float(f) for f in splits]
     if any(not 0 <= f <= 1 for f in splits):
         raise SfaError(f"splits must be fractions in [0, 1]; got {splits}")
@@ -613,25 +366,9 @@ def lowrank_plus_sparse(
 
 
 # -- helpers -----------------------------------------------------------------------
-def _as_matrix(A):
-    """A as a real float ndarray or CSR matrix of shape (n, n), checked."""
-    if sp.issparse(A):
-        A = sp.csr_matrix(A)
-        if not np.issubdtype(A.dtype, np.floating):
-            A = A.astype(np.float64)
-    else:
-        A = np.asarray(A)
-        if not np.issubdtype(A.dtype, np.floating):
-            A = A.astype(np.float64)
-    if A.ndim != 2 or A.shape[0] != A.shape[1] or A.shape[0] == 0:
-        raise SfaError(f"baselines need a non-empty square matrix; got shape {A.shape}")
-    return A
-
-
-def _check_budget(budget) -> int:
-    if isinstance(budget, bool) or int(budget) != budget or budget < 1:
-        raise SfaError(f"the budget must be a positive integer number of parameters; got {budget!r}")
-    return int(budget)
+# learned.py calls these two by their old names.
+_as_matrix = as_square_matrix
+_check_budget = check_budget
 
 
 def _rank_for(n: int, budget: int) -> int:
@@ -668,6 +405,8 @@ def _minus_sparse(A, S: sp.csr_matrix):
 
 def _randomized_low_rank(A, r: int, *, seed: int, n_iter: int, keep_sparse: bool = False):
     """(left, right) of a rank-r approximation by torch.svd_lowrank, seeded without touching global state."""
+    import torch
+
     n = A.shape[0]
     if sp.issparse(A) and (keep_sparse or n > ALTERNATION_EXACT_LIMIT):
         coo = A.tocoo()

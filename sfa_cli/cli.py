@@ -15,7 +15,7 @@ from sfa_cli import limits
 from sfa_cli._version import __version__
 from sfa_cli.errors import SfaError
 from sfa_cli.options import DEVICES, DTYPES, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
-from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, VARIANT_OPTIONS, method_record
+from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
 # The library (and torch) is imported inside the commands: `sfa --version` and every `--help`
 # answer without it (tests/test_cli_fit.py checks that importing this module leaves torch out).
@@ -354,21 +354,13 @@ class _FitProgress:
         # the first evaluation of a size may compile kernels for seconds: say so on the progress line
         from sfa_cli import kernels
 
-        notify = lambda message: self.progress.update(self.task, description=f"{self.label}: {message}")  # noqa: E731
-        if hasattr(kernels, "compile_notifier"):
-            self._notifier = kernels.compile_notifier(notify)
-            self._notifier.__enter__()
-        else:
-            kernels._compile["notify"] = notify
+        self._notifier = kernels.compile_notifier(
+            lambda message: self.progress.update(self.task, description=f"{self.label}: {message}"))
+        self._notifier.__enter__()
         return self
 
     def __exit__(self, *exc):
-        from sfa_cli import kernels
-
-        if self._notifier is not None:
-            self._notifier.__exit__(*exc)
-        elif hasattr(kernels, "_compile"):
-            kernels._compile["notify"] = None
+        self._notifier.__exit__(*exc)
         return self.progress.__exit__(*exc)
 
     def stage(self, name: str) -> None:
@@ -575,10 +567,10 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         _consoles.out.print(fit_table(outcome.summary))
     if not quiet:
         for hint in outcome.hints:
-            _consoles.err.print(f"note: {hint}", markup=False, highlight=False)
+            _consoles.err.print(f"note: {hint}", markup=False, highlight=False, soft_wrap=True)
     if outcome.interrupted:
         _consoles.err.print(f"interrupted: the best factors so far were written to {printable(output)}",
-                            markup=False, highlight=False)
+                            markup=False, highlight=False, soft_wrap=True)
         raise click.exceptions.Exit(130)
 
 
@@ -657,6 +649,9 @@ def apply_command(factors, x, output, transpose, force):
     _check_outputs(output, None, force, (".npy",))
     approx = load_approximation(factors)
     X = load_array(x)
+    if X.ndim not in (1, 2) or X.shape[0] != approx.n:
+        raise SfaError(f"{printable(x)}: X has shape {X.shape} but {printable(factors)} is {approx.n} x {approx.n}; "
+                       f"X needs {approx.n} rows")
     Y = approx.rmatmul(X) if transpose else approx.matmul(X)
     with atomic_output(output) as tmp:
         np.save(tmp, Y)

@@ -27,9 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
+from sfa_cli import limits
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.io import as_square_matrix
+from sfa_cli.metrics import never_worse_than_zero
 from sfa_cli.patterns import chord_at_budget, chord_budget, resolve_budget
 from sfa_cli.registry import METHODS as RECORDS
 from sfa_cli.registry import check_methods, method_record
@@ -40,7 +42,7 @@ __all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHOD
 
 #: A sparse matrix with n above this is compared at scale (nothing n x n is formed, errors are
 #: estimated from a column sample); read at call time, so tests may lower it.
-SCALE_ABOVE = EXACT_ERROR_UP_TO
+SCALE_ABOVE = limits.SCALE_ABOVE  # the one definition is in sfa_cli/limits.py
 #: Methods that need dense n x n work, and why: not run at scale (from the registry).
 DENSE_ONLY = {name: r.dense_only for name, r in RECORDS.items() if r.dense_only}
 #: Two errors within this factor of each other are a tie, not a win.
@@ -323,6 +325,9 @@ def _run_method(A, name, budget, seed, options, keep, scale=False, sampled_optio
     error = error_report(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
                          confidence=measure["confidence"])
     note = note or approx.info.get("note", "")
+    if not error["rel_error_is_estimate"]:  # never worse than the zero matrix (the sampled fit rescales itself)
+        approx, error["rel_error"], rescaled = never_worse_than_zero(A, approx, error["rel_error"])
+        note = "; ".join(x for x in (note, rescaled) if x)
     return MethodResult(name, budget, approx.params, error["rel_error"], seconds, "ok", note, approx if keep else None,
                         rel_error_is_estimate=error["rel_error_is_estimate"],
                         rel_error_ci=tuple(error["rel_error_ci"]) if "rel_error_ci" in error else None,

@@ -8,38 +8,37 @@ Example
 >>> F
 <SparseFactors chord n=16 factors=4 params=320 float64>
 >>> x = np.ones(16)
->>> np.allclose(F.matmul(x), F.to_dense() @ x)
-True
+>>> np.allclose(F @ x, F.to_dense() @ x), np.allclose(x @ F, F.T.to_dense() @ x)
+(True, True)
 
-File layout (``.npz``): ``factor{m}.indptr``, ``factor{m}.indices``,
-``factor{m}.data`` for m = 0..M-1 (factor0 is W(1), the leftmost), and ``meta``,
-a JSON string. ``.h5``: the same arrays under ``/factors/{m}/`` and the metadata
-as root attributes. Rebuilding with scipy alone::
+File layout: ``factor{m}.indptr``, ``factor{m}.indices``, ``factor{m}.data`` for
+m = 0..M-1 (factor0 is W(1), the leftmost; ``/factors/{m}/...`` in ``.h5``),
+and the meta record; docs/formats.md has the exact layout and a scipy-only recipe.
 
-    z = np.load("F.npz"); meta = json.loads(str(z["meta"]))
-    W = [scipy.sparse.csr_matrix((z[f"factor{m}.data"], z[f"factor{m}.indices"],
-         z[f"factor{m}.indptr"]), shape=(meta["n"], meta["n"])) for m in range(meta["factors"])]
-    A_hat = functools.reduce(lambda P, Wm: P @ Wm, W)
+torch is imported on first use (a block product, :meth:`SparseFactors.from_pattern`),
+so loading a file and multiplying vectors does not need it.
 """
 from __future__ import annotations
 
 import numpy as np
 import scipy.sparse as sp
-import torch
 
-from sfa_cli.approximation import Approximation, info_fields
+from sfa_cli.approximation import Approximation, StoredArrays
 from sfa_cli.errors import SfaError
-from sfa_cli.kernels import FactorStructure, chain_matmul, csr_only
 from sfa_cli.patterns import Pattern
+from sfa_cli.validation import as_csr
 
-__all__ = ["SparseFactors", "pattern_structures"]
+__all__ = ["SparseFactors", "pattern_structures", "initial_values"]
 
 
-def pattern_structures(pattern: Pattern, device="cpu") -> tuple[list[FactorStructure], list[np.ndarray]]:
-    """Kernel structures for every factor of a pattern, and each factor's table->CSR order.
+def pattern_structures(pattern: Pattern, device="cpu") -> tuple[list, list[np.ndarray]]:
+    """Kernel structures (:class:`~sfa_cli.kernels.FactorStructure`) for every factor of a pattern,
+    and each factor's table->CSR order.
 
     Factors that share one table (Chord) share one structure.
     """
+    from sfa_cli.kernels import FactorStructure
+
     cache: dict[int, tuple] = {}
     structs, orders = [], []
     for table in pattern.tables:
@@ -56,22 +55,29 @@ class SparseFactors(Approximation):
 
     Parameters
     ----------
-    factors : list of scipy.sparse matrices of shape (n, n)
-        W(1), ..., W(M), leftmost first.
+    factors : list of scipy.sparse matrices or ndarrays of shape (n, n)
+        W(1), ..., W(M), leftmost first; real and finite (integers become float64).
     method : str, default="chord"
         The method that produced them (``chord``, ``butterfly``, ``sparse``...).
     pattern : dict or None
         Pattern name and options, recorded in the file.
     info : dict or None
         Facts stored with the file: error reached, input file, ...
+
+    Raises
+    ------
+    SfaError
+        No factors, a factor that is not n x n, or one with NaN/Inf, complex
+        values or inconsistent CSR index arrays.
     """
 
     kind = "sparse_factors"
 
     def __init__(self, factors, *, method: str = "chord", pattern: dict | None = None, info: dict | None = None):
+        factors = list(factors) if factors is not None else []
         if not factors:
             raise SfaError("a SparseFactors chain needs at least one factor")
-        mats = [sp.csr_matrix(W) for W in factors]
+        mats = [as_csr(W, f"factor {m}") for m, W in enumerate(factors)]
         n = mats[0].shape[0]
         for m, W in enumerate(mats):
             if W.shape != (n, n):
@@ -83,6 +89,13 @@ class SparseFactors(Approximation):
         self.pattern = dict(pattern or {"name": method})
         self._torch_cache: dict = {}
         self._vector_cache: dict = {}
+        self._last_csc = None
+
+    def scaled(self, c: float) -> "SparseFactors":
+        """c A_hat: the first factor's values times c (the others unchanged)."""
+        first = self.factors[0].copy()
+        first.data = first.data * np.asarray(c, dtype=first.dtype)
+        return SparseFactors([first, *self.factors[1:]], method=self.method, pattern=self.pattern, info=self.info)
 
     @classmethod
     def from_pattern(cls, pattern: Pattern, values=None, *, seed: int = 0, dtype=np.float64, info=None) -> "SparseFactors":
@@ -91,6 +104,8 @@ class SparseFactors(Approximation):
         values : list of M arrays in CSR order, or None for the paper's start:
             every row averages its non-zeros (1/k each) with 1% uniform noise.
         """
+        import torch
+
         structs, orders = pattern_structures(pattern)
         if values is None:
             values = initial_values(structs, seed=seed, dtype=torch.float64)
@@ -116,6 +131,10 @@ class SparseFactors(Approximation):
 
     def torch_chain(self, device="cpu", dtype=None):
         """(structures, values) of the factors as torch tensors on a device (cached)."""
+        import torch
+
+        from sfa_cli.kernels import FactorStructure
+
         dtype = dtype or torch.from_numpy(np.zeros(0, self.dtype)).dtype
         key = (str(device), dtype)
         if key not in self._torch_cache:
@@ -126,24 +145,34 @@ class SparseFactors(Approximation):
             self._torch_cache[key] = (structs, values)
         return self._torch_cache[key]
 
-    def _apply(self, X: np.ndarray, transpose: bool) -> np.ndarray:
-        # numpy in, numpy out. A vector goes through scipy's compiled sparse products (3.7x faster
-        # than torch's CSR kernel at n = 4096); a block of columns through torch's CSR kernel,
-        # which uses every core (64 columns at n = 4096: 3.7 ms against scipy's 6.8 ms with two
-        # threads, 5.9 against 6.8 ms with one; scripts/bench_fit.py, section d), on the plain CSR
-        # path: compiling the circulant kernels takes seconds, which one product does not win back.
-        # Torch tensors (any device, with gradients) go through `torch_chain` + kernels.chain_matmul.
+    def _apply(self, X: np.ndarray, transpose: bool, skip_last: bool = False) -> np.ndarray:
+        """The chain (or its transpose) times X, numpy in and out; ``skip_last`` leaves out W(M) (not with transpose).
+
+        A vector goes through scipy's compiled sparse products, a block of columns through
+        torch's CSR kernel, which uses every core, on the plain CSR path: compiling the
+        circulant kernels takes seconds, which one product does not win back (figures in
+        docs/performance.md, section d). Torch tensors (any device, with gradients) go
+        through `torch_chain` + kernels.chain_matmul.
+        """
+        keep = self.num_factors - 1 if skip_last else self.num_factors
         vector = X.ndim == 1 or X.shape[1] == 1
         dtype = np.result_type(X.dtype, self.dtype)
-        if not vector and dtype in (np.float32, np.float64):
+        if not vector and keep and dtype in (np.float32, np.float64):
+            import torch
+
+            from sfa_cli.kernels import chain_matmul, csr_only
+
             structs, values = self.torch_chain(dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
             with torch.no_grad(), csr_only():
-                Y = chain_matmul(structs, values, torch.from_numpy(np.ascontiguousarray(X, dtype=dtype)),
+                Y = chain_matmul(structs[:keep], values[:keep], torch.from_numpy(np.ascontiguousarray(X, dtype=dtype)),
                                  transpose=transpose)
             return Y.numpy()
+        if vector:
+            order = self._vector_factors(transpose)
+        else:
+            order = [W.T for W in self.factors] if transpose else list(reversed(self.factors))
         Y = X
-        for W in self._vector_factors(transpose) if vector else (
-                [W.T for W in self.factors] if transpose else list(reversed(self.factors))):
+        for W in order[1:] if skip_last else order:
             Y = W @ Y
         return np.asarray(Y)
 
@@ -151,9 +180,9 @@ class SparseFactors(Approximation):
         """The factors in application order for matrix-vector products (cached).
 
         A circulant factor (Chord) is a few wrapped diagonals: scipy's DIA product reads
-        them contiguously, without index arrays, and was 3x faster than CSR for a vector at
-        n = 4096 (9.6 us against 28.7 us a factor); for blocks of columns CSR was as fast.
-        Factors whose diagonals would store much more than their non-zeros stay CSR.
+        them contiguously, without index arrays (faster than CSR for a vector; for blocks
+        of columns CSR was as fast: docs/performance.md, section d). Factors whose
+        diagonals would store much more than their non-zeros stay CSR.
         """
         if transpose not in self._vector_cache:
             mats = [W.T.tocsr() if transpose else W for W in self.factors]
@@ -171,6 +200,12 @@ class SparseFactors(Approximation):
     def _rmatmul(self, X):
         return self._apply(X, transpose=True)
 
+    def _columns(self, cols):
+        # W(M)[:, cols] is read from W(M) directly: one product fewer than W(1)...W(M) E_cols.
+        if self._last_csc is None:
+            self._last_csc = self.factors[-1].tocsc()
+        return self._apply(self._last_csc[:, cols].toarray(), transpose=False, skip_last=True)
+
     def _meta(self) -> dict:
         return {"factors": self.num_factors, "pattern": self.pattern}
 
@@ -183,27 +218,28 @@ class SparseFactors(Approximation):
         return out
 
     @classmethod
-    def _from_arrays(cls, arrays, meta):
-        n, M = int(meta["n"]), int(meta["factors"])
-        mats = [
-            sp.csr_matrix(
-                (arrays[f"factor{m}.data"], arrays[f"factor{m}.indices"], arrays[f"factor{m}.indptr"]), shape=(n, n)
-            )
-            for m in range(M)
-        ]
-        info = {k: v for k, v in info_fields(meta).items() if k not in ("factors", "pattern")}
-        return cls(mats, method=meta.get("method", "chord"), pattern=meta.get("pattern"), info=info)
+    def _from_file(cls, stored: StoredArrays) -> "SparseFactors":
+        n, M = stored.n, stored.meta_int("factors", minimum=1)
+        pattern = stored.meta.get("pattern")
+        if pattern is not None and not isinstance(pattern, dict):
+            raise SfaError(f"meta field 'pattern' must be an object or null; got {pattern!r}")
+        mats = [stored.csr(f"factor{m}.", (n, n)) for m in range(M)]
+        return cls(mats, method=stored.method("chord"), pattern=pattern, info=stored.info("factors", "pattern"))
 
     def __repr__(self) -> str:
         return f"<SparseFactors {self.method} n={self.n} factors={self.num_factors} params={self.params} {self.dtype.name}>"
 
 
-def initial_values(structs, *, seed: int, dtype=torch.float32, noise: float = 0.01) -> list[torch.Tensor]:
+def initial_values(structs, *, seed: int, dtype=None, noise: float = 0.01) -> list:
     """The paper's start: each row averages its non-zeros, with 1% uniform noise.
 
     Row i of each factor gets (1 + noise * u) / sum_row(1 + noise * u), u ~ U[0, 1),
     drawn on the CPU from ``seed`` so that every device starts from the same point.
+    Returns one torch tensor of ``dtype`` (default float32) per structure.
     """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
     gen = torch.Generator().manual_seed(int(seed))
     out = []
     for s in structs:

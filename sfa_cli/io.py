@@ -38,6 +38,7 @@ import scipy.sparse as sp
 from scipy.io.matlab import MatReadError
 
 from sfa_cli.errors import SfaError
+from sfa_cli.validation import as_square_matrix
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -504,36 +505,6 @@ _READERS = {
 # ---------------------------------------------------------------------------
 # Validation
 # ---------------------------------------------------------------------------
-
-def as_square_matrix(obj, name: str = "A"):
-    """Validate a square matrix and return it as a float ndarray or canonical CSR.
-
-    Parameters
-    ----------
-    obj : ndarray, scipy sparse matrix or array (any format), torch.Tensor or array-like
-        The matrix. Sparse input stays sparse.
-    name : str, default="A"
-        What to call it in error messages (the file path when loading).
-
-    Returns
-    -------
-    ndarray or scipy.sparse.csr_matrix of shape (n, n)
-        float32 and float64 are kept; integers and booleans become float64,
-        other floats float32 (float16) or float64 (longer). A CSR result has
-        sorted indices and no duplicates.
-
-    Raises
-    ------
-    SfaError
-        Not 2-D, object, complex or non-numeric dtype, empty, not square,
-        n < 2, or NaN/Inf entries (with their count and first position).
-    """
-    A = _to_array_or_sparse(obj, name)
-    A = _as_float(A, name)
-    _check_square(A.shape, name)
-    _check_finite(A, name)
-    return A
-
 
 def _to_array_or_sparse(obj, name: str):
     """An ndarray or canonical CSR from any supported input, without densifying."""

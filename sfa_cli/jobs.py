@@ -169,8 +169,11 @@ def fit_matrix(
                                callback, stage)
     else:
         outcome = _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, callback, stage)
-    outcome.summary.update(extra)
-    outcome.report.update(extra)
+    for target in (outcome.summary, outcome.report):
+        notes = [x for x in (extra.get("note"), target.get("note")) if x]
+        target.update(extra)
+        if notes:
+            target["note"] = "; ".join(notes)
     return outcome
 
 
@@ -194,13 +197,21 @@ def _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, ca
         result = fit(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
     except SfaError as exc:  # e.g. the memory guard: say which file
         raise SfaError(f"{head['path']}: {exc}" if head["path"] else str(exc)) from None
-    approx = result.approximation
+    from sfa_cli.metrics import never_worse_than_zero
+
+    kept = {"approx": result.approximation}
     summary = {**head, "method": pattern, **result.to_dict(), "fit_rel_error": result.rel_error}
-    steps = [("error", lambda: {"rel_error": relative_error(A, approx)})]  # float64, from the factors as saved
+
+    def error():  # float64, from the factors as saved; never worse than the zero matrix
+        approx, rel_error, note = never_worse_than_zero(A, kept["approx"], relative_error(A, kept["approx"]))
+        kept["approx"] = approx
+        return {"rel_error": rel_error, **({"note": note} if note else {})}
+
+    steps = [("error", error)]
     if baseline:
-        steps.append(("baseline", lambda: tsvd_baseline(A, approx.params)))
+        steps.append(("baseline", lambda: tsvd_baseline(A, kept["approx"].params)))
     late = _interruptible(summary, stage, steps)
-    return _outcome(A, approx, summary, {"history": result.history}, result.stopped_because,
+    return _outcome(A, kept["approx"], summary, {"history": result.history}, result.stopped_because,
                     result.interrupted or late)
 
 

@@ -32,7 +32,7 @@ supported by every path. :func:`chain_matmul` is one autograd node
 
 :func:`chain_forward` and :func:`chain_backward` are the chain's products and its
 backward pass as plain loops, optionally into preallocated blocks: ChainMatmul is
-built on them, and so is the fit's objective (``fit.BlockObjective``), which runs
+built on them, and so is the fits' objective (``objective.BlockObjective``), which runs
 them without autograd and keeps its blocks between evaluations.
 """
 from __future__ import annotations
@@ -46,7 +46,8 @@ import numpy as np
 import torch
 
 __all__ = ["FactorStructure", "SparseMatmul", "ChainMatmul", "sparse_matmul", "chain_matmul", "chain_forward",
-           "chain_backward", "chain_columns", "factor_columns", "column_entries", "csr_only", "resolve_device",
+           "chain_backward", "chain_columns", "ColumnChain", "factor_columns", "column_entries", "csr_only", "use_compiled", "compile_notifier", "compile_settings", "CompileSettings",
+           "compiled_kernels_usable", "resolve_device",
            "resolve_dtype"]
 
 # torch warns once per process that CSR support is "beta"; it is what we rely on.
@@ -60,8 +61,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 # Below this n, ``auto`` stays on the CPU even with a GPU: an evaluation there is bound by kernel
-# launches (about 4 ms on an H100 at any n up to 2048, against 3.3 ms on one CPU core at n = 256
-# and 11 ms at n = 512; docs/performance.md).
+# launches, and one CPU core is faster (timings in docs/performance.md).
 AUTO_CUDA_MIN_N = 512
 
 
@@ -226,17 +226,65 @@ def _circulant_sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor) -> 
 # For a circulant factor the three products are fixed sums of shifted rows:
 #   W X   = sum_k V[:, k] * roll(X, -o_k)        W^T G = sum_k roll(V[:, k] * G, o_k)
 #   grad  = [rowsum(G * roll(X, -o_k))]_k
-# torch.compile (inductor) turns each into one loop nest with the offsets as constants: on one
-# core at n = 1024, 256 columns, 2.2x / 2.0x / 1.2x faster than the CSR addmm / sampled_addmm
-# (docs/performance.md). Compiling takes seconds (a disk cache makes later processes faster), so the
-# path is used from COMPILE_MIN_N up, on the CPU, for plain 2-D float32/float64 blocks; set
-# SFA_COMPILE=0 to turn it off. If compiling fails (no C++ compiler, say), sfa warns once and
-# keeps the CSR path.
+# torch.compile (inductor) turns each into one loop nest with the offsets as constants, faster than
+# the CSR addmm / sampled_addmm on the CPU (docs/performance.md). Compiling takes seconds (a disk cache
+# makes later processes faster), so the path is used from COMPILE_MIN_N up, on the CPU, for plain 2-D
+# float32/float64 blocks; set SFA_COMPILE=0 (or use :func:`csr_only`) to turn it off. If compiling
+# fails (no C++ compiler, say), sfa warns once and keeps the CSR path.
 COMPILE_MIN_N = 1024
 COMPILE_MAX_KEYS = 6
 _compiled: dict = {}
-_compile = {"enabled": os.environ.get("SFA_COMPILE", "1") != "0",
-            "notify": None}  # notify(message) before a new shape compiles (the CLI shows it)
+_compile_failed = False  # set for good when compiling failed once (no compiler: every try would fail)
+
+
+@dataclass
+class CompileSettings:
+    """How the compiled circulant kernels are used: whether at all, and who hears of a compilation.
+
+    Change them through :func:`csr_only`, :func:`use_compiled` and :func:`compile_notifier` (context
+    managers that restore the previous setting), not by assigning to :data:`compile_settings`.
+    """
+
+    enabled: bool = True
+    notify: object = None  # callable(message) before a new shape compiles, or None
+
+
+#: The process's settings (read by the kernels; see :class:`CompileSettings`).
+compile_settings = CompileSettings(enabled=os.environ.get("SFA_COMPILE", "1") != "0")
+
+
+@contextlib.contextmanager
+def _setting(name: str, value):
+    saved = getattr(compile_settings, name)
+    setattr(compile_settings, name, value)
+    try:
+        yield compile_settings
+    finally:
+        setattr(compile_settings, name, saved)
+
+
+def compile_notifier(callback):
+    """Within this context ``callback(message)`` is called before a new kernel shape compiles.
+
+    Compiling takes seconds; the CLI shows the message as progress::
+
+        with kernels.compile_notifier(lambda message: bar.update(description=message)):
+            fit(A)
+    """
+    return _setting("notify", callback)
+
+
+def use_compiled(enabled: bool = True):
+    """Within this context the compiled circulant kernels are used (or not, ``enabled=False``).
+
+    If compiling fails inside it, the path stays off after the context ends.
+    """
+    return _setting("enabled", bool(enabled))
+
+
+def csr_only():
+    """Within this context the products use the CSR kernels alone (nothing is compiled)."""
+    return use_compiled(False)
 
 
 def _make_circulant_kernels(offsets: tuple):
@@ -261,7 +309,7 @@ def _make_circulant_kernels(offsets: tuple):
 
 def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
     """The compiled (forward, transposed, sampled) kernels for this structure and block, or None."""
-    if not (_compile["enabled"] and s.offsets is not None and s.n >= COMPILE_MIN_N and X.dim() == 2
+    if not (compiled_kernels_usable() and s.offsets is not None and s.n >= COMPILE_MIN_N and X.dim() == 2
             and X.device.type == "cpu" and X.dtype in _CSR_DTYPES):
         return None
     key = (s.offsets, s.n, X.shape[1], X.dtype)
@@ -271,20 +319,14 @@ def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
         if len(_compiled) >= COMPILE_MAX_KEYS:
             return None
         _compiled[key] = _make_circulant_kernels(s.offsets)
-        if _compile["notify"] is not None:
-            _compile["notify"](f"compiling kernels (n={s.n}, {X.shape[1]} columns; once per size)")
+        if compile_settings.notify is not None:
+            compile_settings.notify(f"compiling kernels (n={s.n}, {X.shape[1]} columns; once per size)")
     return _compiled[key]
 
 
-@contextlib.contextmanager
-def csr_only():
-    """Within this context the products use the CSR kernels alone (nothing is compiled)."""
-    saved = _compile["enabled"]
-    _compile["enabled"] = False
-    try:
-        yield
-    finally:
-        _compile["enabled"] = saved
+def compiled_kernels_usable() -> bool:
+    """Whether the compiled path is on and compiling has not failed in this process."""
+    return compile_settings.enabled and not _compile_failed
 
 
 def _run_compiled(kernel, *args):
@@ -293,7 +335,8 @@ def _run_compiled(kernel, *args):
         out = kernel(*args)
         return True if out is None else out
     except Exception as exc:  # torch raises several types (BackendCompilerFailed, InvalidCxxCompiler, ...)
-        _compile["enabled"] = False
+        global _compile_failed
+        _compile_failed = True
         warnings.warn(f"sfa: torch.compile failed ({type(exc).__name__}); using the CSR kernels instead", stacklevel=3)
         return False
 
@@ -438,10 +481,9 @@ def sparse_matmul(struct: FactorStructure, values: torch.Tensor, X: torch.Tensor
 
 
 # Up to this n, chain_matmul is one autograd node (ChainMatmul); above, one node per factor. The
-# single node saves the per-node overhead (an N = 64 evaluation: 0.4 ms against 0.6 ms) but keeps
-# every intermediate block until its backward ends, where per-factor nodes free each as soon as it
-# is used: from n = 512 that cost more than it saved (n = 512: 12.5 ms against 10.4 ms; n = 4096:
-# 0.81 s against 0.67 s, one thread).
+# single node saves the per-node overhead but keeps every intermediate block until its backward
+# ends, where per-factor nodes free each as soon as it is used; from n = 512 that cost more than it
+# saved (timings in docs/performance.md).
 FUSED_CHAIN_MAX_N = 256
 
 
@@ -548,3 +590,70 @@ def chain_matmul(structs, values, X: torch.Tensor, *, transpose: bool = False) -
     for m in order:
         X = sparse_matmul(structs[m], values[m], X, transpose=transpose)
     return X
+
+
+# -- columns of the chain for any column set ---------------------------------------------
+#: A right-hand block of W(1)...W(M) E_J stays in the compact form of :class:`ColumnChain` while its
+#: support is at most this fraction of n (scripts/bench_scale.py, docs/scale.md).
+SPARSE_START_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class _Level:
+    factor: int          # which factor this level applies
+    support: torch.Tensor  # S_h: sorted offsets s; the block holds rows (J_c - s) mod n
+    source: torch.Tensor   # (|S_h| * K,) row of S_{h-1} that feeds (s, k); |S_{h-1}| for none
+
+
+class ColumnChain:
+    """P[:, J] = W(1)...W(M) E_J for any columns J, differentiable in the factor values.
+
+    The rightmost factors act on a very sparse block: for a circulant pattern
+    (row i holds columns i + o_k), column c of W(m)...W(M) E_J is non-zero only
+    on rows J_c - S_h with S_h the sums of h offsets, the same set for every
+    column. Those factors are applied in that compact form (|S_h| rows instead
+    of n) until S_h covers ``SPARSE_START_FRACTION`` of n (docs/scale.md measures
+    the gain). The remaining factors use :func:`chain_matmul`. Differentiable in
+    ``values`` through autograd.
+    """
+
+    def __init__(self, structs, n: int, device, max_fraction: float | None = None):
+        self.structs, self.n, self.device = list(structs), n, device
+        max_fraction = SPARSE_START_FRACTION if max_fraction is None else max_fraction
+        self.levels: list[_Level] = []
+        support = np.zeros(1, dtype=np.int64)
+        for m in reversed(range(len(self.structs))):
+            s = self.structs[m]
+            if s.offsets is None:
+                break
+            offsets = np.asarray(s.offsets, dtype=np.int64)
+            grown = np.unique((support[:, None] + offsets[None, :]) % n)
+            if len(grown) > max_fraction * n:
+                break
+            wanted = (grown[:, None] - offsets[None, :]) % n
+            at = np.minimum(np.searchsorted(support, wanted), len(support) - 1)
+            source = np.where(support[at] == wanted, at, len(support))
+            self.levels.append(_Level(m, torch.from_numpy(grown).to(device),
+                                      torch.from_numpy(source.reshape(-1)).to(device)))
+            support = grown
+        self.dense_factors = len(self.structs) - len(self.levels)
+
+    def __call__(self, values, J: torch.Tensor) -> torch.Tensor:
+        n, b = self.n, J.numel()
+        like = values[0]
+        if not self.levels:
+            E = like.new_zeros((n, b))
+            E[J, torch.arange(b, device=J.device)] = 1
+            return chain_matmul(self.structs, values, E)
+        X = like.new_ones((1, b))
+        rows = None
+        for level in self.levels:
+            s = self.structs[level.factor]
+            k = len(s.offsets)
+            V = values[level.factor].index_select(0, s.ell).view(n, k)  # V[i, j]: entry (i, i + o_j)
+            rows = (J.unsqueeze(0) - level.support.unsqueeze(1)).remainder(n)  # (|S|, b)
+            Vg = V.index_select(0, rows.reshape(-1)).view(-1, b, k)
+            Xg = torch.cat([X, X.new_zeros((1, b))]).index_select(0, level.source).view(-1, k, b)
+            X = torch.einsum("rbk,rkb->rb", Vg, Xg)
+        dense = X.new_zeros((n, b)).scatter(0, rows, X)
+        return chain_matmul(self.structs[: self.dense_factors], values[: self.dense_factors], dense)

@@ -56,21 +56,30 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from dataclasses import dataclass
+
 from sfa_cli import baselines
 from sfa_cli.baselines import NotApplicable, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
-from sfa_cli.patterns import chord_at_budget
 from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import DENSE_FIT_LIMIT, BlockObjective, block_columns, column_blocks, default_max_iter, fit
-from sfa_cli.kernels import FactorStructure, chain_columns, chain_matmul, factor_columns, resolve_device, resolve_dtype
-from sfa_cli.metrics import column_block, frobenius_norm
+from sfa_cli.fit import DENSE_FIT_LIMIT, default_max_iter, fit
+from sfa_cli.io import as_square_matrix
+from sfa_cli.kernels import FactorStructure, chain_matmul, factor_columns, resolve_device, resolve_dtype
+from sfa_cli.metrics import frobenius_norm, residual_columns
+from sfa_cli.objective import BlockObjective, column_blocks
+from sfa_cli.optimize import Run, minimize
+from sfa_cli.options import OptimizerSpec, PatternSpec, Placement, StopRules
+from sfa_cli.patterns import chord_at_budget
 
-__all__ = ["learned_sparse", "chord_plus_sparse", "INITS", "PROJECTIONS", "ORDERS", "LEARNED_DEFAULTS"]
+__all__ = ["learned_sparse", "chord_plus_sparse", "LearnedOptions", "INITS", "PROJECTIONS", "ORDERS", "REFITS",
+           "LEARNED_DEFAULTS"]
 
 INITS = ("auto", "lowrank+sparse", "chord")
 PROJECTIONS = ("total", "factor", "row", "column")
 #: How more than two factors are fitted: all supports together, or FAuST's hierarchy of two-factor splits.
 ORDERS = ("joint", "hierarchical")
+#: How the values are fitted on fixed supports: exactly by alternating least squares (two factors) or by L-BFGS.
+REFITS = ("auto", "als", "lbfgs")
 #: Defaults, chosen from scripts/bench_quality.py measurements (docs/quality.md).
 LEARNED_DEFAULTS = {
     "factors": 2,
@@ -157,13 +166,6 @@ class _Chain:
         return self.product(factor_columns(self.structs[hi - 1], self.values[hi - 1].detach(), slice(0, self.n)),
                             lo=lo, hi=hi - 1)
 
-    def csr(self, m: int, *, transpose: bool = False) -> torch.Tensor:
-        """Factor m (or its transpose) as a torch sparse CSR tensor."""
-        s, v = self.structs[m], self.values[m].detach()
-        if transpose:
-            return torch.sparse_csr_tensor(s.crow_t, s.col_t, v[s.perm_t], (self.n, self.n), check_invariants=False)
-        return torch.sparse_csr_tensor(s.crow, s.col, v, (self.n, self.n), check_invariants=False)
-
     def to_scipy(self, scale: float = 1.0, dtype=np.float64) -> list[sp.csr_matrix]:
         factor_scale = scale ** (1.0 / self.factors)
         mats = []
@@ -173,62 +175,49 @@ class _Chain:
         return mats
 
 
-class _Objective:
-    """0.5 ||T - chain||_F^2 and its gradient over column blocks (the fit engine's kernel)."""
+class _Target:
+    """The scaled dense target T, its transpose (for ALS) and column blocks; a chain's objective on it."""
 
     def __init__(self, T: torch.Tensor):
-        n = T.shape[0]
         self.T = T
         self.T_t = T.T.contiguous()
-        self.blocks = column_blocks(n, block_columns(n))
+        self.blocks = column_blocks(T.shape[0])
+
+    def objective(self, chain: _Chain) -> BlockObjective:
+        return BlockObjective(chain.structs, self.T, self.blocks)
 
     def loss(self, chain: _Chain) -> float:
-        with torch.no_grad():
-            total = 0.0
-            for cols in self.blocks:
-                D = chain_columns(chain.structs, chain.values, cols) - self.T[:, cols]
-                total += 0.5 * float((D * D).sum())
-        return total
+        """0.5 ||T - chain||_F^2."""
+        return self.objective(chain).loss(chain.values)
 
     def residual(self, chain: _Chain) -> torch.Tensor:
         """R = T - S(1)...S(M), a dense n x n matrix (n * nnz work)."""
-        with torch.no_grad():
-            return self.T - chain.dense()
+        return self.objective(chain).residual(chain.values)
 
 
-class _StopRefit(Exception):
-    """Raised inside the L-BFGS closure: the error ran away, or the time is up."""
-
-
-def _refine(chain: _Chain, objective: _Objective, iters: int, deadline: float) -> tuple[_Chain, float]:
-    """L-BFGS on the values of a fixed support; returns the best chain seen and its loss."""
-    params = [v.detach().clone().requires_grad_(True) for v in chain.values]
-    best = {"loss": math.inf, "values": [v.detach().clone() for v in chain.values]}
+def _refine(chain: _Chain, target: _Target, iters: int, deadline: float) -> tuple[_Chain, float]:
+    """L-BFGS on the values of a fixed support (iters iterations, 2 * iters evaluations at most);
+    returns the best chain seen and its loss."""
     if iters <= 0:
-        return chain, objective.loss(chain)
-    loss_and_grad = BlockObjective(chain.structs, objective.T, objective.blocks)
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, max_eval=2 * iters, history_size=20,
-                            tolerance_grad=0.0, tolerance_change=0.0, line_search_fn="strong_wolfe")
+        return chain, target.loss(chain)
+    params = [v.detach().clone().requires_grad_(True) for v in chain.values]
+    objective = target.objective(chain)
+    left = deadline - time.perf_counter()
+    # no restarts: a runaway line search ends the refit, whose best point is kept
+    run = Run(params, time_limit=max(left, 1e-9) if left < math.inf else None, restarts=0, runaway=_RUNAWAY)
 
     def closure():
-        opt.zero_grad(set_to_none=False)
-        loss = loss_and_grad(params)
-        if not math.sqrt(max(2 * loss, 0.0)) < _RUNAWAY:  # also NaN
-            raise _StopRefit
-        if loss < best["loss"]:
-            best["loss"] = loss
-            best["values"] = [p.detach().clone() for p in params]
-        if time.perf_counter() > deadline:
-            raise _StopRefit
+        for p in params:
+            if p.grad is not None:
+                p.grad.zero_()
+        loss = objective(params, check=run.check_time)
+        run.record(loss)
         return loss
 
-    try:
-        opt.step(closure)
-    except _StopRefit:
-        pass
-    if best["loss"] == math.inf:
-        return chain, objective.loss(chain)
-    return chain.with_values(best["values"]), best["loss"]
+    minimize(run, closure, "lbfgs", lbfgs_iterations=iters, lbfgs_evaluations=2 * iters)
+    if not run.evaluations:
+        return chain, target.loss(chain)
+    return chain.with_values(run.best), 0.5 * run.best_rel**2
 
 
 class _LineSystems:
@@ -284,7 +273,7 @@ class _LineSystems:
         return x
 
 
-def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: float) -> tuple[_Chain, float]:
+def _refine_als(chain: _Chain, objective: _Target, sweeps: int, deadline: float) -> tuple[_Chain, float]:
     """Alternating least squares for two factors: each row of S(1), then each column of S(2), solved exactly.
 
     Row i of S(1) on its support J: (S2 S2^T)[J, J] x = (T S2^T)[i, J]; column l of
@@ -303,14 +292,12 @@ def _refine_als(chain: _Chain, objective: _Objective, sweeps: int, deadline: flo
             if time.perf_counter() > deadline:
                 break
             c = chain.with_values(values)
-            S2 = c.csr(1)
-            H = S2 @ c.dense(lo=1).T.contiguous()  # S2 S2^T
-            Y = S2 @ objective.T_t  # S2 T^T = (T S2^T)^T: Y[j, i]
+            H = c.product(c.dense(lo=1).T.contiguous(), lo=1)  # S2 S2^T
+            Y = c.product(objective.T_t, lo=1)  # S2 T^T = (T S2^T)^T: Y[j, i]
             values[0] = rows_of_first.solve(H, Y)
             c = chain.with_values(values)
-            S1t = c.csr(0, transpose=True)
-            H = S1t @ c.dense(hi=1)  # S1^T S1
-            Y = S1t @ T  # S1^T T: Y[j, l]
+            H = c.product(c.dense(hi=1), transpose=True, hi=1)  # S1^T S1
+            Y = c.product(T, transpose=True, hi=1)  # S1^T T: Y[j, l]
             x = columns_of_last.solve(H, Y)
             values[1] = torch.empty_like(x).index_copy_(0, order_t, x)
     out = chain.with_values(values)
@@ -508,11 +495,12 @@ def _lowrank_sparse_start(D: np.ndarray, left: np.ndarray, right: np.ndarray, bu
     return [f[0] for f in factors], [f[1] for f in factors], [f[2] for f in factors]
 
 
-def _chord_start(A, budget: int, seed: int, options: dict):
-    """A Chord fit at the budget, as supports and values (scale of A included)."""
-
+def _chord_start(A, budget: int, seed: int, settings: "_FitSettings"):
+    """A Chord fit at the budget, as supports and values (scale of A included); no time limit of its own."""
     pattern_options, _ = chord_at_budget(A.shape[0], budget)
-    result = fit(A, pattern="chord", seed=seed, **pattern_options, **options)
+    stop = StopRules(**{**settings.stop.to_dict(), "time_limit": None})
+    result = fit(A, pattern=PatternSpec("chord", **pattern_options), stop=stop, optimizer=settings.optimizer,
+                 placement=Placement(settings.placement.device, settings.placement.dtype, seed))
     if result.interrupted:
         raise KeyboardInterrupt
     mats = result.approximation.factors
@@ -560,7 +548,7 @@ def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, dead
     return info, chain, loss, start_rel, done
 
 
-def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, deadline, options, callback):
+def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, deadline, settings, callback):
     """FAuST's hierarchical order: T ~ S(1) R(1), R(1) ~ S(2) R(2), ..., with a global refit after each split.
 
     Split l is a two-factor learned fit of R(l-1) (R(0) = D) under the budget
@@ -573,7 +561,7 @@ def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, deadl
     target, start_rel = D, None
     for split in range(M - 1):
         level_budget = budget - sum(len(r) for r in left_rows)
-        sub = {k: options[k] for k in ("device", "dtype") if options.get(k) is not None}
+        sub = {"device": settings.placement.device, "dtype": settings.placement.dtype}
         if deadline < math.inf:
             sub["time_limit"] = max(deadline - time.perf_counter(), 1e-3)
         F = learned_sparse(target, level_budget, factors=2, seed=seed, fit_options=sub, projection="factor",
@@ -604,6 +592,94 @@ def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, deadl
 
 
 # -- the method --------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LearnedOptions:
+    """The learned-support method's own options, checked when built (see :func:`learned_sparse`)."""
+
+    factors: int | None = None
+    init: str = "auto"
+    projection: str = "total"
+    order: str = LEARNED_DEFAULTS["order"]
+    factor_budgets: tuple | None = None
+    splits: tuple = LEARNED_DEFAULTS["splits"]
+    rounds: int | None = None
+    inner_iter: int | None = None
+    polish_iter: int | None = None
+    hysteresis: float = LEARNED_DEFAULTS["hysteresis"]
+    tol: float = LEARNED_DEFAULTS["tol"]
+    refit: str = "auto"
+    sweeps: int | None = None
+
+    def __post_init__(self):
+        for name, value, choices in (("init", self.init, INITS), ("projection", self.projection, PROJECTIONS),
+                                     ("order", self.order, ORDERS), ("refit", self.refit, REFITS)):
+            if value not in choices:
+                raise SfaError(f"unknown {name} {value!r}; choose from {', '.join(choices)}")
+        if self.factors is not None and (int(self.factors) != self.factors or self.factors < 2):
+            raise SfaError(f"factors must be an integer >= 2 for the learned-support method; got {self.factors!r}")
+        if not 0 < self.hysteresis <= 1:  # 0 would freeze the supports
+            raise SfaError(f"hysteresis must be in (0, 1]; got {self.hysteresis}")
+        for name in ("rounds", "sweeps", "inner_iter", "polish_iter"):
+            value = getattr(self, name)
+            low = 0 if name in ("inner_iter", "polish_iter") else 1
+            if value is not None and (int(value) != value or value < low):
+                raise SfaError(f"{name} must be an integer >= {low}; got {value!r}")
+        if any(not 0 <= float(f) <= 1 for f in self.splits):
+            raise SfaError(f"splits must be fractions in [0, 1]; got {list(self.splits)}")
+        if self.hierarchical and (self.init == "chord" or self.projection not in ("total", "factor")
+                                  or self.factor_budgets is not None):
+            raise SfaError("order='hierarchical' starts from low-rank + sparse splits with budget / M non-zeros per "
+                           "factor: it takes neither init='chord', a row/column projection nor factor_budgets")
+
+    @property
+    def M(self) -> int:
+        return int(self.factors or LEARNED_DEFAULTS["factors"])
+
+    @property
+    def hierarchical(self) -> bool:
+        return self.order == "hierarchical" and self.M > 2
+
+    def check(self, n: int, budget: int) -> None:
+        """The checks that need the matrix size and the budget (SfaError, or NotApplicable)."""
+        shares = self.factor_budgets
+        if shares is not None and (self.projection != "factor" or self.init == "chord" or len(shares) != self.M
+                                   or min(shares) < 1 or sum(shares) > budget):
+            raise SfaError(f"factor_budgets must give each of the factors (projection='factor', factors={self.M}) at "
+                           f"least 1 non-zero and sum to at most the budget {budget}; got {list(shares)}")
+        if n > DENSE_FIT_LIMIT:
+            raise NotApplicable(f"the learned-support fit keeps dense n x n residuals; n={n} > {DENSE_FIT_LIMIT}")
+        if budget < 2:
+            raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
+        if self.projection in ("row", "column") and budget < (self.factors or 2) * n:
+            need = (self.factors or 2) * n
+            raise NotApplicable(f"one non-zero per {self.projection} of every factor needs {need} > budget {budget}")
+
+
+@dataclass(frozen=True)
+class _FitSettings:
+    """A method's ``fit_options`` dict as the typed options of :func:`sfa_cli.fit.fit`, plus the Chord variant."""
+
+    stop: StopRules
+    optimizer: OptimizerSpec
+    placement: Placement
+    variant: dict
+
+    #: fit_options keys that choose the pattern: the methods size the pattern themselves and ignore them
+    SIZED = ("base", "factors", "permute", "pattern")
+    VARIANT = ("symmetric", "self_link")
+
+    @classmethod
+    def from_options(cls, fit_options: dict | None, caller: str) -> "_FitSettings":
+        options = {k: v for k, v in (fit_options or {}).items() if v is not None}
+        known = set(StopRules.names()) | set(OptimizerSpec.names()) | set(Placement.names()) | set(cls.SIZED) \
+            | set(cls.VARIANT)
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise SfaError(f"{caller}: unknown option(s) {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+        return cls(StopRules.from_dict(options), OptimizerSpec.from_dict(options), Placement.from_dict(options),
+                   {k: options[k] for k in cls.VARIANT if k in options})
+
+
 def learned_sparse(
     A,
     budget: int,
@@ -642,10 +718,11 @@ def learned_sparse(
         Seeds the randomized SVD of the start (n > 1024) and the Chord warm start;
         the same seed gives the same factors on the same device.
     fit_options : dict, optional
+        Keywords of :func:`sfa_cli.fit.fit` (an unknown one is an error):
         ``device``, ``dtype``, ``time_limit`` (seconds for the whole method; the
         best factors so far are returned) and ``max_iter`` (caps the final
-        L-BFGS iterations) are used; the other options of :func:`sfa_cli.fit.fit`
-        are ignored, except by the Chord warm start, which passes them on.
+        L-BFGS iterations) are used here; the Chord warm start also takes the
+        optimiser's options and the other stopping rules.
     init : {"auto", "lowrank+sparse", "chord"}, default="auto"
         ``lowrank+sparse`` (auto): a rank-r part plus residual entries written as
         factors, the best of ``splits`` (fractions of the budget for the rank-r
@@ -701,46 +778,18 @@ def learned_sparse(
         the Chord warm start's smallest pattern) or n > DENSE_FIT_LIMIT.
     """
     t0 = time.perf_counter()
-    A = baselines._as_matrix(A)
+    A = as_square_matrix(A, "A")
     n, budget = A.shape[0], baselines._check_budget(budget)
-    options = dict(fit_options or {})
-    if init not in INITS:
-        raise SfaError(f"unknown init {init!r}; choose from {', '.join(INITS)}")
-    if projection not in PROJECTIONS:
-        raise SfaError(f"unknown projection {projection!r}; choose from {', '.join(PROJECTIONS)}")
-    if order not in ORDERS:
-        raise SfaError(f"unknown order {order!r}; choose from {', '.join(ORDERS)}")
-    hierarchical = order == "hierarchical" and (factors or LEARNED_DEFAULTS["factors"]) > 2
-    if hierarchical and (init == "chord" or projection not in ("total", "factor") or factor_budgets is not None):
-        raise SfaError("order='hierarchical' starts from low-rank + sparse splits with budget / M non-zeros per "
-                       "factor: it takes neither init='chord', a row/column projection nor factor_budgets")
-    if factor_budgets is not None:
-        factor_budgets = [int(k) for k in factor_budgets]
-        if projection != "factor" or init == "chord" \
-                or len(factor_budgets) != (factors or LEARNED_DEFAULTS["factors"]) \
-                or min(factor_budgets) < 1 or sum(factor_budgets) > budget:
-            raise SfaError(f"factor_budgets must give each of the factors (projection='factor', "
-                           f"factors={factors or LEARNED_DEFAULTS['factors']}) at least 1 non-zero and sum to at most "
-                           f"the budget {budget}; got {factor_budgets}")
-    if factors is not None and (int(factors) != factors or factors < 2):
-        raise SfaError(f"factors must be an integer >= 2 for the learned-support method; got {factors!r}")
-    if not 0 < hysteresis <= 1:  # 0 would freeze the supports
-        raise SfaError(f"hysteresis must be in (0, 1]; got {hysteresis}")
-    if refit not in ("auto", "als", "lbfgs"):
-        raise SfaError(f"unknown refit {refit!r}; choose from auto, als, lbfgs")
-    for name, value in (("rounds", rounds), ("sweeps", sweeps)):
-        if value is not None and (int(value) != value or value < 1):
-            raise SfaError(f"{name} must be a positive integer; got {value!r}")
-    if n > DENSE_FIT_LIMIT:
-        raise NotApplicable(f"the learned-support fit keeps dense n x n residuals; n={n} > {DENSE_FIT_LIMIT}")
-    if budget < 2:
-        raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
-    if projection in ("row", "column") and budget < (factors or 2) * n:
-        need = (factors or 2) * n
-        raise NotApplicable(f"one non-zero per {projection} of every factor needs {need} > budget {budget}")
-    device = resolve_device(options.get("device", "auto") or "auto", n)
-    dtype = resolve_dtype(options.get("dtype", "float32") or "float32")
-    time_limit = options.get("time_limit")
+    opts = LearnedOptions(factors=factors, init=init, projection=projection, order=order,
+                          factor_budgets=None if factor_budgets is None else tuple(int(k) for k in factor_budgets),
+                          splits=tuple(float(f) for f in splits), rounds=rounds, inner_iter=inner_iter, polish_iter=polish_iter,
+                          hysteresis=hysteresis, tol=tol, refit=refit, sweeps=sweeps)
+    opts.check(n, budget)
+    settings = _FitSettings.from_options(fit_options, "learned_sparse fit_options")
+    factors, hierarchical, factor_budgets, splits = opts.factors, opts.hierarchical, opts.factor_budgets, opts.splits
+    device = resolve_device(settings.placement.device, n)
+    dtype = resolve_dtype(settings.placement.dtype)
+    time_limit = settings.stop.time_limit
     deadline = t0 + time_limit if time_limit else math.inf
     rounds = default_rounds(n) if rounds is None else int(rounds)
     sweeps = 2 if sweeps is None else int(sweeps)
@@ -751,7 +800,7 @@ def learned_sparse(
         raise SfaError("the matrix is all zeros; there is nothing to approximate")
     D = (A.toarray() if sp.issparse(A) else np.asarray(A, dtype=np.float64)) / scale
     T = torch.as_tensor(D, device=device).to(dtype)
-    objective = _Objective(T)
+    objective = _Target(T)
 
     def as_chain(rows, cols, vals) -> _Chain:
         return _Chain(n, rows, cols, [torch.as_tensor(np.asarray(v, dtype=np.float64)).to(device, dtype) for v in vals],
@@ -766,8 +815,7 @@ def learned_sparse(
         if shares < 1 or budget - (M - 2) * shares < 2:
             raise NotApplicable(f"{M} hierarchical factors need at least one non-zero each; budget {budget}")
     elif use_chord:
-        chord_options = {k: v for k, v in options.items() if k not in ("time_limit",)}
-        rows, cols, vals = _chord_start(A, budget, seed, chord_options)
+        rows, cols, vals = _chord_start(A, budget, seed, settings)
         M = len(rows)
         vals = [v / scale ** (1.0 / M) for v in vals]
         starts.append(({"init": "chord"}, as_chain(rows, cols, vals)))
@@ -778,9 +826,7 @@ def learned_sparse(
             raise NotApplicable(
                 f"{M} factors start with {middle} identity factors ({middle * n} non-zeros) > budget {budget}")
         plans = {}
-        for f in sorted({float(f) for f in splits}):
-            if not 0 <= f <= 1:
-                raise SfaError(f"splits must be fractions in [0, 1]; got {list(splits)}")
+        for f in sorted(set(splits)):
             r = min(int(f * (budget - middle * n)) // (2 * n), n - 1)
             plans.setdefault(r, f)
         nonzero = D != 0
@@ -800,8 +846,8 @@ def learned_sparse(
     use_als = M == 2 and refit in ("auto", "als")
     if polish_iter is None:  # ALS leaves nothing for L-BFGS to polish (docs/quality.md)
         polish_iter = 0 if use_als else default_polish_iter(n)
-    if options.get("max_iter"):
-        polish_iter = min(int(polish_iter), int(options["max_iter"]))
+    if settings.stop.max_iter:
+        polish_iter = min(int(polish_iter), settings.stop.max_iter)
 
     def refine(chain):
         if use_als:
@@ -818,7 +864,7 @@ def learned_sparse(
         level = {"splits": splits, "rounds": rounds, "hysteresis": hysteresis, "tol": tol, "refit": refit,
                  "sweeps": sweeps}
         info, chain, loss, start_rel, done = _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter,
-                                                        deadline, options, callback)
+                                                        deadline, settings, callback)
         if polish_iter > 0 and time.perf_counter() < deadline:
             chain, loss = _refine(chain, objective, polish_iter, deadline)
     elif exact:  # the start holds A itself; nothing to fit
@@ -863,9 +909,7 @@ def _largest_of_residual(A, approx, k: int) -> tuple[sp.csr_matrix, float]:
     total = 0.0
     for start in range(0, n, width):
         cols = np.arange(start, min(n, start + width))
-        E = np.zeros((n, len(cols)), dtype=approx.dtype)
-        E[cols, np.arange(len(cols))] = 1
-        Dm = column_block(A, cols) - np.asarray(approx.matmul(E), dtype=np.float64)
+        Dm = residual_columns(A, approx, cols)
         total += float(np.sum(Dm * Dm))
         flat = Dm.ravel()
         top = baselines._largest(flat, k)
@@ -925,22 +969,22 @@ def chord_plus_sparse(
         ``chord_params``, ``nnz`` and ``rel_error``.
     """
 
-    A = baselines._as_matrix(A)
+    A = as_square_matrix(A, "A")
     n, budget = A.shape[0], baselines._check_budget(budget)
     splits = [float(f) for f in splits]
     if any(not 0 <= f <= 1 for f in splits):
         raise SfaError(f"splits must be fractions in [0, 1]; got {splits}")
     if int(alternations) != alternations or alternations < 1:
         raise SfaError(f"alternations must be a positive integer; got {alternations!r}")
+    settings = _FitSettings.from_options(fit_options, "chord_plus_sparse fit_options")
     norm = frobenius_norm(A)
     if norm == 0.0:
         raise SfaError("the matrix is all zeros; there is nothing to approximate")
-    options = dict(fit_options or {})
-    variant = {k: options.pop(k) for k in ("symmetric", "self_link") if options.get(k) is not None}
-    for key in ("base", "factors", "permute", "pattern"):
-        options.pop(key, None)
-    if options.get("max_iter") is None:
-        options["max_iter"] = max(100, default_max_iter(n) // 10)
+    variant = settings.variant
+    stop = settings.stop
+    if stop.max_iter is None:
+        stop = StopRules(**{**stop.to_dict(), "max_iter": max(100, default_max_iter(n) // 10)})
+    placement = Placement(settings.placement.device, settings.placement.dtype, seed)
 
     top = baselines.top_k(A, budget)
     top_rest = max(frobenius_norm(A) ** 2 - float(np.sum(top.matrix.data.astype(np.float64) ** 2)), 0.0)
@@ -958,7 +1002,8 @@ def chord_plus_sparse(
         C, S = None, None
         for _ in range(int(alternations)):
             target = A if S is None else (A - S if sp.issparse(A) else baselines._minus_sparse(A, S))
-            result = fit(target, pattern="chord", seed=seed, init=C, **pattern_options, **variant, **options)
+            result = fit(target, pattern=PatternSpec("chord", **pattern_options, **variant), stop=stop,
+                         optimizer=settings.optimizer, placement=placement, init=C)
             if result.interrupted:
                 raise KeyboardInterrupt
             C = result.approximation

@@ -49,9 +49,20 @@ def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
 
 def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
-    """The butterfly pattern, as many factors as the budget holds."""
+    """The butterfly pattern, as many factors as the budget holds: the closed-form hierarchical
+    factorization (:func:`sfa_cli.butterfly.butterfly_closed_form`; exact on butterfly products), with
+    an L-BFGS polish of ``max_iter`` iterations when that option is given; at scale the sampled fit."""
     sizes, note = butterfly_at_budget(A.shape[0], budget)
-    return _fit_at(A, "butterfly", sizes, note, seed, dict(options or {}), scale, schedule)
+    options = dict(options or {})
+    if scale:
+        return _fit_at(A, "butterfly", sizes, note, seed, options, scale, schedule)
+    from sfa_cli.butterfly import butterfly_closed_form
+
+    approx = butterfly_closed_form(A, factors=sizes["factors"], polish_iter=options.get("max_iter") or 0,
+                                   time_limit=options.get("time_limit"), device=options.get("device", "auto"))
+    done = "closed form" + (f", polished ({approx.info['polish_iterations']} iterations)"
+                            if approx.info.get("polish_iterations") else "")
+    return approx, f"{done}; {note}" if note else done
 
 
 def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):

@@ -131,7 +131,8 @@ _RECORDS = (
                  "the note says which)", "non-zeros of the factors",
                  shared=FIT_OPTIONS + VARIANT_OPTIONS + PATTERN_OPTIONS + SAMPLED_OPTIONS),
     MethodRecord("butterfly", "sfa_cli.methods:butterfly",
-                 "the same engine with the butterfly pattern (N a power of two)", "2 N log2 N",
+                 "closed-form hierarchical butterfly (Le, Zheng, Riccietti, Gribonval 2022; N a power of two), "
+                 "exact on butterfly products; `--max-iter` adds an L-BFGS polish", "2 N log2 N",
                  shared=FIT_OPTIONS + SAMPLED_OPTIONS),
     MethodRecord("tsvd", "sfa_cli.methods:tsvd",
                  "truncated SVD, rank floor(budget / 2N) (LAPACK up to N = 4096, `svds` above)", "2 N r"),

@@ -66,8 +66,11 @@ def _label(info: dict) -> str:
 
 
 def _rank(info: dict) -> str:
-    """``448``, or ``~448 (estimate)`` when only leading singular values were used."""
+    """``448``; ``>= 448 (lower bound)`` when every computed singular value is above the tolerance;
+    ``~448 (estimate)`` when only leading singular values were used otherwise."""
     rank = f"{info['rank']:,}"
+    if info.get("rank_is_lower_bound"):
+        return f">= {rank} (lower bound)"
     return f"~{rank} (estimate)" if info["rank_is_estimate"] else rank
 
 

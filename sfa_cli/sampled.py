@@ -45,11 +45,16 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
+from sfa_cli import limits
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.fit import DENSE_FIT_LIMIT, FitResult, FitStep, make_pattern
-from sfa_cli.kernels import chain_matmul, resolve_device, resolve_dtype
+from sfa_cli.fit import FitResult, make_pattern, typed_options
+from sfa_cli.io import as_square_matrix
+from sfa_cli.kernels import ColumnChain, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
+from sfa_cli.objective import ColumnSetObjective
+from sfa_cli.optimize import EXACT_REL_ERROR, Adam, FitStep, Run, Stop
+from sfa_cli.options import PatternSpec, Placement, SampledSchedule, StopRules
 from sfa_cli.patterns import Pattern
 
 __all__ = [
@@ -62,28 +67,23 @@ __all__ = [
     "init_distributed",
     "default_lr",
     "SAMPLED_DEFAULTS",
-    "SAMPLED_FIT_ABOVE",
     "EXACT_ERROR_UP_TO",
 ]
 
-#: Defaults, chosen from scripts/bench_scale.py measurements (see docs/scale.md).
+#: Defaults, chosen from scripts/bench_scale.py measurements (see docs/scale.md); the ones that are
+#: options come from :class:`~sfa_cli.options.SampledSchedule`.
 SAMPLED_DEFAULTS = {
-    "batch_columns": 256,
-    "epochs": 10,
+    "batch_columns": SampledSchedule.batch_columns,
+    "epochs": SampledSchedule.epochs,
     "final_lr_fraction": 0.05,
     "warmup_fraction": 0.05,
     "start_norm_min": 0.3,
-    "error_sample": 1024,
-    "confidence": 0.95,
+    "error_sample": SampledSchedule.error_sample,
+    "confidence": SampledSchedule.confidence,
 }
-#: A sparse input with n above this is fitted by the sampled fit (the full fit would densify it).
-SAMPLED_FIT_ABOVE = DENSE_FIT_LIMIT
-#: Largest n for which ``eval`` and ``compare`` compute the exact error by default (it costs
-#: a product with all n columns); above it they estimate it from a column sample.
-EXACT_ERROR_UP_TO = DENSE_FIT_LIMIT
-#: A right-hand block of P[:, J] stays in the sparse "relative" form while its support
-#: is at most this fraction of n (scripts/bench_scale.py: 0.02-0.1 were the fastest at n = 65536).
-SPARSE_START_FRACTION = 0.05
+#: Largest n for which ``eval`` and ``compare`` compute the exact error by default (it costs a product
+#: with all n columns); above it they estimate it from a column sample.
+EXACT_ERROR_UP_TO = limits.EXACT_ERROR_MAX_N  # the one definition is in sfa_cli/limits.py
 #: Bytes of working memory one chunk of columns may use (forward activations and gradients).
 CHUNK_BYTES = 1 << 30
 #: Columns per chunk at most: about where the sparse products reach their best time per column.
@@ -253,9 +253,9 @@ class _Columns:
     def torch(self, cols: np.ndarray, device, dtype, scale: float) -> torch.Tensor:
         """A[:, cols] / scale as a dense (n, |cols|) tensor on `device`.
 
-        A sparse block travels as its non-zeros and is scattered on the device: at
-        n = 65536 and 256 columns, densifying on the host and copying 128 MB per
-        step made a GPU step about 4x slower than the chain itself.
+        A sparse block travels as its non-zeros and is scattered on the device:
+        densifying on the host and copying the dense block made a GPU step several
+        times slower than the chain itself (docs/performance.md).
         """
         if not sp.issparse(self.A):
             block = torch.from_numpy(np.ascontiguousarray(self.A[:, cols])).to(device=device, dtype=dtype)
@@ -271,95 +271,13 @@ class _Columns:
         return out
 
 
-def _check_square(A) -> int:
-    shape = getattr(A, "shape", None)
-    if shape is None or len(shape) != 2 or shape[0] != shape[1] or shape[0] < 2:
-        raise SfaError(f"the sampled fit needs a square matrix with n >= 2; got shape {shape}")
-    return int(shape[0])
-
-
-# -- P[:, J] without forming P ---------------------------------------------------------
-@dataclass(frozen=True)
-class _Level:
-    factor: int          # which factor this level applies
-    support: torch.Tensor  # S_h: sorted offsets s; the block holds rows (J_c - s) mod n
-    source: torch.Tensor   # (|S_h| * K,) row of S_{h-1} that feeds (s, k); |S_{h-1}| for none
-
-
-class _ColumnChain:
-    """P[:, J] = W(1)...W(M) E_J for any columns J, differentiable in the factor values.
-
-    The rightmost factors act on a very sparse block: for a circulant pattern
-    (row i holds columns i + o_k), column c of W(m)...W(M) E_J is non-zero only
-    on rows J_c - S_h with S_h the sums of h offsets, the same set for every
-    column. Those factors are applied in that compact form (|S_h| rows instead
-    of n) until S_h covers ``SPARSE_START_FRACTION`` of n; for the Chord
-    pattern at n = 65536 (4 factors in compact form) a block took about 15%
-    less time than with chain_matmul alone. The remaining
-    factors use :func:`sfa_cli.kernels.chain_matmul`.
-    """
-
-    def __init__(self, structs, n: int, device, max_fraction: float = SPARSE_START_FRACTION):
-        self.structs, self.n, self.device = list(structs), n, device
-        self.levels: list[_Level] = []
-        support = np.zeros(1, dtype=np.int64)
-        for m in reversed(range(len(self.structs))):
-            s = self.structs[m]
-            if s.offsets is None:
-                break
-            offsets = np.asarray(s.offsets, dtype=np.int64)
-            grown = np.unique((support[:, None] + offsets[None, :]) % n)
-            if len(grown) > max_fraction * n:
-                break
-            wanted = (grown[:, None] - offsets[None, :]) % n
-            at = np.minimum(np.searchsorted(support, wanted), len(support) - 1)
-            source = np.where(support[at] == wanted, at, len(support))
-            self.levels.append(_Level(m, torch.from_numpy(grown).to(device),
-                                      torch.from_numpy(source.reshape(-1)).to(device)))
-            support = grown
-        self.dense_factors = len(self.structs) - len(self.levels)
-
-    def __call__(self, values, J: torch.Tensor) -> torch.Tensor:
-        n, b = self.n, J.numel()
-        like = values[0]
-        if not self.levels:
-            E = like.new_zeros((n, b))
-            E[J, torch.arange(b, device=J.device)] = 1
-            return chain_matmul(self.structs, values, E)
-        X = like.new_ones((1, b))
-        rows = None
-        for level in self.levels:
-            s = self.structs[level.factor]
-            k = len(s.offsets)
-            V = values[level.factor].index_select(0, s.ell).view(n, k)  # V[i, j]: entry (i, i + o_j)
-            rows = (J.unsqueeze(0) - level.support.unsqueeze(1)).remainder(n)  # (|S|, b)
-            Vg = V.index_select(0, rows.reshape(-1)).view(-1, b, k)
-            Xg = torch.cat([X, X.new_zeros((1, b))]).index_select(0, level.source).view(-1, k, b)
-            X = torch.einsum("rbk,rkb->rb", Vg, Xg)
-        dense = X.new_zeros((n, b)).scatter(0, rows, X)
-        return chain_matmul(self.structs[: self.dense_factors], values[: self.dense_factors], dense)
-
-
-def _chunks(cols: np.ndarray, size: int):
-    for i in range(0, len(cols), size):
-        yield cols[i : i + size]
-
-
-def _column_products(chain, values, columns: _Columns, cols: np.ndarray, scale, chunk, device, dtype) -> np.ndarray:
-    """Per column j of cols: ||T_j - P_j||^2, <T_j, P_j> and ||P_j||^2 (T = A / scale), float64, shape (3, |cols|)."""
-    out = np.empty((3, len(cols)), dtype=np.float64)
-    with torch.no_grad():
-        i = 0
-        for c in _chunks(cols, chunk):
-            J = torch.from_numpy(c).to(device)
-            P = chain(values, J)
-            T = columns.torch(c, device, dtype, scale)
-            R = P - T
-            sums = torch.stack([(R * R).sum(0, dtype=torch.float64), (T * P).sum(0, dtype=torch.float64),
-                                (P * P).sum(0, dtype=torch.float64)])
-            out[:, i : i + len(c)] = sums.cpu().numpy()
-            i += len(c)
-    return out
+def _validated(A):
+    """A checked by :func:`sfa_cli.io.as_square_matrix`; a CSC matrix is kept as it is (checked through
+    its transpose, a CSR view: no copy), since the column blocks read it as CSC."""
+    if sp.issparse(A) and A.format == "csc":
+        as_square_matrix(A.T, "A")
+        return A
+    return as_square_matrix(A, "A")
 
 
 def _rescaled(products: np.ndarray) -> tuple[float, np.ndarray]:
@@ -444,7 +362,7 @@ def estimate_relative_error(
         same columns, so methods compared with one seed share the sample.
     confidence : float, default=0.95
     block : int, optional
-        Columns per product ``approx.matmul(E_J)``; by default about 64 MiB of float64.
+        Columns per ``approx.columns(J)``; by default about 64 MiB of float64.
 
     Returns
     -------
@@ -453,7 +371,8 @@ def estimate_relative_error(
         (columns used), ``n``, ``seed``, ``confidence`` and ``exact`` (True when
         the sample was every column; the CI is then the point itself).
     """
-    n = _check_square(A)
+    A = _validated(A)
+    n = A.shape[0]
     if approx.n != n:
         raise SfaError(f"the approximation is for n={approx.n} but the matrix has n={n}")
     if not 0 < confidence < 1:
@@ -464,14 +383,10 @@ def estimate_relative_error(
         raise SfaError("the matrix is all zeros; its relative error is undefined")
     cols = sample_columns(n, sample, seed)
     block = block or max(1, min(512, (64 << 20) // (8 * n)))
-    dtype = np.dtype(getattr(approx, "dtype", np.float64))
     r = np.empty(len(cols), dtype=np.float64)
     for i in range(0, len(cols), block):
         c = cols[i : i + block]
-        E = np.zeros((n, len(c)), dtype=dtype)
-        E[c, np.arange(len(c))] = 1
-        P = np.asarray(approx.matmul(E), dtype=np.float64)
-        D = columns.numpy(c).astype(np.float64) - P
+        D = columns.numpy(c).astype(np.float64) - np.asarray(approx.columns(c), dtype=np.float64)
         r[i : i + len(c)] = np.einsum("ij,ij->j", D, D)
     out = _estimate(r, columns.sq_norms[cols], n, a_total, confidence)
     return {**out, "sample_columns": len(cols), "n": n, "seed": int(seed), "confidence": confidence}
@@ -497,7 +412,8 @@ def error_report(
         an estimate ``rel_error_estimate``, ``rel_error_ci``, ``sample_columns``,
         ``confidence``, ``seed``.
     """
-    n = _check_square(A)
+    A = _validated(A)
+    n = A.shape[0]
     if exact_error is None:
         exact_error = n <= EXACT_ERROR_UP_TO
     if exact_error:
@@ -517,7 +433,6 @@ def error_report(
 
 
 # -- the fit --------------------------------------------------------------------------
-STARTS = ("identity", "paper")
 
 
 def default_lr(pattern: Pattern) -> float:
@@ -582,26 +497,28 @@ def _memory_plan(n, structs, pat, tdtype, dev, A, chunk_wanted) -> tuple[int, in
 def fit_sampled(
     A,
     *,
-    pattern: str | Pattern = "chord",
+    pattern: str | Pattern | PatternSpec = "chord",
+    schedule: SampledSchedule | None = None,
+    placement: Placement | None = None,
+    time_limit: float | None = None,
+    init: SparseFactors | None = None,
+    callback=None,
+    optimizer: str = "adam",
     factors: int | None = None,
     base: int | None = None,
     symmetric: bool | None = None,
     self_link: bool | None = None,
     permute: int | None = None,
-    batch_columns: int = SAMPLED_DEFAULTS["batch_columns"],
-    epochs: int = SAMPLED_DEFAULTS["epochs"],
+    batch_columns: int | None = None,
+    epochs: int | None = None,
     lr: float | None = None,
-    optimizer: str = "adam",
-    time_limit: float | None = None,
-    seed: int = 0,
-    device: str = "auto",
-    dtype: str = "float32",
-    error_sample: int = SAMPLED_DEFAULTS["error_sample"],
-    exact_error: bool = False,
-    confidence: float = SAMPLED_DEFAULTS["confidence"],
-    start: str = "identity",
-    init: SparseFactors | None = None,
-    callback=None,
+    error_sample: int | None = None,
+    exact_error: bool | None = None,
+    confidence: float | None = None,
+    start: str | None = None,
+    seed: int | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
 ) -> SampledFitResult:
     """Fit sparse factors to a large matrix from blocks of its columns, never forming n x n.
 
@@ -663,242 +580,214 @@ def fit_sampled(
     """
     if optimizer != "adam":
         raise SfaError(f"the sampled fit uses adam (a column block gives no exact objective for {optimizer!r})")
-    n = _check_square(A)
-    for name, value in (("batch_columns", batch_columns), ("epochs", epochs), ("error_sample", error_sample)):
-        if int(value) < 1:
-            raise SfaError(f"{name} must be >= 1; got {value}")
-    if time_limit is not None and time_limit <= 0:
-        raise SfaError(f"time_limit must be positive; got {time_limit}")
-    if not 0 < confidence < 1:
-        raise SfaError(f"confidence must be between 0 and 1; got {confidence}")
-    if start not in STARTS:
-        raise SfaError(f"unknown start {start!r}; choose from {', '.join(STARTS)}")
-    if lr is not None and lr <= 0:
-        raise SfaError(f"lr must be positive; got {lr}")
-    batch_columns, epochs = min(int(batch_columns), n), int(epochs)
+    schedule = typed_options(SampledSchedule, schedule, "fit_sampled", batch_columns=batch_columns, epochs=epochs,
+                             lr=lr, error_sample=error_sample, exact_error=exact_error, confidence=confidence,
+                             start=start)
+    placement = typed_options(Placement, placement, "fit_sampled", seed=seed, device=device, dtype=dtype)
+    StopRules(time_limit=time_limit)  # checks it
+    A = _validated(A)
+    pat = make_pattern(A.shape[0], pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link,
+                       permute=permute)
+    return _SampledFit(A, pat, schedule, placement).run(init, callback, time_limit)
 
-    rank, world = _rank_world()
-    dev, tdtype = resolve_device(device), resolve_dtype(dtype)
-    if world > 1 and dev.type == "cuda":
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-    pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link, permute=permute)
-    lr = default_lr(pat) if lr is None else float(lr)
-    structs, _ = pattern_structures(pat, dev)
-    chunk, _ = _memory_plan(n, structs, pat, tdtype, dev, A, -(-batch_columns // world))
 
-    t0 = time.perf_counter()
-    columns = _Columns(A)
-    a_total = float(columns.sq_norms.sum())
-    if a_total == 0.0:
-        raise SfaError("the matrix is all zeros; there is nothing to approximate")
-    scale = math.sqrt(a_total)
-    # the fit works on A / ||A||_F: column norms and their total in those units
-    a_scaled, a_total_scaled = columns.sq_norms / a_total, 1.0
-    chain = _ColumnChain(structs, n, dev)
+class _SampledFit:
+    """One sampled fit: the column source, the schedule, the error sample, Adam, and the ranks' agreement."""
 
-    if init is not None:
-        if init.n != n or init.num_factors != pat.factors:
-            raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, {pat.factors}")
-        first = [v.to(device=dev, dtype=tdtype) / scale ** (1.0 / pat.factors)
-                 for v in init.torch_chain(dtype=torch.float64)[1]]
-    else:
+    def __init__(self, A, pat: Pattern, schedule: SampledSchedule, placement: Placement):
+        n = A.shape[0]
+        self.n, self.pat, self.schedule, self.seed = n, pat, schedule, placement.seed
+        self.batch_columns = min(schedule.batch_columns, n)
+        self.rank, self.world = _rank_world()
+        dev, self.dtype = resolve_device(placement.device), resolve_dtype(placement.dtype)
+        if self.world > 1 and dev.type == "cuda":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        self.dev = dev
+        self.lr = default_lr(pat) if schedule.lr is None else float(schedule.lr)
+        self.structs, _ = pattern_structures(pat, dev)
+        chunk, _ = _memory_plan(n, self.structs, pat, self.dtype, dev, A, -(-self.batch_columns // self.world))
+
+        self.t0 = time.perf_counter()
+        self.columns = _Columns(A)
+        a_total = float(self.columns.sq_norms.sum())
+        if a_total == 0.0:
+            raise SfaError("the matrix is all zeros; there is nothing to approximate")
+        self.scale = math.sqrt(a_total)
+        # the fit works on A / ||A||_F: column norms in those units (their total is 1)
+        self.a_scaled = self.columns.sq_norms / a_total
+        self.objective = ColumnSetObjective(ColumnChain(self.structs, n, dev),
+                                            lambda cols: self.columns.torch(cols, dev, self.dtype, self.scale), chunk)
+        self.sample = sample_columns(n, schedule.error_sample, self.seed)
+        self.steps_per_epoch = -(-n // self.batch_columns)
+        self.total_steps = schedule.epochs * self.steps_per_epoch
+        self.step = 0
+
+    # -- pieces -------------------------------------------------------------------------
+    def start_values(self, init: SparseFactors | None) -> list[torch.Tensor]:
+        n, M = self.n, self.pat.factors
+        if init is not None:
+            if init.n != n or init.num_factors != M:
+                raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; "
+                               f"the pattern needs n={n}, {M}")
+            return [v.to(device=self.dev, dtype=self.dtype) / self.scale ** (1.0 / M)
+                    for v in init.torch_chain(dtype=torch.float64)[1]]
         # The multiple of I closest to A has norm cos(A, I) = trace(A) / (||A||_F sqrt(n)); an
         # adjacency matrix (zero diagonal) would start at P = 0, Adam's saddle, hence the floor.
-        norm = min(max(columns.trace / (scale * math.sqrt(n)), SAMPLED_DEFAULTS["start_norm_min"]), 1.0)
-        first = [v.to(dev) for v in _start_values(structs, n, start, seed, tdtype, norm)]
-    params = [v.clone().requires_grad_(True) for v in first]
-    opt = _Adam(params)
-    steps_per_epoch = -(-n // batch_columns)
-    total_steps = epochs * steps_per_epoch
-    final = SAMPLED_DEFAULTS["final_lr_fraction"]
+        norm = min(max(self.columns.trace / (self.scale * math.sqrt(n)), SAMPLED_DEFAULTS["start_norm_min"]), 1.0)
+        return [v.to(self.dev) for v in _start_values(self.structs, n, self.schedule.start, self.seed, self.dtype,
+                                                      norm)]
 
-    warmup = SAMPLED_DEFAULTS["warmup_fraction"] * total_steps
-
-    def lr_at(step: int) -> float:
+    def lr_at(self, step: int) -> float:
         """Linear warm-up over the first 5% of the steps, then a cosine down to 5% of lr."""
+        warmup = SAMPLED_DEFAULTS["warmup_fraction"] * self.total_steps
+        final = SAMPLED_DEFAULTS["final_lr_fraction"]
         if step < warmup:
-            return lr * (step + 1) / (warmup + 1)
-        t = min((step - warmup) / max(total_steps - warmup, 1), 1.0)
-        return lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t)))
+            return self.lr * (step + 1) / (warmup + 1)
+        t = min((step - warmup) / max(self.total_steps - warmup, 1), 1.0)
+        return self.lr * (final + (1.0 - final) * 0.5 * (1.0 + math.cos(math.pi * t)))
 
-    sample = sample_columns(n, error_sample, seed)
+    def _reduce(self, values: list) -> list:
+        """Sums over the ranks of a few float64 numbers (the step's loss, the stop flags)."""
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_reduce_device(self.dev, self.world))
+        return _all_reduce(t, self.world).tolist()
 
-    def products(values, cols: np.ndarray) -> np.ndarray:
-        """:func:`_column_products` for cols, the columns split over the ranks."""
-        mine = _share(np.arange(len(cols)), rank, world)
+    def column_sums(self, values, cols: np.ndarray) -> np.ndarray:
+        """:meth:`ColumnSetObjective.column_sums` for cols, the columns split over the ranks."""
+        mine = _share(np.arange(len(cols)), self.rank, self.world)
         out = np.zeros((3, len(cols)), dtype=np.float64)
-        out[:, mine] = _column_products(chain, values, columns, cols[mine], scale, chunk, dev, tdtype)
-        if world > 1:
-            out = _all_reduce(torch.from_numpy(out).to(_reduce_device(dev, world)), world).cpu().numpy()
+        out[:, mine] = self.objective.column_sums(values, cols[mine])
+        if self.world > 1:
+            out = _all_reduce(torch.from_numpy(out).to(_reduce_device(self.dev, self.world)), self.world).cpu().numpy()
         return out
 
-    def estimate() -> dict:
-        """Sample estimate of the current factors with their best output scale (see :func:`_rescaled`)."""
-        c, r = _rescaled(products(params, sample))
-        return {**_estimate(r, a_scaled[sample], n, a_total_scaled, confidence), "output_scale": c}
+    def estimate(self, values) -> dict:
+        """Sample estimate of the factors with their best output scale (see :func:`_rescaled`)."""
+        c, r = _rescaled(self.column_sums(values, self.sample))
+        est = _estimate(r, self.a_scaled[self.sample], self.n, 1.0, self.schedule.confidence)
+        return {**est, "output_scale": c}
 
-    history: list[dict] = []
-    state = {"step": 0, "epochs_done": 0}
-    best = {"values": [p.detach().clone() for p in params], "est": None}
-
-    def checkpoint(epoch: float, train_rel: float | None) -> dict:
-        est = estimate()
-        entry = {"epoch": epoch, "iteration": state["step"], "evaluations": state["step"],
-                 "seconds": time.perf_counter() - t0, "rel_error": est["rel_error_estimate"],
-                 "rel_error_ci": est["rel_error_ci"], "output_scale": est["output_scale"], "train_rel_error": train_rel}
-        history.append(entry)
-        if best["est"] is None or est["rel_error_estimate"] < best["est"]["rel_error_estimate"]:
-            best["est"] = est
-            for b, p in zip(best["values"], params):
-                b.copy_(p.detach())
+    def checkpoint(self, run: Run, epoch: float, train_rel: float | None) -> dict:
+        """Estimate the current factors' error, record it, and keep them when they are the best."""
+        est = self.estimate(run.params)
+        run.history.append({"epoch": epoch, "iteration": self.step, "evaluations": self.step, "seconds": run.seconds,
+                            "rel_error": est["rel_error_estimate"], "rel_error_ci": est["rel_error_ci"],
+                            "output_scale": est["output_scale"], "train_rel_error": train_rel})
+        if run.keep_if_best(est["rel_error_estimate"]) or self.best_estimate is None:
+            self.best_estimate = est
         return est
 
-    def stop_flags(*flags) -> list[bool]:
-        """Flags raised on any rank, seen by all ranks (so that all stop at the same step)."""
-        t = torch.tensor([float(bool(f)) for f in flags], dtype=torch.float64, device=_reduce_device(dev, world))
-        return [bool(v > 0) for v in _all_reduce(t, world).tolist()]
+    def adam_step(self, run: Run, adam: Adam, block: np.ndarray) -> tuple[float, bool]:
+        """One update from the columns ``block`` (this rank's share); returns (summed loss, time is up)."""
+        params = run.params
+        for p in params:
+            p.grad = None
+        loss, cross, power = self.objective(params, _share(block, self.rank, self.world), self.output_scale)
+        for p in params:
+            if p.grad is None:  # a rank with no columns this step
+                p.grad = torch.zeros_like(p)
+        _reduce_gradients(params, self.world, self.dev)
+        loss, nonfinite, by_time, cross, power = self._reduce(
+            [loss, not math.isfinite(loss), run.time_is_up(), cross, power])
+        self.running = [SCALE_DECAY * self.running[0] + cross, SCALE_DECAY * self.running[1] + power]
+        if self.running[0] > 0 and self.running[1] > 0:
+            self.output_scale = self.running[0] / self.running[1]
+        for p in params:
+            p.grad.mul_(self.n / len(block))  # unbiased estimate of the full gradient
+        adam.step(lr=self.lr_at(self.step))
+        self.step += 1
+        return (loss if nonfinite == 0 else math.nan), by_time > 0
 
-    stopped = "epochs"
-    initial = checkpoint(0, None)
-    # The product is fitted as c W(1)...W(M), c = <A, P> / ||P||^2 tracked over the last steps'
-    # blocks and held fixed within a step: a reparametrisation of the same objective (c^(1/M)
-    # goes into every factor at the end) whose gradient lacks the component that only shrinks
-    # P, the one that takes Adam to the saddle P = 0 (docs/scale.md).
-    output_scale = initial["output_scale"]
-    running = [0.0, 0.0]
-    try:
-        for epoch in range(1, epochs + 1):
-            order = np.random.default_rng([int(seed), epoch]).permutation(n).astype(np.int64)
-            train_sq, seen = 0.0, 0
-            for k, start_col in enumerate(range(0, n, batch_columns)):
-                block = order[start_col : start_col + batch_columns]
-                for p in params:
-                    p.grad = None
-                loss, cross, power = 0.0, 0.0, 0.0
-                for c in _chunks(_share(block, rank, world), chunk):
-                    J = torch.from_numpy(c).to(dev)
-                    P = chain(params, J)
-                    T = columns.torch(c, dev, tdtype, scale)
-                    R = output_scale * P - T
-                    part = 0.5 * (R * R).sum()
-                    part.backward()
-                    loss += float(part.detach())
-                    with torch.no_grad():
-                        cross += float((T * P).sum(dtype=torch.float64))
-                        power += float((P * P).sum(dtype=torch.float64))
-                for p in params:
-                    if p.grad is None:  # a rank with no columns this step
-                        p.grad = torch.zeros_like(p)
-                _reduce_gradients(params, world, dev)
-                loss, nonfinite, by_time, cross, power = _all_reduce(torch.tensor(
-                    [loss, not math.isfinite(loss), time_limit is not None and time.perf_counter() - t0 >= time_limit,
-                     cross, power], dtype=torch.float64, device=_reduce_device(dev, world)), world).tolist()
-                running[0] = SCALE_DECAY * running[0] + cross
-                running[1] = SCALE_DECAY * running[1] + power
-                if running[0] > 0 and running[1] > 0:
-                    output_scale = running[0] / running[1]
-                for p in params:
-                    p.grad.mul_(n / len(block))  # unbiased estimate of the full gradient
-                opt.step(lr_at(state["step"]))
-                state["step"] += 1
-                train_sq += 2.0 * loss
-                seen += len(block)
-                # the blocks seen so far estimate ||A - cP||_F^2 / ||A||_F^2 as n / seen times their sum
-                train_rel = math.sqrt(max(train_sq * n / seen, 0.0))
-                seconds = time.perf_counter() - t0
-                wants_stop = callback is not None and bool(callback(SampledFitStep(
-                    state["step"], state["step"], seconds, train_rel,
-                    best["est"]["rel_error_estimate"], epoch, epochs, k + 1, steps_per_epoch)))
-                diverged, by_callback = nonfinite > 0 or not math.isfinite(loss), stop_flags(wants_stop)[0]
-                if diverged or by_callback or by_time > 0:
-                    stopped = "diverged" if diverged else "callback" if by_callback else "time_limit"
-                    break
-            if stopped != "epochs":
-                if stopped != "diverged":
-                    checkpoint(epoch - 1 + seen / n, train_rel)
-                break
-            state["epochs_done"] = epoch
-            est = checkpoint(epoch, train_rel)
-            if callback is not None:
-                wants_stop = bool(callback(SampledFitStep(
-                    state["step"], state["step"], time.perf_counter() - t0, est["rel_error_estimate"],
-                    best["est"]["rel_error_estimate"], epoch, epochs, steps_per_epoch, steps_per_epoch,
-                    True, tuple(est["rel_error_ci"]))))
-            else:
-                wants_stop = False
-            exact_hit, by_callback = stop_flags(best["est"]["rel_error_estimate"] <= 1e-7, wants_stop)
-            if exact_hit or by_callback:
-                stopped = "exact" if exact_hit else "callback"
-                break
-    except KeyboardInterrupt:
-        stopped = "interrupted"
+    def _agree(self, **flags) -> str | None:
+        """The first flag raised on any rank, seen by every rank (so that all stop at the same step)."""
+        raised = self._reduce(list(flags.values()))
+        return next((name for name, v in zip(flags, raised) if v > 0), None)
 
-    chosen = best["est"]
-    exact = None
-    c = chosen["output_scale"]
-    if exact_error and stopped != "interrupted":
-        r, x, p = products(best["values"], np.arange(n, dtype=np.int64)).sum(axis=1)
-        exact = math.sqrt(max(r + 2.0 * (1.0 - c) * x + (c * c - 1.0) * p, 0.0))
+    # -- the loop -----------------------------------------------------------------------
+    def run(self, init, callback, time_limit) -> SampledFitResult:
+        n, epochs, steps = self.n, self.schedule.epochs, self.steps_per_epoch
+        params = [v.clone().requires_grad_(True) for v in self.start_values(init)]
+        run = Run(params, time_limit=time_limit)
+        run.t0 = self.t0
+        adam = Adam(params)
+        self.best_estimate = None
+        initial = self.checkpoint(run, 0, None)
+        # The product is fitted as c W(1)...W(M), c = <A, P> / ||P||^2 tracked over the last steps'
+        # blocks and held fixed within a step: a reparametrisation of the same objective (c^(1/M)
+        # goes into every factor at the end) whose gradient lacks the component that only shrinks
+        # P, the one that takes Adam to the saddle P = 0 (docs/scale.md).
+        self.output_scale, self.running = initial["output_scale"], [0.0, 0.0]
+        epochs_done, epoch, seen, train_rel = 0, 0, 0, None
+        try:
+            for epoch in range(1, epochs + 1):
+                order = np.random.default_rng([int(self.seed), epoch]).permutation(n).astype(np.int64)
+                train_sq, seen = 0.0, 0
+                for k, first in enumerate(range(0, n, self.batch_columns)):
+                    block = order[first : first + self.batch_columns]
+                    loss, by_time = self.adam_step(run, adam, block)
+                    train_sq += 2.0 * loss
+                    seen += len(block)
+                    # the blocks seen so far estimate ||A - cP||_F^2 / ||A||_F^2 as n / seen times their sum
+                    train_rel = math.sqrt(max(train_sq * n / seen, 0.0)) if math.isfinite(train_sq) else math.nan
+                    wants = callback is not None and bool(callback(SampledFitStep(
+                        self.step, self.step, run.seconds, train_rel, run.best_rel, epoch, epochs, k + 1, steps)))
+                    reason = self._agree(diverged=not math.isfinite(loss), callback=wants, time_limit=by_time)
+                    if reason is not None:
+                        if reason != "diverged":
+                            self.checkpoint(run, epoch - 1 + seen / n, train_rel)
+                        raise Stop(reason)
+                epochs_done = epoch
+                est = self.checkpoint(run, epoch, train_rel)
+                wants = callback is not None and bool(callback(SampledFitStep(
+                    self.step, self.step, run.seconds, est["rel_error_estimate"], run.best_rel, epoch, epochs,
+                    steps, steps, True, tuple(est["rel_error_ci"]))))
+                reason = self._agree(exact=run.best_rel <= EXACT_REL_ERROR, callback=wants)
+                if reason is not None:
+                    raise Stop(reason)
+            run.stopped_because = "epochs"
+        except Stop as stop:
+            run.stopped_because = stop.reason
+        except KeyboardInterrupt:
+            run.stopped_because = "interrupted"
+        return self.result(run, initial, epochs_done)
 
-    # A's scale and the output scale back into the factors, evenly
-    values = [(v.detach().double() * (scale * c) ** (1.0 / pat.factors)).cpu().numpy() for v in best["values"]]
-    np_dtype = np.float32 if tdtype == torch.float32 else np.float64
-    approx = SparseFactors.from_pattern(pat, [v.astype(np_dtype) for v in values])
-    is_estimate = exact is None and not chosen["exact"]
-    rel = exact if exact is not None else chosen["rel_error_estimate"]
-    return SampledFitResult(
-        approximation=approx,
-        rel_error=rel,
-        initial_rel_error=initial["rel_error_estimate"],
-        iterations=state["step"],
-        evaluations=state["step"],
-        seconds=time.perf_counter() - t0,
-        device=str(dev),
-        dtype=str(tdtype).replace("torch.", ""),
-        optimizer="adam",
-        stopped_because=stopped,
-        history=history,
-        rel_error_estimate=chosen["rel_error_estimate"],
-        rel_error_ci=tuple(chosen["rel_error_ci"]),
-        rel_error_is_estimate=is_estimate,
-        confidence=confidence,
-        error_sample=len(sample),
-        epochs=state["epochs_done"],
-        steps_per_epoch=steps_per_epoch,
-        batch_columns=batch_columns,
-        lr=lr,
-        processes=world,
-        peak_memory_bytes=peak_rss_bytes(),
-        peak_device_memory_bytes=peak_device_bytes(dev),
-        exact_rel_error=exact,
-    )
-
-
-class _Adam:
-    """Adam (Kingma & Ba 2015) with torch.optim.Adam's defaults, the step size given per step.
-
-    Written out because constructing any torch.optim optimizer imports
-    torch._dynamo, which took 2-5 s on the benchmark machine: a cost every
-    `sfa fit --sampled` process (and every torchrun rank) would pay.
-    """
-
-    def __init__(self, params, betas=(0.9, 0.999), eps=1e-8):
-        self.params, self.betas, self.eps = list(params), betas, eps
-        self.m = [torch.zeros_like(p) for p in self.params]
-        self.v = [torch.zeros_like(p) for p in self.params]
-        self.t = 0
-
-    @torch.no_grad()
-    def step(self, lr: float) -> None:
-        self.t += 1
-        b1, b2 = self.betas
-        c1, c2 = 1.0 - b1**self.t, 1.0 - b2**self.t
-        for p, m, v in zip(self.params, self.m, self.v):
-            m.lerp_(p.grad, 1.0 - b1)
-            v.mul_(b2).addcmul_(p.grad, p.grad, value=1.0 - b2)
-            p.addcdiv_(m, (v / c2).sqrt_().add_(self.eps), value=-lr / c1)
+    def result(self, run: Run, initial: dict, epochs_done: int) -> SampledFitResult:
+        chosen = self.best_estimate
+        c, exact = chosen["output_scale"], None
+        if self.schedule.exact_error and run.stopped_because != "interrupted":
+            r, x, p = self.column_sums(run.best, np.arange(self.n, dtype=np.int64)).sum(axis=1)
+            exact = math.sqrt(max(r + 2.0 * (1.0 - c) * x + (c * c - 1.0) * p, 0.0))
+        # A's scale and the output scale back into the factors, evenly
+        factor_scale = (self.scale * c) ** (1.0 / self.pat.factors)
+        np_dtype = np.float32 if self.dtype == torch.float32 else np.float64
+        values = [(v.detach().double() * factor_scale).cpu().numpy().astype(np_dtype) for v in run.best]
+        return SampledFitResult(
+            approximation=SparseFactors.from_pattern(self.pat, values),
+            rel_error=exact if exact is not None else chosen["rel_error_estimate"],
+            initial_rel_error=initial["rel_error_estimate"],
+            iterations=self.step,
+            evaluations=self.step,
+            seconds=run.seconds,
+            device=str(self.dev),
+            dtype=str(self.dtype).replace("torch.", ""),
+            optimizer="adam",
+            stopped_because=run.stopped_because,
+            history=run.history,
+            rel_error_estimate=chosen["rel_error_estimate"],
+            rel_error_ci=tuple(chosen["rel_error_ci"]),
+            rel_error_is_estimate=exact is None and not chosen["exact"],
+            confidence=self.schedule.confidence,
+            error_sample=len(self.sample),
+            epochs=epochs_done,
+            steps_per_epoch=self.steps_per_epoch,
+            batch_columns=self.batch_columns,
+            lr=self.lr,
+            processes=self.world,
+            peak_memory_bytes=peak_rss_bytes(),
+            peak_device_memory_bytes=peak_device_bytes(self.dev),
+            exact_rel_error=exact,
+        )
 
 
 def _reduce_device(dev: torch.device, world: int) -> torch.device:

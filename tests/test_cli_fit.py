@@ -122,7 +122,8 @@ def test_eval_apply_reconstruct(run_cli, cli_error, graph_mtx, tmp_path):
     assert np.load(tmp_path / "y.npy").shape == (48,)
 
     np.save(tmp_path / "wrong.npy", np.ones(5))
-    assert "dimension mismatch" in cli_error("apply", F, tmp_path / "wrong.npy", "-o", tmp_path / "z.npy")
+    line = cli_error("apply", F, tmp_path / "wrong.npy", "-o", tmp_path / "z.npy")
+    assert "wrong.npy: X has shape (5,)" in line and "X needs 48 rows" in line
     assert "limit" in cli_error("reconstruct", F, "-o", tmp_path / "d2.npz", "--max-n", "10")
     other = tmp_path / "other.npy"
     np.save(other, np.eye(10) + 1)

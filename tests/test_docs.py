@@ -45,7 +45,6 @@ def test_cli_choices_come_from_the_registry(run_cli):
     assert "sfa-cli[plot]" in compare_help
 
 
-@pytest.mark.xfail(reason="sfa_cli/__init__ still imports torch (being made lazy)", strict=False)
 def test_importing_the_cli_leaves_torch_out():
     # `sfa --version` and every --help answer without importing torch (issue 17)
     import subprocess

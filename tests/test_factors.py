@@ -1,204 +1,15 @@
-"""The kernel and the factor chain: products, transposes, gradients, files."""
+"""SparseFactors: products, dense form, files."""
 import json
 from functools import reduce
 
 import numpy as np
 import pytest
 import scipy.sparse as sp
-import torch
 
 from sfa_cli.approximation import load_approximation
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors
-from sfa_cli.kernels import FactorStructure, chain_matmul, sparse_matmul
-from sfa_cli.patterns import butterfly_pattern, chord_pattern
-
-
-def _dense_factor(struct, values, n):
-    return torch.zeros(n, n, dtype=values.dtype).index_put((struct.rows, struct.col), values)
-
-
-@pytest.mark.parametrize("pattern", [chord_pattern(13), chord_pattern(16, symmetric=True, permute=3), butterfly_pattern(16)])
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
-def test_kernel_matches_dense_products_and_gradients(pattern, transpose, fused_up_to, monkeypatch):
-    from sfa_cli import kernels
-
-    monkeypatch.setattr(kernels, "FUSED_CHAIN_MAX_N", fused_up_to)
-    n = pattern.n
-    torch.manual_seed(0)
-    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
-    values = [torch.randn(s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
-    X = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
-    Y = chain_matmul(structs, values, X, transpose=transpose)
-    Ws = [_dense_factor(s, v, n) for s, v in zip(structs, values)]
-    P = reduce(torch.matmul, Ws)
-    Yd = (P.T if transpose else P) @ X
-    assert torch.allclose(Y, Yd, atol=1e-12)
-    w = torch.randn_like(Y)
-    grads = torch.autograd.grad((Y * w).sum(), values + [X])
-    grads_d = torch.autograd.grad((Yd * w).sum(), values + [X])
-    for g, gd in zip(grads, grads_d):
-        assert torch.allclose(g, gd, atol=1e-10)
-
-
-def test_gradient_matches_finite_differences():
-    s = FactorStructure.from_table(chord_pattern(10).tables[0])[0]
-    v = torch.randn(s.nnz, dtype=torch.float64, requires_grad=True)
-    X = torch.randn(3, 10, 2, dtype=torch.float64, requires_grad=True)  # batched right-hand side
-    assert torch.autograd.gradcheck(lambda v, X: sparse_matmul(s, v, X), (v, X))
-    vb = torch.randn(3, s.nnz, dtype=torch.float64, requires_grad=True)  # one factor per sample
-    assert torch.autograd.gradcheck(lambda v, X: sparse_matmul(s, v, X, transpose=True), (vb, X))
-
-
-def _chain_value_and_grads(structs, values, X, transpose):
-    Y = chain_matmul(structs, values, X, transpose=transpose)
-    w = torch.linspace(-1, 1, Y.numel(), dtype=Y.dtype).reshape(Y.shape)
-    return [Y.detach()] + list(torch.autograd.grad((Y * w).sum(), values + [X]))
-
-
-@pytest.fixture
-def compiled_path(monkeypatch):
-    """The compiled circulant kernels switched on for small n (they start at COMPILE_MIN_N)."""
-    from sfa_cli import kernels
-
-    monkeypatch.setattr(kernels, "COMPILE_MIN_N", 8)
-    monkeypatch.setattr(kernels, "_compiled", {})
-    monkeypatch.setitem(kernels._compile, "enabled", True)
-    return kernels
-
-
-@pytest.mark.parametrize("transpose", [False, True])
-def test_compiled_circulant_kernels_match_csr(compiled_path, transpose):
-    kernels = compiled_path
-    pattern = chord_pattern(40)
-    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
-    gen = torch.Generator().manual_seed(1)
-    values = [torch.randn(s.nnz, dtype=torch.float64, generator=gen, requires_grad=True) for s in structs]
-    X = torch.randn(40, 6, dtype=torch.float64, generator=gen, requires_grad=True)
-    got = _chain_value_and_grads(structs, values, X, transpose)
-    if not kernels._compile["enabled"]:
-        pytest.skip("torch.compile is not usable here (no C++ compiler?); the CSR fallback ran")
-    assert kernels._compiled, "the compiled path was not taken"
-    kernels._compile["enabled"] = False
-    want = _chain_value_and_grads(structs, values, X, transpose)
-    for g, w in zip(got, want):
-        assert torch.allclose(g, w, rtol=1e-10, atol=1e-12)
-
-
-def test_a_new_compiled_shape_is_announced_once(compiled_path, monkeypatch):
-    kernels = compiled_path
-    heard = []
-    monkeypatch.setitem(kernels._compile, "notify", heard.append)
-    monkeypatch.setattr(kernels, "_make_circulant_kernels", lambda offsets: (None, None, None))
-    s = FactorStructure.from_table(chord_pattern(16).tables[0])[0]
-    X = torch.zeros(16, 3, dtype=torch.float64)
-    for _ in range(2):
-        kernels._compiled_kernels(s, X)
-    kernels._compiled_kernels(s, torch.zeros(16, 5, dtype=torch.float64))
-    assert len(heard) == 2 and "n=16, 3 columns" in heard[0] and "5 columns" in heard[1]
-
-
-def test_compiled_path_falls_back_to_csr_when_compiling_fails(compiled_path, monkeypatch):
-    kernels = compiled_path
-
-    def broken(*args):
-        raise RuntimeError("no compiler")
-
-    monkeypatch.setattr(kernels, "_make_circulant_kernels", lambda offsets: (broken, broken, broken))
-    s = FactorStructure.from_table(chord_pattern(16).tables[0])[0]
-    v = torch.randn(s.nnz, dtype=torch.float64)
-    X = torch.randn(16, 3, dtype=torch.float64)
-    with pytest.warns(UserWarning, match="torch.compile failed"):
-        Y = sparse_matmul(s, v, X)
-    assert kernels._compile["enabled"] is False
-    assert torch.allclose(Y, _dense_factor(s, v, 16) @ X, atol=1e-12)
-
-
-def _dense_loss_and_grads(structs, values, T):
-    """0.5 ||T - W(1)...W(M)||^2 and its gradient, by autograd through dense factors."""
-    vs = [v.detach().clone().requires_grad_(True) for v in values]
-    P = reduce(torch.matmul, [_dense_factor(s, v, T.shape[0]) for s, v in zip(structs, vs)])
-    loss = 0.5 * ((T - P) ** 2).sum()
-    return float(loss), torch.autograd.grad(loss, vs)
-
-
-def _check_block_objective(pattern, blocks, gen):
-    from sfa_cli.fit import BlockObjective
-
-    n = pattern.n
-    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
-    T = torch.randn(n, n, dtype=torch.float64, generator=gen)
-    objective = BlockObjective(structs, T, blocks)
-    for _ in range(2):  # the second call reuses the blocks of the first with other values
-        values = [torch.randn(s.nnz, dtype=torch.float64, generator=gen) for s in structs]
-        want_loss, want_grads = _dense_loss_and_grads(structs, values, T)
-        grads = [torch.full_like(v, 1.5) for v in values]  # added to, not overwritten
-        assert objective(values, grads) == pytest.approx(want_loss, rel=1e-12)
-        for g, w in zip(grads, want_grads):
-            assert torch.allclose(g - 1.5, w, rtol=1e-10, atol=1e-10)
-        leaves = [v.clone().requires_grad_(True) for v in values]  # without grads=: into .grad
-        objective(leaves)
-        for v, w in zip(leaves, want_grads):
-            assert torch.allclose(v.grad, w, rtol=1e-10, atol=1e-10)
-
-
-@pytest.mark.parametrize("pattern", [chord_pattern(13), chord_pattern(16, symmetric=True, permute=3),
-                                     butterfly_pattern(16), chord_pattern(12, factors=1)],
-                         ids=["chord", "chord-permuted", "butterfly", "one-factor"])
-def test_block_objective_matches_autograd_through_dense_factors(pattern):
-    n = pattern.n
-    blocks = [slice(0, 5), slice(5, 10), slice(10, n)]  # uneven widths: two sets of work blocks
-    _check_block_objective(pattern, blocks, torch.Generator().manual_seed(3))
-
-
-def test_block_objective_on_the_compiled_kernels(compiled_path):
-    kernels = compiled_path
-    _check_block_objective(chord_pattern(40), [slice(0, 16), slice(16, 32), slice(32, 40)],
-                           torch.Generator().manual_seed(4))
-    if not kernels._compile["enabled"]:
-        pytest.skip("torch.compile is not usable here (no C++ compiler?); the CSR fallback ran")
-    assert kernels._compiled, "the compiled path was not taken"
-
-
-def test_factor_columns_is_the_dense_factors_columns_and_differentiable():
-    from sfa_cli.kernels import chain_columns, factor_columns
-
-    pattern = chord_pattern(16, symmetric=True, permute=5)
-    structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
-    values = [torch.randn(s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
-    cols = slice(3, 11)
-    dense = _dense_factor(structs[0], values[0], 16)
-    assert torch.equal(factor_columns(structs[0], values[0], cols), dense[:, cols])
-    P = reduce(torch.matmul, [_dense_factor(s, v, 16) for s, v in zip(structs, values)])
-    assert torch.allclose(chain_columns(structs, values, cols), P[:, cols], atol=1e-12)
-    assert torch.autograd.gradcheck(lambda *v: chain_columns(structs, v, cols), tuple(values))
-
-
-@pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
-def test_chain_gradient_matches_finite_differences_batched_and_shared(monkeypatch, fused_up_to):
-    from sfa_cli import kernels
-
-    monkeypatch.setattr(kernels, "FUSED_CHAIN_MAX_N", fused_up_to)
-    structs = [FactorStructure.from_table(t)[0] for t in chord_pattern(10).tables[:3]]
-    shared = [torch.randn(s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
-    batched = [torch.randn(2, s.nnz, dtype=torch.float64, requires_grad=True) for s in structs]
-    X = torch.randn(2, 10, 3, dtype=torch.float64, requires_grad=True)
-    for transpose in (False, True):
-        assert torch.autograd.gradcheck(lambda X, *v: chain_matmul(structs, v, X, transpose=transpose), (X, *shared))
-        assert torch.autograd.gradcheck(lambda X, *v: chain_matmul(structs, v, X, transpose=transpose), (X, *batched))
-    # values only (the fit's case: the input block needs no gradient)
-    E = torch.eye(10, dtype=torch.float64)[:, :4]
-    assert torch.autograd.gradcheck(lambda *v: chain_matmul(structs, v, E), tuple(shared))
-
-
-def test_bfloat16_gather_fallback_matches_float32():
-    s = FactorStructure.from_table(chord_pattern(20).tables[0])[0]
-    v, X = torch.randn(s.nnz), torch.randn(20, 4)
-    y32 = sparse_matmul(s, v, X)
-    y16 = sparse_matmul(s, v.bfloat16(), X.bfloat16())
-    assert y16.dtype == torch.bfloat16
-    assert torch.allclose(y16.float(), y32, atol=0.1, rtol=0.05)
+from sfa_cli.patterns import chord_pattern
 
 
 @pytest.fixture
@@ -290,7 +101,7 @@ def test_h5_layout(factors, tmp_path):
 def test_load_errors(tmp_path):
     bad = tmp_path / "x.npz"
     np.savez(bad, A=np.eye(3))
-    with pytest.raises(SfaError, match="not an sfa file"):
+    with pytest.raises(SfaError, match="not an sfa approximation file"):
         load_approximation(bad)
     with pytest.raises(SfaError, match="not found"):
         load_approximation(tmp_path / "missing.npz")

@@ -92,11 +92,69 @@ def test_bad_options():
 def test_documented_defaults():
     import inspect
 
+    from sfa_cli.options import OptimizerSpec, Placement, StopRules
+
     sig = inspect.signature(fit)
-    assert sig.parameters["max_iter"].default is None and default_max_iter(64) == 5000
+    # the loose keywords default to None: "the typed option's default", pinned here and in the docstring
+    assert all(sig.parameters[k].default is None for k in ("max_iter", "tol", "window", "seed", "device", "dtype"))
+    assert default_max_iter(64) == 5000
     assert default_max_iter(1024) == 1250 and default_max_iter(4096) == 312 and default_max_iter(10**6) == 300
-    assert sig.parameters["tol"].default == DEFAULTS["tol"]
-    assert sig.parameters["dtype"].default == "float32" and sig.parameters["device"].default == "auto"
+    assert StopRules().tol == DEFAULTS["tol"] == 1e-5 and StopRules().window == DEFAULTS["window"] == 50
+    assert Placement() == Placement(device="auto", dtype="float32", seed=0)
+    assert OptimizerSpec().optimizer == sig.parameters["optimizer"].default == "lbfgs"
+    assert "tol 1e-5 over a window of 50" in fit.__doc__
+
+
+def test_typed_options_and_loose_keywords_give_the_same_fit():
+    from sfa_cli.options import OptimizerSpec, PatternSpec, Placement, StopRules
+
+    A = _graph(32)
+    loose = fit(A, factors=3, max_iter=15, tol=0, optimizer="adam", lr=0.02, seed=2, device="cpu", dtype="float64")
+    typed = fit(A, pattern=PatternSpec("chord", factors=3), stop=StopRules(max_iter=15, tol=0),
+                optimizer=OptimizerSpec("adam", lr=0.02), placement=Placement("cpu", "float64", 2))
+    assert typed.rel_error == loose.rel_error and typed.iterations == loose.iterations == 15
+    assert typed.approximation.num_factors == 3 and typed.dtype == "float64"
+    with pytest.raises(SfaError, match="not both"):
+        fit(A, stop=StopRules(max_iter=5), max_iter=6)
+    with pytest.raises(SfaError, match="StopRules"):
+        fit(A, stop={"max_iter": 5})
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.full((8, 8), np.nan), "NaN"),
+    (np.ones((8, 6)), "8 x 6; sfa needs a square matrix"),
+    (np.ones((8, 8)) + 1j, "complex"),
+    (np.zeros((0, 0)), "empty"),
+])
+def test_fit_validates_the_matrix_on_entry(bad, message):
+    with pytest.raises(SfaError, match=message) as info:
+        fit(bad, max_iter=2)
+    assert str(info.value).startswith("A: ")
+
+
+def test_time_limit_is_honoured_within_an_evaluation(monkeypatch):
+    """A slow evaluation stops at the next column block once the limit has passed."""
+    import sfa_cli.objective as objective
+
+    A = _graph(64)
+    real = objective.BlockObjective._residual
+    pause = {"s": 0.0}
+
+    def slow(self, values, cols, work):  # every block takes 20 ms from the second evaluation on
+        import time
+
+        time.sleep(pause["s"])
+        return real(self, values, cols, work)
+
+    monkeypatch.setattr(objective.BlockObjective, "_residual", slow)
+    monkeypatch.setattr(objective, "block_columns", lambda n: 4)  # 16 blocks: 0.32 s per slow evaluation
+
+    def after_first(step):
+        pause["s"] = 0.02
+
+    r = fit(A, max_iter=100, time_limit=0.1, tol=0, device="cpu", callback=after_first)
+    assert r.stopped_because == "time_limit"
+    assert r.seconds < 0.1 + 0.1  # at most a few blocks past the limit, not a whole 0.32 s evaluation
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
@@ -109,15 +167,15 @@ def test_cuda_matches_cpu():
 
 
 def test_runaway_line_search_restarts_from_the_best_point(monkeypatch):
-    import sfa_cli.fit as fit_module
+    import sfa_cli.optimize as optimize
 
     A = _graph(32)
     normal = fit(A, max_iter=5, device="cpu")
     assert normal.initial_rel_error > 1.0  # the paper's start overshoots this matrix
-    monkeypatch.setattr(fit_module, "RUNAWAY", 1.0)  # every evaluation above 1.0 counts as a runaway
+    monkeypatch.setattr(optimize, "RUNAWAY", 1.0)  # every evaluation above 1.0 counts as a runaway
     r = fit(A, max_iter=50, device="cpu")
     assert r.stopped_because == "diverged"
-    assert r.evaluations == fit_module.MAX_RESTARTS + 1
+    assert r.evaluations == optimize.MAX_RESTARTS + 1
     assert r.rel_error == pytest.approx(normal.initial_rel_error)  # the best (= start) point is returned
 
 

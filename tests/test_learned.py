@@ -148,6 +148,31 @@ def test_learned_validates_its_options():
         learned_sparse(A, 20, factors=4)
     with pytest.raises(SfaError, match="all zeros"):
         learned_sparse(np.zeros((8, 8)), 10)
+    with pytest.raises(SfaError, match="unknown option.*max_iters"):
+        learned_sparse(A, 50, fit_options={"max_iters": 5})
+    with pytest.raises(SfaError, match="inner_iter must be an integer >= 0"):
+        learned_sparse(A, 50, inner_iter=-1)
+
+
+@pytest.mark.parametrize("method", [learned_sparse, chord_plus_sparse])
+@pytest.mark.parametrize("bad, message", [(np.full((8, 8), np.nan), "A: matrix has 64 NaN"),
+                                          (np.ones((8, 6)), "A: matrix is 8 x 6; sfa needs a square matrix")])
+def test_learned_and_hybrid_validate_the_matrix_on_entry(method, bad, message):
+    with pytest.raises(SfaError, match=message):
+        method(bad, 20)
+
+
+def test_learned_options_are_checked_when_built():
+    from sfa_cli.learned import LearnedOptions
+
+    assert LearnedOptions().M == 2 and not LearnedOptions(factors=3).hierarchical
+    assert LearnedOptions(factors=3, order="hierarchical").hierarchical
+    with pytest.raises(SfaError, match="unknown refit 'sgd'"):
+        LearnedOptions(refit="sgd")
+    with pytest.raises(SfaError, match="splits must be fractions"):
+        LearnedOptions(splits=(0.5, 1.5))
+    with pytest.raises(SfaError, match="factor_budgets"):
+        LearnedOptions(projection="factor", factor_budgets=(10, 10)).check(16, 15)
 
 
 def test_chord_plus_sparse_never_worse_than_top_k_and_respects_the_budget():

@@ -17,12 +17,12 @@ from sfa_cli.errors import SfaError
 from sfa_cli.synthetic import grid_laplacian, random_graph
 from sfa_cli.factors import pattern_structures
 from sfa_cli.fit import make_pattern
-from sfa_cli.kernels import chain_matmul
+from sfa_cli.kernels import ColumnChain, chain_matmul
 from sfa_cli.metrics import relative_error
+from sfa_cli.options import Placement, SampledSchedule
 from sfa_cli.sampled import (
     EXACT_ERROR_UP_TO,
     SampledFitResult,
-    _ColumnChain,
     error_report,
     estimate_relative_error,
     fit_sampled,
@@ -117,20 +117,34 @@ def test_stopping_rules_and_interrupt():
 def test_invalid_options():
     A = grid_laplacian(4)
     for kwargs, text in (({"optimizer": "lbfgs"}, "adam"), ({"batch_columns": 0}, "batch_columns"),
-                         ({"start": "zeros"}, "unknown start"), ({"lr": -1.0}, "lr")):
+                         ({"start": "zeros"}, "start must be one of identity, paper"), ({"lr": -1.0}, "lr")):
         with pytest.raises(SfaError, match=text):
             fit_sampled(A, device="cpu", **kwargs)
     with pytest.raises(SfaError, match="all zeros"):
         fit_sampled(sp.csr_matrix((16, 16)), device="cpu")
     with pytest.raises(SfaError, match="square"):
         fit_sampled(np.ones((3, 4)), device="cpu")
+    with pytest.raises(SfaError, match="A: matrix has 1 NaN"):
+        bad = sp.csc_matrix(grid_laplacian(4))
+        bad.data[3] = np.nan
+        fit_sampled(bad, device="cpu")
+    with pytest.raises(SfaError, match="not both"):
+        fit_sampled(A, device="cpu", schedule=SampledSchedule(epochs=1), epochs=2)
+
+
+def test_typed_schedule_gives_the_same_fit_as_loose_keywords():
+    A = grid_laplacian(8)
+    loose = fit_sampled(A, epochs=2, batch_columns=16, error_sample=32, seed=1, device="cpu")
+    typed = fit_sampled(A, schedule=SampledSchedule(epochs=2, batch_columns=16, error_sample=32),
+                        placement=Placement(device="cpu", seed=1))
+    assert typed.rel_error == loose.rel_error and typed.iterations == loose.iterations == 8
 
 
 def test_column_chain_with_sparse_start_matches_chain_matmul():
     n = 1024
     pat = make_pattern(n, "chord")
     structs, _ = pattern_structures(pat)
-    chain = _ColumnChain(structs, n, "cpu", max_fraction=0.3)
+    chain = ColumnChain(structs, n, "cpu", max_fraction=0.3)
     assert len(chain.levels) >= 3  # the first factors act on a compact block
     gen = torch.Generator().manual_seed(0)
     values = [torch.rand(s.nnz, generator=gen, dtype=torch.float64).requires_grad_(True) for s in structs]
