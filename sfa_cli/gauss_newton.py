@@ -42,6 +42,8 @@ from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
 from sfa_cli.kernels import (FactorStructure, chain_backward, chain_forward, chain_matmul, column_entries,
                              factor_columns, resolve_device, resolve_dtype)
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes
+from sfa_cli.objective import column_blocks
+from sfa_cli.optimize import Run, Stop
 from sfa_cli.patterns import Pattern, chord_pattern
 
 __all__ = ["ChainLeastSquares", "Linearization", "conjugate_gradient", "lm_fit", "fit_lm", "start_values", "STARTS",
@@ -49,11 +51,6 @@ __all__ = ["ChainLeastSquares", "Linearization", "conjugate_gradient", "lm_fit",
 
 #: Starting points :func:`start_values` knows.
 STARTS = ("identity", "paper", "random")
-
-
-def _block_columns(n: int) -> int:
-    """Columns per block: about 2^19 elements of n x b (as the fit's objective)."""
-    return int(min(n, max(64, (1 << 19) // n)))
 
 
 def _product(s, v, X, out):
@@ -80,8 +77,7 @@ class ChainLeastSquares:
     def __init__(self, structs, target: torch.Tensor, blocks=None, cache_bytes: int = 1 << 28):
         self.structs, self.target = list(structs), target
         self.n = n = target.shape[0]
-        b = _block_columns(n)
-        self.blocks = [slice(j, min(j + b, n)) for j in range(0, n, b)] if blocks is None else blocks
+        self.blocks = column_blocks(n) if blocks is None else blocks
         M = len(self.structs)
         self.cache = (M - 1) * n * n * target.element_size() <= cache_bytes
         self._work: dict[int, list[torch.Tensor]] = {}
@@ -262,32 +258,10 @@ def conjugate_gradient(product, rhs: list, precond: list | None, max_iter: int, 
     return x, r, it
 
 
-# The book-keeping (stopping rules, callback, best iterate, Ctrl-C) is the fits' run loop:
-# sfa_cli/optimize.py's Run once the refactor lands, fit._Run before it.
-try:
-    from sfa_cli.optimize import Run as _RunLoop, Stop as _Stop
-
-    def _make_run(params, *, max_iter, time_limit, tol, window, callback):
-        return _RunLoop(params, max_iter=max_iter, time_limit=time_limit, tol=tol, window=window, callback=callback)
-
-    def _end_iteration(run) -> None:
-        run.end_iteration()
-except ImportError:  # pragma: no cover - depends on the branch
-    from sfa_cli.fit import _Run as _RunLoop, _Stop
-
-    def _make_run(params, *, max_iter, time_limit, tol, window, callback):
-        return _RunLoop(params, callback, time_limit, max_iter, tol, window)
-
-    def _end_iteration(run) -> None:
-        run.iteration += 1
-        run.best_at.append(run.best_rel)
-        run._check_progress()
-
-
-def _check_time(run) -> None:
+def _check_time(run: Run) -> None:
     """Stop inside a step (between CG products) once the time limit has passed."""
-    if run.time_limit is not None and time.perf_counter() - run.t0 >= run.time_limit:
-        raise _Stop("time_limit")
+    if run.time_is_up():
+        raise Stop("time_limit")
 
 
 #: Defaults of :func:`lm_fit` (scripts/bench_recovery_chord.py, docs/engine.md).
@@ -347,7 +321,7 @@ def lm_fit(structs, values, target: torch.Tensor, *, max_iter: int = 1000, time_
     sizes = [v.numel() for v in values]
     flat = torch.cat([v.detach().reshape(-1) for v in values])
     x = list(flat.split(sizes))  # views: the run keeps its best copy from `flat`
-    run = _make_run([flat], max_iter=max_iter, time_limit=time_limit, tol=tol, window=window, callback=callback)
+    run = Run([flat], max_iter=max_iter, time_limit=time_limit, tol=tol, window=window, callback=callback)
     try:
         lin = problem.linearize(x)
         run.record(lin.loss / norm_sq)
@@ -402,8 +376,8 @@ def lm_fit(structs, values, target: torch.Tensor, *, max_iter: int = 1000, time_
                     run.history[-1].update({"lambda": lam, "cg_iterations": cg_done, "accepted": accepted})
             else:
                 flat.copy_(saved)
-            _end_iteration(run)
-    except _Stop as stop:
+            run.end_iteration()
+    except Stop as stop:
         run.stopped_because = stop.reason
     except KeyboardInterrupt:
         run.stopped_because = "interrupted"
