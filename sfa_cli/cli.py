@@ -14,7 +14,7 @@ import click
 from sfa_cli import limits
 from sfa_cli._version import __version__
 from sfa_cli.errors import SfaError, printable
-from sfa_cli.options import DEVICES, DTYPES, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
+from sfa_cli.options import DEVICES, DTYPES, FIT_STARTS, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
 from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
 # The library (and torch) is imported inside the commands: `sfa --version` and every `--help`
@@ -293,7 +293,11 @@ pattern_variant_options = _stack(
 
 optimizer_options = _stack(
     click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="lbfgs", show_default=True,
-                 help="L-BFGS with a strong-Wolfe line search, or Adam."),
+                 help="L-BFGS with a strong-Wolfe line search, Adam, or Levenberg-Marquardt (lm: goes further on "
+                      "graph-like matrices in long runs; docs/engine.md)."),
+    click.option("--start", type=click.Choice(FIT_STARTS), default="auto", show_default=True,
+                 help="The factors' start: the paper's row averages, the identity plus noise, or auto (the identity "
+                      "when the diagonal holds a quarter of ||A||_F^2 or more, else the paper's)."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Step size.  [default: 1 for lbfgs, 0.01 for adam]"),
     click.option("--max-iter", type=click.IntRange(min=1), default=None,

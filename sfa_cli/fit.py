@@ -19,6 +19,8 @@ Example
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,6 +43,8 @@ __all__ = ["fit", "FitResult", "FitStep", "OPTIMIZERS", "DENSE_FIT_LIMIT", "make
 #: Largest n for which a sparse input is densified for the full-batch fit (8192^2 float32 = 0.25 GiB);
 #: above it sfa fits from column blocks (:mod:`sfa_cli.sampled`), and ``compare`` compares at scale.
 DENSE_FIT_LIMIT = limits.DENSE_FIT_MAX_N  # the one definition is in sfa_cli/limits.py
+#: ``start="auto"`` takes the identity start when the diagonal holds at least this share of ||A||_F^2.
+IDENTITY_START_SHARE = 0.25
 #: Defaults of the loose keywords, from the typed options (chosen from scripts/bench_fit.py measurements,
 #: docs/performance.md).
 DEFAULTS = {"max_iter": StopRules.max_iter, "tol": StopRules.tol, "window": StopRules.window,
@@ -73,6 +77,8 @@ class FitResult:
         ``max_iter``, ``time_limit``, ``tol``, ``exact``, ``callback``, ``diverged`` or ``interrupted``.
     peak_memory_bytes : int
         Peak resident memory of this process (host) when the fit ended, in bytes.
+    start : str
+        Which start the returned factors came from: ``paper``, ``identity`` or ``warm``.
     peak_device_memory_bytes : int or None
         Peak torch allocation on the CUDA device during the fit (None on the CPU).
     """
@@ -90,6 +96,7 @@ class FitResult:
     history: list = field(repr=False, default_factory=list)
     peak_memory_bytes: int = 0
     peak_device_memory_bytes: int | None = None
+    start: str = ""
 
     @property
     def interrupted(self) -> bool:
@@ -109,6 +116,7 @@ class FitResult:
             "device": self.device,
             "dtype": self.dtype,
             "optimizer": self.optimizer,
+            "start": self.start,
             "stopped_because": self.stopped_because,
             "interrupted": self.interrupted,
             "pattern": self.approximation.pattern,
@@ -210,6 +218,7 @@ def fit(
     window: int | None = None,
     lr: float | None = None,
     history_size: int | None = None,
+    start: str | None = None,
     seed: int | None = None,
     device: str | None = None,
     dtype: str | None = None,
@@ -225,8 +234,10 @@ def fit(
         When to stop (default ``StopRules()``: max_iter :func:`default_max_iter` of n, 5000 for
         n <= 256 and 312 at n = 4096; tol 1e-5 over a window of 50 iterations; no time limit).
         The time limit is checked between the column blocks of every evaluation.
-    optimizer : {"lbfgs", "adam"} or OptimizerSpec, default="lbfgs"
-        L-BFGS with a strong-Wolfe line search (step 1), or Adam (step 0.01).
+    optimizer : {"lbfgs", "adam", "lm"} or OptimizerSpec, default="lbfgs"
+        L-BFGS with a strong-Wolfe line search (step 1), Adam (step 0.01), or Levenberg-Marquardt
+        with matrix-free CG (:func:`sfa_cli.gauss_newton.lm_fit`; goes further on graph-like
+        matrices in long runs, docs/engine.md).
     placement : Placement, optional
         Device (``auto``), dtype (``float32``) and the seed of the initial noise (0); the same seed
         gives the same factors on the same device (bitwise on CPU).
@@ -238,8 +249,9 @@ def fit(
         The pattern's options as keywords (:class:`~sfa_cli.options.PatternSpec`).
     max_iter, time_limit, tol, window
         The stopping rules as keywords (:class:`~sfa_cli.options.StopRules`).
-    lr, history_size
-        The optimiser's options as keywords (:class:`~sfa_cli.options.OptimizerSpec`).
+    lr, history_size, start
+        The optimiser's options as keywords (:class:`~sfa_cli.options.OptimizerSpec`); ``start``
+        ``auto`` (default) probes the paper's start and the identity start and continues the better.
     seed, device, dtype
         The placement as keywords (:class:`~sfa_cli.options.Placement`).
 
@@ -252,10 +264,10 @@ def fit(
     A = as_square_matrix(A, "A")
     n = A.shape[0]
     if isinstance(optimizer, str):
-        optimizer = OptimizerSpec(optimizer, **{k: v for k, v in (("lr", lr), ("history_size", history_size))
-                                                if v is not None})
+        optimizer = OptimizerSpec(optimizer, **{k: v for k, v in (("lr", lr), ("history_size", history_size),
+                                                                  ("start", start)) if v is not None})
     else:
-        optimizer = typed_options(OptimizerSpec, optimizer, "fit", lr=lr, history_size=history_size)
+        optimizer = typed_options(OptimizerSpec, optimizer, "fit", lr=lr, history_size=history_size, start=start)
     stop = typed_options(StopRules, stop, "fit", max_iter=max_iter, time_limit=time_limit, tol=tol, window=window)
     placement = typed_options(Placement, placement, "fit", seed=seed, device=device, dtype=dtype)
     pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link,
@@ -279,29 +291,60 @@ class _FullFit:
         self.scale = float(torch.linalg.norm(target.double()))
         if self.scale == 0.0:
             raise SfaError("the matrix is all zeros; there is nothing to approximate")
-        self.objective = BlockObjective(self.structs, target / self.scale)  # never in place: may share A's memory
+        self.target = target / self.scale  # never in place: may share A's memory
+        self.objective = BlockObjective(self.structs, self.target)
 
-    def _start(self, init: SparseFactors | None) -> list[torch.Tensor]:
+    def _start(self, init: SparseFactors | None) -> tuple[str, list[torch.Tensor]]:
+        """The start, by name: a warm start, the paper's row averages, or the identity start.
+
+        ``auto`` takes the identity start when the diagonal holds at least :data:`IDENTITY_START_SHARE`
+        of ||A||_F^2 (Laplacians, covariances, kernels: the product starts at about I, which already
+        has the diagonal) and the pattern has the self link; the paper's start otherwise (adjacency
+        matrices, zero diagonals), where it reaches the authors' errors sooner (docs/engine.md).
+        """
         pat, n = self.pat, self.structs[0].n
-        if init is None:
-            return [v.to(self.dev) for v in initial_values(self.structs, seed=self.seed, dtype=self.dtype)]
-        if init.n != n or init.num_factors != pat.factors:
-            raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, "
-                           f"{pat.factors}")
-        # Remove the scale of A from the warm start, evenly over the factors.
-        return [v.to(device=self.dev, dtype=self.dtype) / self.scale ** (1.0 / pat.factors)
-                for v in init.torch_chain(dtype=torch.float64)[1]]
+        if init is not None:
+            if init.n != n or init.num_factors != pat.factors:
+                raise SfaError(f"the warm start has n={init.n}, {init.num_factors} factors; the pattern needs n={n}, "
+                               f"{pat.factors}")
+            # Remove the scale of A from the warm start, evenly over the factors.
+            return "warm", [v.to(device=self.dev, dtype=self.dtype) / self.scale ** (1.0 / pat.factors)
+                            for v in init.torch_chain(dtype=torch.float64)[1]]
+        wanted = self.optimizer.start
+        has_diagonal = all(bool((s.rows == s.col).sum() == s.n) for s in self.structs)
+        if wanted == "identity" and not has_diagonal:
+            raise SfaError("the identity start needs the self link (every factor's diagonal in the pattern)")
+        if wanted == "auto":
+            share = float(torch.linalg.vector_norm(torch.diagonal(self.target).double())) ** 2  # ||A||_F = 1
+            wanted = "identity" if has_diagonal and share >= IDENTITY_START_SHARE else "paper"
+        if wanted == "identity":
+            from sfa_cli.gauss_newton import start_values
 
-    def run(self, init, callback) -> FitResult:
-        start = self._start(init)
+            return "identity", start_values(self.structs, "identity", seed=self.seed, dtype=self.dtype,
+                                            device=self.dev)
+        return "paper", [v.to(self.dev) for v in initial_values(self.structs, seed=self.seed, dtype=self.dtype)]
+
+    def _optimise(self, start, max_iter: int, time_limit, callback) -> dict:
+        """One optimiser run from ``start``; its book-keeping as a dict (best values, history, counts)."""
+        spec = self.optimizer
+        if spec.optimizer == "lm":
+            from sfa_cli.gauss_newton import lm_fit
+
+            values, history, stopped = lm_fit(self.structs, start, self.target, max_iter=max_iter,
+                                              time_limit=time_limit, tol=self.stop.tol, window=self.stop.window,
+                                              callback=callback)
+            best = min((h["rel_error"] for h in history), default=math.inf)
+            return {"values": [v.detach() for v in values], "best_rel": best, "history": history,
+                    "iterations": max((h["iteration"] for h in history), default=0), "evaluations": len(history),
+                    "stopped_because": stopped}
         # One leaf holds every factor's values: the optimiser's per-tensor loops (several per evaluation)
         # then run once, and the objective reads and writes views of it.
         sizes = [v.numel() for v in start]
         flat = torch.cat([v.reshape(-1) for v in start]).requires_grad_(True)
         flat.grad = torch.zeros_like(flat)
         values, grads = list(flat.detach().split(sizes)), list(flat.grad.split(sizes))
-        run = Run([flat], max_iter=self.max_iter, time_limit=self.stop.time_limit, tol=self.stop.tol,
-                  window=self.stop.window, callback=callback)
+        run = Run([flat], max_iter=max_iter, time_limit=time_limit, tol=self.stop.tol, window=self.stop.window,
+                  callback=callback)
 
         def objective():
             flat.grad.zero_()  # in place: the views stay valid
@@ -309,25 +352,32 @@ class _FullFit:
             run.record(loss)
             return loss
 
-        spec = self.optimizer
         minimize(run, objective, spec.optimizer, lr=spec.lr, history_size=spec.history_size)
+        return {"values": list(run.best[0].split(sizes)), "best_rel": run.best_rel, "history": run.history,
+                "iterations": run.iteration, "evaluations": run.evaluations, "stopped_because": run.stopped_because}
 
+    def run(self, init, callback) -> FitResult:
+        t0 = time.perf_counter()
+        name, start = self._start(init)
+        best = self._optimise(start, self.max_iter, self.stop.time_limit, callback)
+        history = best["history"]
         factor_scale = self.scale ** (1.0 / self.pat.factors)
-        best = [(v.double() * factor_scale).cpu().numpy() for v in run.best[0].split(sizes)]
+        vals = [(v.double() * factor_scale).cpu().numpy() for v in best["values"]]
         np_dtype = np.float32 if self.dtype == torch.float32 else np.float64
-        approx = SparseFactors.from_pattern(self.pat, [v.astype(np_dtype) for v in best])
+        approx = SparseFactors.from_pattern(self.pat, [v.astype(np_dtype) for v in vals])
         return FitResult(
             approximation=approx,
-            rel_error=run.best_rel,
-            initial_rel_error=run.history[0]["rel_error"] if run.history else float("nan"),
-            iterations=run.iteration,
-            evaluations=run.evaluations,
-            seconds=run.seconds,
+            rel_error=best["best_rel"],
+            initial_rel_error=history[0]["rel_error"] if history else float("nan"),
+            iterations=best["iterations"],
+            evaluations=best["evaluations"],
+            seconds=time.perf_counter() - t0,
             device=str(self.dev),
             dtype=str(self.dtype).replace("torch.", ""),
-            optimizer=spec.optimizer,
-            stopped_because=run.stopped_because,
-            history=run.history,
+            optimizer=self.optimizer.optimizer,
+            stopped_because=best["stopped_because"],
+            history=history,
             peak_memory_bytes=peak_rss_bytes(),
             peak_device_memory_bytes=peak_device_bytes(self.dev),
+            start=name,
         )

@@ -415,8 +415,15 @@ def start_values(structs, start: str = "identity", *, seed: int = 0, dtype=torch
             eps = 0.1 / math.sqrt(k) if noise is None else float(noise)
             vals.append(torch.where(diag, 1.0, eps * z))
     cpu = [FactorStructure.from_csr(s.crow.cpu().numpy(), s.col.cpu().numpy(), s.n) for s in structs]
+    n = structs[0].n
+    # ||product||_F from all columns up to n = 512, above from a seeded sample of 256 (a start's scale
+    # need not be exact, and n x n would not fit at large n)
+    cols = torch.arange(n) if n <= 512 else torch.randperm(n, generator=gen)[:256].sort().values
+    E = torch.zeros(n, len(cols), dtype=torch.float64)
+    E[cols, torch.arange(len(cols))] = 1.0
     with torch.no_grad():
-        norm = float(torch.linalg.vector_norm(chain_matmul(cpu, vals, torch.eye(structs[0].n, dtype=torch.float64))))
+        sq = float(torch.linalg.vector_norm(chain_matmul(cpu, vals, E))) ** 2
+    norm = math.sqrt(sq * n / len(cols))
     c = norm ** (-1.0 / len(structs))
     return [(v * c).to(device=device, dtype=dtype) for v in vals]
 

@@ -230,7 +230,8 @@ def _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule, basel
     rank, _world = init_distributed(fit_options.get("device", "auto"))
     if fit_options.get("optimizer", "lbfgs") != "lbfgs" or fit_options.get("max_iter") is not None:
         raise SfaError("the sampled fit uses Adam with its schedule: give epochs and lr, not optimizer/max_iter")
-    run = {k: v for k, v in fit_options.items() if k not in ("max_iter", "tol", "optimizer")}
+    run = {k: v for k, v in fit_options.items() if k not in ("max_iter", "tol", "optimizer")
+           and not (k == "start" and v == "auto")}  # the sampled fit's own default start
     result = fit_sampled(A, pattern=pattern, seed=seed, callback=callback, **schedule, **pattern_options, **run)
     approx = result.approximation
     summary = {**head, "method": pattern, **result.to_dict(), "seed": seed}
@@ -285,10 +286,16 @@ def _outcome(A, approx, summary, extra_report, stopped_because, interrupted) -> 
 
 
 def _hints(A, summary) -> list[str]:
-    """Advice worth a line: when storing the matrix itself is exact within the budget."""
+    """Advice worth a line: when storing the matrix itself is exact within the budget, and when a fit
+    ended no better than the zero matrix (Adam from a poor step size does)."""
+    hints = []
     nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
     budget = summary.get("budget") or summary.get("params")
     if budget and nnz <= budget and summary.get("method") != "topk":
-        return [f"the matrix has {nnz} non-zeros, no more than the budget {budget}: storing them "
-                f"(--method topk) is exact"]
-    return []
+        hints.append(f"the matrix has {nnz} non-zeros, no more than the budget {budget}: storing them "
+                     f"(--method topk) is exact")
+    rel_error = summary.get("rel_error")
+    if rel_error is not None and rel_error >= 0.99 and summary.get("method") in ("chord", "butterfly"):
+        hints.append(f"the fit ended at relative error {rel_error:.4g}, no better than the zero matrix: try "
+                     f"--optimizer lbfgs, --start identity, a smaller --lr or more --max-iter")
+    return hints

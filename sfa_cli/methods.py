@@ -26,7 +26,8 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
     if scale:
         from sfa_cli.sampled import fit_sampled
 
-        run = {k: v for k, v in options.items() if k not in _FULL_FIT_ONLY}
+        run = {k: v for k, v in options.items() if k not in _FULL_FIT_ONLY
+               and not (k == "start" and v == "auto")}  # the sampled fit's own default start
         result = fit_sampled(A, pattern=pattern, seed=seed, **sizes, **run, **(schedule or {}))
         epochs = f"{result.epochs} epoch" + ("s" if result.epochs != 1 else "")
         done = f"sampled fit, {epochs} x {result.batch_columns} columns"

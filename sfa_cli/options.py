@@ -23,10 +23,11 @@ from dataclasses import asdict, dataclass, fields
 from sfa_cli.errors import SfaError
 
 __all__ = ["PatternSpec", "StopRules", "OptimizerSpec", "Placement", "SampledSchedule",
-           "PATTERN_NAMES", "OPTIMIZERS", "DEVICES", "DTYPES", "SAMPLED_STARTS"]
+           "PATTERN_NAMES", "OPTIMIZERS", "FIT_STARTS", "DEVICES", "DTYPES", "SAMPLED_STARTS"]
 
 PATTERN_NAMES = ("chord", "butterfly")
-OPTIMIZERS = ("lbfgs", "adam")
+OPTIMIZERS = ("lbfgs", "adam", "lm")
+FIT_STARTS = ("auto", "paper", "identity")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 SAMPLED_STARTS = ("identity", "paper")
@@ -170,19 +171,28 @@ class OptimizerSpec(_Options):
 
     Parameters
     ----------
-    optimizer : {"lbfgs", "adam"}, default="lbfgs"
+    optimizer : {"lbfgs", "adam", "lm"}, default="lbfgs"
+        L-BFGS, Adam, or Levenberg-Marquardt with matrix-free CG (:mod:`sfa_cli.gauss_newton`).
     lr : float, optional
-        Step size: 1 for L-BFGS (its line search scales it), 0.01 for Adam.
+        Step size: 1 for L-BFGS (its line search scales it), 0.01 for Adam (unused by lm).
     history_size : int, default=20
         L-BFGS memory.
+    start : {"auto", "paper", "identity"}, default="auto"
+        The factors' start: the paper's row averages with 1% noise; every factor the identity plus
+        small noise (the product scaled to unit norm; needs the self link); ``auto`` the identity
+        start when A's diagonal holds at least a quarter of ||A||_F^2 (Laplacians, covariances,
+        kernels) and the pattern has the self link, else the paper's. A warm start (``init``)
+        replaces it.
     """
 
     optimizer: str = "lbfgs"
     lr: float | None = None
     history_size: int = 20
+    start: str = "auto"
 
     def __post_init__(self):
         _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("start", self.start, FIT_STARTS)
         _positive("lr", self.lr)
         _int_at_least("history_size", self.history_size, 1, optional=False)
 

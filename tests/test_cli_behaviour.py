@@ -220,3 +220,29 @@ def test_a_second_writer_of_one_name_refuses_without_force(run_cli, small, tmp_p
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert out.read_bytes() == b"the other run's factors"
     assert not list(tmp_path.glob("F.tmp-*"))
+
+
+def test_the_start_follows_the_diagonal_and_lm_runs_through_the_cli(run_cli, tmp_path):
+    from sfa_cli.fit import fit
+    from sfa_cli.synthetic import grid_laplacian, random_graph
+
+    laplacian, adjacency = grid_laplacian(8), random_graph(64, seed=0)
+    assert fit(laplacian, max_iter=5).start == "identity"  # the diagonal holds most of ||A||_F^2
+    assert fit(adjacency, max_iter=5).start == "paper"  # a zero diagonal
+    assert fit(laplacian, max_iter=5, start="paper").start == "paper"
+    assert fit(laplacian, max_iter=5, self_link=False).start == "paper"  # no diagonal to start from
+    path = tmp_path / "grid.mtx"
+    sio.mmwrite(path, laplacian)
+    result = run_cli("fit", path, "-o", tmp_path / "F.npz", "--optimizer", "lm", "--max-iter", "5", "--json", "--quiet")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["optimizer"] == "lm" and summary["start"] == "identity" and summary["rel_error"] < 1
+
+
+def test_a_fit_that_ends_at_the_zero_matrix_says_so(run_cli, tmp_path):
+    path = tmp_path / "g.npy"
+    np.save(path, np.random.default_rng(0).standard_normal((32, 32)))
+    result = run_cli("fit", path, "-o", tmp_path / "F.npz", "--optimizer", "adam", "--lr", "1e-9", "--max-iter", "3",
+                     "--start", "paper")
+    assert result.exit_code == 0
+    assert "no better than the zero matrix" in result.stderr
