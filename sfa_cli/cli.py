@@ -481,8 +481,10 @@ def _check_outputs(output: str, report: str | None, force: bool, suffixes: tuple
 @pattern_size_options
 @pattern_variant_options
 @optimizer_options
-@click.option("--sampled", is_flag=True,
-              help=f"Fit from blocks of columns with Adam, never forming N x N (automatic for sparse inputs above N = {limits.DENSE_FIT_MAX_N}).")
+@click.option("--sampled/--no-sampled", default=None,
+              help=f"Fit from blocks of columns with Adam, never forming N x N; automatic above N = "
+                   f"{limits.DENSE_FIT_MAX_N} (sparse or dense) or when N x N does not fit in memory; --no-sampled "
+                   f"forces the full-batch fit.")
 @click.option("--batch-columns", type=click.IntRange(min=1), default=_SAMPLED.batch_columns, show_default=True,
               help="With --sampled: columns per step (over all processes).")
 @click.option("--epochs", type=click.IntRange(min=1), default=_SAMPLED.epochs, show_default=True,
@@ -520,7 +522,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         pattern_options.pop("factors")
     schedule = {"batch_columns": batch_columns, "epochs": epochs, "exact_error": exact_error,
                 "error_sample": error_sample}
-    is_sampled = method == "chord" and uses_sampled_fit(A, True if sampled else None)
+    is_sampled = method == "chord" and uses_sampled_fit(A, sampled)
     if is_sampled:
         from sfa_cli.sampled import init_distributed
 
@@ -713,8 +715,9 @@ def _compare_help() -> str:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
               help="Draw the errors (or sweep curves); needs matplotlib (pip install 'sfa-cli[plot]').")
 @click.option("--save-dir", type=click.Path(file_okay=False), default=None, help="Keep every method's approximation here.")
-@click.option("--sampled", "at_scale", is_flag=True,
-              help=f"Compare at scale (nothing N x N formed) even for small N; automatic for sparse inputs above N = {limits.SCALE_ABOVE}.")
+@click.option("--sampled/--no-sampled", "at_scale", default=None,
+              help=f"Compare at scale (nothing N x N formed) even for small N; automatic above N = "
+                   f"{limits.SCALE_ABOVE} (sparse or dense); --no-sampled forces the dense methods.")
 @click.option("--epochs", type=click.IntRange(min=1), default=_SAMPLED.epochs, show_default=True,
               help="At scale: passes of the sampled fit (chord, butterfly).")
 @click.option("--batch-columns", type=click.IntRange(min=1), default=_SAMPLED.batch_columns, show_default=True,
@@ -776,7 +779,7 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
                 return compare(
                     A, methods=methods, budget=budget, sweep=sweep, seed=kw["seed"], fit_options=fit_options,
                     keep=save_dir is not None, method_options={"sparse": {"order": order}} if order else None,
-                    scale=True if at_scale else None,
+                    scale=at_scale,
                     sampled_options={"epochs": epochs, "batch_columns": batch_columns},
                     exact_error=True if exact_error else None, error_sample=error_sample,
                     callback=before, result_callback=after,

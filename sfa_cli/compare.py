@@ -1,6 +1,6 @@
 """Run every method at the same parameter budget and measure their errors.
 
-A sparse matrix with n above :data:`SCALE_ABOVE` is compared *at scale*:
+A matrix (sparse or dense) with n above :data:`SCALE_ABOVE` is compared *at scale*:
 nothing n x n is formed. Chord and butterfly are fitted by the sampled fit
 (:func:`sfa_cli.sampled.fit_sampled`), tsvd by ``svds`` and rsvd by
 ``torch.svd_lowrank`` on the sparse matrix, topk keeps the sparse matrix
@@ -241,7 +241,7 @@ def compare(
         ``{method: {option: value}}``, options of one method (``MethodRecord.own`` in the registry),
         e.g. ``{"sparse": {"order": "hierarchical", "factors": 3}}``.
     scale : bool, optional
-        Compare at scale (see the module docstring); None: when A is sparse and n > SCALE_ABOVE.
+        Compare at scale (see the module docstring); None: when n > SCALE_ABOVE (sparse or dense).
     sampled_options : dict, optional
         ``epochs``, ``batch_columns`` of :func:`sfa_cli.sampled.fit_sampled` at scale.
     exact_error : bool, optional
@@ -262,7 +262,7 @@ def compare(
     budgets = [resolve_budget(n, b) for b in (sweep if sweep else [budget])]
     nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
     if scale is None:
-        scale = sp.issparse(A) and n > SCALE_ABOVE
+        scale = n > SCALE_ABOVE
     if exact_error is None:
         exact_error = not scale and n <= EXACT_ERROR_UP_TO
     sampled_options = dict(sampled_options or {})

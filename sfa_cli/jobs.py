@@ -63,11 +63,19 @@ class FitOutcome:
 
 
 def uses_sampled_fit(A, sampled: bool | None = None) -> bool:
-    """Whether the fit of A works from column blocks: when asked, or for a sparse A with n above
-    :data:`sfa_cli.limits.DENSE_FIT_MAX_N` (densifying it would not fit)."""
+    """Whether the fit of A works from column blocks: when asked (True/False), else for n above
+    :data:`sfa_cli.limits.DENSE_FIT_MAX_N` (sparse or dense), or when the full fit's n x n work copies
+    (:func:`sfa_cli.fit.dense_target_bytes` in float32) do not fit in the memory available."""
     if sampled is not None:
         return bool(sampled)
-    return sp.issparse(A) and A.shape[0] > limits.DENSE_FIT_MAX_N
+    n = A.shape[0]
+    if n > limits.DENSE_FIT_MAX_N:
+        return True
+    from sfa_cli.memory import available_bytes
+
+    source = 0 if not sp.issparse(A) else n * n * np.dtype(A.dtype).itemsize
+    convert = 0 if getattr(A, "dtype", None) == np.float32 else n * n * 4
+    return source + convert + 2 * n * n * 4 > available_bytes()
 
 
 def tsvd_baseline(A, params: int, **estimate) -> dict:
@@ -294,7 +302,10 @@ def _hints(A, summary) -> list[str]:
     if budget and nnz <= budget and summary.get("method") != "topk":
         hints.append(f"the matrix has {nnz} non-zeros, no more than the budget {budget}: storing them "
                      f"(--method topk) is exact")
-    rel_error = summary.get("rel_error")
+    rel_error, tsvd = summary.get("rel_error"), summary.get("tsvd_rel_error")
+    if rel_error is not None and tsvd is not None and tsvd < 0.9 * rel_error:
+        hints.append(f"the truncated SVD at the same budget is better ({tsvd:.4g} against {rel_error:.4g}): "
+                     f"--method tsvd, or `sfa compare` for every method")
     if rel_error is not None and rel_error >= 0.99 and summary.get("method") in ("chord", "butterfly"):
         hints.append(f"the fit ended at relative error {rel_error:.4g}, no better than the zero matrix: try "
                      f"--optimizer lbfgs, --start identity, a smaller --lr or more --max-iter")

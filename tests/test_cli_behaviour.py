@@ -246,3 +246,30 @@ def test_a_fit_that_ends_at_the_zero_matrix_says_so(run_cli, tmp_path):
                      "--start", "paper")
     assert result.exit_code == 0
     assert "no better than the zero matrix" in result.stderr
+
+
+def test_fit_points_at_a_better_method(run_cli, tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "lowrank.npy"
+    np.save(path, rng.standard_normal((64, 3)) @ rng.standard_normal((3, 64)))  # rank 3: TSVD is exact
+    result = run_cli("fit", path, "-o", tmp_path / "F.npz", "--max-iter", "20")
+    assert result.exit_code == 0
+    assert "the truncated SVD at the same budget is better" in result.stderr and "--method tsvd" in result.stderr
+
+
+def test_dense_inputs_take_the_column_block_path_when_large_or_short_of_memory(monkeypatch):
+    from sfa_cli import limits, memory
+
+    A = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    assert not jobs.uses_sampled_fit(A)
+    monkeypatch.setattr(limits, "DENSE_FIT_MAX_N", 32)  # a dense input above the threshold
+    assert jobs.uses_sampled_fit(A) and not jobs.uses_sampled_fit(A, False)
+    monkeypatch.setattr(limits, "DENSE_FIT_MAX_N", 8192)
+    monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)  # n x n does not fit
+    assert jobs.uses_sampled_fit(A)
+    monkeypatch.setattr(limits, "SCALE_ABOVE", 32)
+    from sfa_cli.compare import compare
+
+    monkeypatch.setattr("sfa_cli.compare.SCALE_ABOVE", 32)
+    c = compare(A, methods=["tsvd", "monarch"], error_sample=16)
+    assert c.scale and c.results[1].status == "not applicable" and c.results[0].rel_error_is_estimate

@@ -58,3 +58,21 @@ def test_importing_the_cli_leaves_torch_out():
 def test_public_json_keys_are_documented():
     for key in ("tsvd_rel_error", "stopped_because", "rank_is_estimate", "tsvd_energy", "factor{m}.indptr"):
         assert key in README
+
+
+def test_readme_factor_file_recipe_rebuilds_the_factors(tmp_path, monkeypatch):
+    # the README's numpy/scipy-only recipe, run as written on a file sfa wrote
+    import numpy as np
+
+    from sfa_cli.approximation import load_approximation
+    from sfa_cli.fit import fit
+    from sfa_cli.io import load_matrix
+
+    section = README.split("## Factor files")[1]
+    recipe = section.split("```python")[1].split("```")[0]
+    A = load_matrix(Path(__file__).resolve().parents[1] / "data" / "lesmis.mtx")
+    fit(A, max_iter=5).approximation.save(tmp_path / "lesmis.npz")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(recipe, scope)
+    assert np.allclose(scope["A_hat"].toarray(), load_approximation(tmp_path / "lesmis.npz").to_dense())

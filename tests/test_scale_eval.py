@@ -188,7 +188,8 @@ def test_fit_refuses_to_densify_without_the_memory(run_cli, cli_error, graph, mo
     # Enough to read the sparse file (about 90 KiB), not to densify it.
     monkeypatch.setattr(memory, "available_bytes", _available(cpu=200_000))
     out = tmp_path / "G.npz"
-    line = cli_error("fit", path, "-o", out, "--max-iter", "2", "--quiet")
+    # by default a matrix whose n x n copies do not fit goes to the column-block fit; --no-sampled insists
+    line = cli_error("fit", path, "-o", out, "--max-iter", "2", "--quiet", "--no-sampled")
     assert line.startswith(f"Error: {path}: densifying the 300 x 300 matrix for the full-batch fit needs ")
     host, _ = dense_target_bytes(sp.csr_matrix((300, 300)), "cpu", torch.float32)
     assert f"needs {memory.human_bytes(host)} in float32; 195.3 KiB available; use --sampled" in line
