@@ -326,6 +326,10 @@ def _pattern_options(kw: dict) -> dict:
     }
 
 
+#: Seconds after which `sfa fit` prints its start line even before the first evaluation.
+START_LINE_AFTER = 2.0
+
+
 class _FitProgress:
     """A rich progress line on stderr fed by the fit callback, and the stage the command is in."""
 
@@ -335,7 +339,10 @@ class _FitProgress:
         err = _consoles.err
         self.enabled = enabled
         self.label = printable(label)
-        self.start_line = start_line  # printed (also to logs) once the first evaluation is done
+        self.start_line = start_line  # printed (also to logs) when the fit is under way
+        import threading
+
+        self._lock = threading.Lock()
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(),
             TextColumn(unit + " {task.completed:>5.0f}/{task.total:.0f}"),
@@ -348,6 +355,14 @@ class _FitProgress:
 
     def __enter__(self):
         self.progress.__enter__()
+        # the set-up of a large fit (reading columns, norms, the error sample) can take a while: the start
+        # line comes at the first evaluation or after START_LINE_AFTER seconds, whichever is first (a
+        # run refused at once prints only its error line)
+        import threading
+
+        self._timer = threading.Timer(START_LINE_AFTER, self._print_start_line)
+        self._timer.daemon = True
+        self._timer.start()
         # the first evaluation of a size may compile kernels for seconds: say so on the progress line
         from sfa_cli import kernels
 
@@ -356,7 +371,14 @@ class _FitProgress:
         self._notifier.__enter__()
         return self
 
+    def _print_start_line(self) -> None:
+        with self._lock:
+            if self.start_line and self.enabled:
+                self.progress.console.print(self.start_line, markup=False, highlight=False, soft_wrap=True)
+            self.start_line = ""
+
     def __exit__(self, *exc):
+        self._timer.cancel()
         self._notifier.__exit__(*exc)
         return self.progress.__exit__(*exc)
 
@@ -367,9 +389,8 @@ class _FitProgress:
             self.progress.update(self.task, description=f"{self.description}: {what}")
 
     def __call__(self, step) -> bool:
-        if self.start_line and self.enabled:
-            self.progress.console.print(self.start_line, markup=False, highlight=False, soft_wrap=True)
-            self.start_line = ""
+        if self.start_line:
+            self._print_start_line()
         # the sampled fit's steps also say which epoch they belong to; its error is the sample estimate
         epoch = f" epoch {step.epoch}/{step.epochs}" if getattr(step, "epochs", 0) else ""
         self.description = self.label + epoch
