@@ -534,7 +534,9 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
 
     _check_fit_method_options(click.get_current_context(), method, budget)
     _check_outputs(output, report, force, (".npz", ".h5", ".hdf5"))
-    A = load_matrix(matrix)
+    with _Spinner(not quiet) as spinner:  # a large text file takes a while to read
+        spinner.update(f"{matrix}: reading")
+        A = load_matrix(matrix)
     n = A.shape[0]
     method_options = {k: v for k, v in (("order", order), ("factors", kw["factors"])) if v is not None} \
         if method == "sparse" else None
