@@ -273,3 +273,26 @@ def test_dense_inputs_take_the_column_block_path_when_large_or_short_of_memory(m
     monkeypatch.setattr("sfa_cli.compare.SCALE_ABOVE", 32)
     c = compare(A, methods=["tsvd", "monarch"], error_sample=16)
     assert c.scale and c.results[1].status == "not applicable" and c.results[0].rel_error_is_estimate
+
+
+def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
+    import sfa_cli.learned as learned
+    from sfa_cli.compare import run_method
+    from sfa_cli.metrics import relative_error
+
+    A = sp.random(64, 64, density=0.05, random_state=1, format="csr") + sp.eye(64)
+    real = learned.learned_sparse
+
+    def poor(*args, **kwargs):  # a learned fit that ended badly
+        F = real(*args, **kwargs)
+        return F.scaled(0.1)
+
+    monkeypatch.setattr(learned, "learned_sparse", poor)
+    r = run_method(A, "sparse", 0.02)
+    from sfa_cli.baselines import top_k
+
+    assert r.rel_error == pytest.approx(relative_error(A, top_k(A, r.budget)))
+    assert "largest entries" in r.note and r.approximation.num_factors == 1
+    monkeypatch.setattr(learned, "learned_sparse", real)
+    good = run_method(A, "sparse", 0.02)
+    assert good.rel_error <= r.rel_error + 1e-12
