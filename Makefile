@@ -38,6 +38,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/sfa info data/lesmis.mtx
+	mkdir -p demo_out
 	$(BIN)/sfa fit data/lesmis.mtx -o demo_out/lesmis_factors.npz --report demo_out/lesmis_fit.json --force
 	$(BIN)/sfa compare data/lesmis.mtx
 

@@ -130,7 +130,7 @@ def _not_worse_than_top_k(A, budget, approx):
     learned_error = relative_error(A, approx)
     largest = top_k(A, budget)
     largest_error = relative_error(A, largest)
-    if largest_error >= learned_error:
+    if largest_error >= 0.999 * learned_error or learned_error - largest_error < 1e-6:  # no real gain
         return approx, approx.info.get("note", "")
     note = (f"the budget's largest entries (one factor): the learned factors reached {learned_error:.4g}, "
             f"top-k {largest_error:.4g}")
