@@ -70,8 +70,14 @@ def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Truncated SVD; at scale by svds on the (sparse) matrix."""
     from sfa_cli.baselines import truncated_svd
 
-    if scale:
+    import scipy.sparse as sp
+
+    if scale and sp.issparse(A):
         return truncated_svd(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
+    from sfa_cli.baselines import EXACT_SVD_LIMIT
+
+    if scale or A.shape[0] > EXACT_SVD_LIMIT:  # dense above LAPACK's size: the randomized range finder
+        return truncated_svd(A, budget, seed=seed, solver="randomized"), "randomized range finder, 4 power iterations"
     return truncated_svd(A, budget, seed=seed), ""
 
 

@@ -15,8 +15,8 @@ when a method first runs.
 
 Example
 -------
->>> METHODS["tsvd"].description
-'truncated SVD, rank floor(budget / 2N) (LAPACK up to N = 4096, `svds` above)'
+>>> METHODS["tsvd"].parameters
+'2 N r'
 >>> METHODS["sparse"].takes("order"), METHODS["topk"].takes("max_iter")
 (True, False)
 >>> method_record("svd2")
@@ -135,7 +135,8 @@ _RECORDS = (
                  "exact on butterfly products; `--max-iter` adds an L-BFGS polish", "2 N log2 N",
                  shared=FIT_OPTIONS + SAMPLED_OPTIONS),
     MethodRecord("tsvd", "sfa_cli.methods:tsvd",
-                 "truncated SVD, rank floor(budget / 2N) (LAPACK up to N = 4096, `svds` above)", "2 N r"),
+                 "truncated SVD, rank floor(budget / 2N) (LAPACK up to N = 4096; above, `svds` for a sparse "
+                 "matrix, a randomized range finder with 4 power iterations for a dense one)", "2 N r"),
     MethodRecord("rsvd", "sfa_cli.methods:rsvd",
                  "randomized SVD at the same rank (`torch.svd_lowrank`)", "2 N r"),
     MethodRecord("topk", "sfa_cli.methods:topk",

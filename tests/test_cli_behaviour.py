@@ -296,3 +296,18 @@ def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
     monkeypatch.setattr(learned, "learned_sparse", real)
     good = run_method(A, "sparse", 0.02)
     assert good.rel_error <= r.rel_error + 1e-12
+
+
+def test_dense_tsvd_above_the_lapack_size_is_randomized_and_says_so(monkeypatch):
+    import sfa_cli.baselines as baselines
+    from sfa_cli.baselines import tsvd_at_rank
+    from sfa_cli.metrics import relative_error
+
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((200, 8)) @ rng.standard_normal((8, 200)) + 1e-3 * rng.standard_normal((200, 200))
+    exact, fast = tsvd_at_rank(A, 8), tsvd_at_rank(A, 8, solver="randomized")
+    assert relative_error(A, fast) == pytest.approx(relative_error(A, exact), rel=1e-3)
+    monkeypatch.setattr(baselines, "EXACT_SVD_LIMIT", 100)
+    shown = jobs.tsvd_baseline(A, 2 * 200 * 8)
+    assert shown["tsvd_solver"] == "randomized" and shown["tsvd_rank"] == 8
+    assert shown["tsvd_rel_error"] == pytest.approx(relative_error(A, exact), rel=1e-3)
