@@ -53,7 +53,7 @@ from scipy.io.matlab import MatReadError
 
 from sfa_cli.errors import SfaError, printable
 from sfa_cli.memory import available_bytes, human_bytes, require_memory
-from sfa_cli.validation import as_csr, as_square_matrix, float_dtype
+from sfa_cli.validation import _check_square, as_csr, as_square_matrix, float_dtype
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -419,13 +419,7 @@ def _check_matrix_claim(shown: str, shape: tuple, dtype: np.dtype) -> None:
         raise SfaError(f"{shown}: unsupported dtype {dtype}; sfa needs real numbers")
     if len(shape) != 2:
         raise SfaError(f"{shown}: expected a 2-D matrix, got a {len(shape)}-D array of shape {tuple(shape)}")
-    rows, cols = shape
-    if rows == 0 or cols == 0:
-        raise SfaError(f"{shown}: matrix is empty ({rows} x {cols})")
-    if rows != cols:
-        raise SfaError(f"{shown}: matrix is {rows} x {cols}; sfa needs a square matrix")
-    if rows < 2:
-        raise SfaError(f"{shown}: matrix is {rows} x {cols}; sfa needs N >= 2")
+    _check_square(tuple(shape), shown)
 
 
 def _dense_read_bytes(shape: tuple, dtype: np.dtype) -> int:

@@ -34,3 +34,15 @@ def cli_error(run_cli):
         return lines[0]
 
     return run
+
+
+@pytest.fixture
+def compiled_path(monkeypatch):
+    """The compiled circulant kernels switched on for small n (they start at COMPILE_MIN_N)."""
+    from sfa_cli import kernels
+
+    monkeypatch.setattr(kernels, "COMPILE_MIN_N", 8)
+    monkeypatch.setattr(kernels, "_compiled", {})
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    with kernels.use_compiled(True):
+        yield kernels

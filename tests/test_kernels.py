@@ -51,18 +51,6 @@ def _chain_value_and_grads(structs, values, X, transpose):
     return [Y.detach()] + list(torch.autograd.grad((Y * w).sum(), values + [X]))
 
 
-@pytest.fixture
-def compiled_path(monkeypatch):
-    """The compiled circulant kernels switched on for small n (they start at COMPILE_MIN_N)."""
-    from sfa_cli import kernels
-
-    monkeypatch.setattr(kernels, "COMPILE_MIN_N", 8)
-    monkeypatch.setattr(kernels, "_compiled", {})
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    with kernels.use_compiled(True):
-        yield kernels
-
-
 @pytest.mark.parametrize("transpose", [False, True])
 def test_compiled_circulant_kernels_match_csr(compiled_path, transpose):
     kernels = compiled_path

@@ -4,7 +4,6 @@ from functools import reduce
 import pytest
 import torch
 
-from sfa_cli import kernels
 from sfa_cli.kernels import FactorStructure
 from sfa_cli.objective import BlockObjective, DenseColumns, column_blocks
 from sfa_cli.optimize import Adam, FitStep, Run, Stop, minimize
@@ -13,16 +12,6 @@ from sfa_cli.patterns import butterfly_pattern, chord_pattern
 
 def _dense_factor(struct, values, n):
     return torch.zeros(n, n, dtype=values.dtype).index_put((struct.rows, struct.col), values)
-
-
-@pytest.fixture
-def compiled_path(monkeypatch):
-    """The compiled circulant kernels switched on for small n (they start at COMPILE_MIN_N)."""
-    monkeypatch.setattr(kernels, "COMPILE_MIN_N", 8)
-    monkeypatch.setattr(kernels, "_compiled", {})
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    with kernels.use_compiled(True):
-        yield kernels
 
 
 def _dense_loss_and_grads(structs, values, T):
@@ -61,7 +50,7 @@ def test_block_objective_matches_autograd_through_dense_factors(pattern):
 
 
 def test_block_objective_on_the_compiled_kernels(compiled_path):
-    kernels = compiled_path
+    assert compiled_path.COMPILE_MIN_N == 8
     _check_block_objective(chord_pattern(40), [slice(0, 16), slice(16, 32), slice(32, 40)],
                            torch.Generator().manual_seed(4))
     if not kernels.compiled_kernels_usable():
