@@ -160,7 +160,7 @@ class Linearization:
 
     def _jvp_block(self, direction, order, inputs, cols: slice, work) -> torch.Tensor:
         p = self.problem
-        structs, M = p.structs, len(p.structs)
+        structs = p.structs
         dX = factor_columns(structs[-1], direction[-1], cols, out=work[1])
         for step, m in enumerate(order):  # m = M-2 ... 0
             dst = work[2] if dX is work[1] else work[1]

@@ -137,7 +137,7 @@ def fit_matrix(
     pattern_options : dict, optional
         ``factors, base, symmetric, self_link, permute`` (None leaves a default).
     fit_options : dict, optional
-        ``optimizer, lr, max_iter, time_limit, tol, device, dtype``.
+        ``optimizer, start, lr, max_iter, time_limit, tol, device, dtype``.
     method_options : dict, optional
         The method's own options (``order``, ``factors`` of ``sparse``).
     seed : int, default=0
@@ -188,7 +188,7 @@ def _fit_matrix(A, method, budget, pattern, pattern_options, fit_options, method
         sizes, note = chord_at_budget(n, params, **variant)
         pattern_options.update(sizes)
         extra = {"budget": params, **({"note": note} if note else {})}
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not sampled:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not uses_sampled_fit(A, sampled):
         raise SfaError("runs under torchrun need the sampled fit (the full-batch fit runs in one process)")
     stage("fitting")
     if uses_sampled_fit(A, sampled):
