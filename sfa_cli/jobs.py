@@ -315,6 +315,7 @@ def _hints(A, summary) -> list[str]:
         hints.append(f"the truncated SVD at the same budget is better ({tsvd:.4g} against {rel_error:.4g}): "
                      f"--method tsvd, or `sfa compare` for every method")
     if rel_error is not None and rel_error >= 0.99 and summary.get("method") in ("chord", "butterfly"):
-        hints.append(f"the fit ended at relative error {rel_error:.4g}, no better than the zero matrix: try "
-                     f"--optimizer lbfgs, --start identity, a smaller --lr or more --max-iter")
+        advice = ("a longer --time-limit or more --epochs (the column-block fit's early steps barely move it)"
+                  if summary.get("sampled") else "--optimizer lbfgs, --start identity, a smaller --lr or more --max-iter")
+        hints.append(f"the fit ended at relative error {rel_error:.4g}, no better than the zero matrix: try {advice}")
     return hints
