@@ -410,10 +410,18 @@ def _minus_sparse(A, S: sp.csr_matrix):
 
 
 def _randomized_low_rank(A, r: int, *, seed: int, n_iter: int, keep_sparse: bool = False):
-    """(left, right) of a rank-r approximation by torch.svd_lowrank, seeded without touching global state."""
+    """(left, right) of a rank-r approximation by torch.svd_lowrank, seeded without touching global state.
+
+    A memory-mapped dense A is read by blocks of rows instead (:func:`_blocked_low_rank`), so the
+    passes never hold the whole file in memory.
+    """
     import torch
 
+    from sfa_cli.io import is_memory_mapped
+
     n = A.shape[0]
+    if not sp.issparse(A) and is_memory_mapped(A):
+        return _blocked_low_rank(A, r, seed=seed, n_iter=n_iter)
     if sp.issparse(A) and (keep_sparse or n > ALTERNATION_EXACT_LIMIT):
         coo = A.tocoo()
         T = torch.sparse_coo_tensor(
@@ -427,6 +435,39 @@ def _randomized_low_rank(A, r: int, *, seed: int, n_iter: int, keep_sparse: bool
         U, s, V = torch.svd_lowrank(T, q=q, niter=n_iter)
     U, s, V = U[:, :r].numpy(), s[:r].numpy(), V[:, :r].numpy()
     return U * s, np.ascontiguousarray(V.T)
+
+
+def _blocked_low_rank(A, r: int, *, seed: int, n_iter: int):
+    """The randomized range finder with ``n_iter`` power iterations (Halko, Martinsson, Tropp 2011,
+    algorithm 4.4), every product with A taken over blocks of rows whose pages are handed back after use."""
+    from sfa_cli.io import release_pages
+
+    n = A.shape[0]
+    q = min(n, r + OVERSAMPLING)
+    rows = max(1, _BLOCK_ENTRIES // n)
+    work = np.float32 if A.dtype == np.float32 else np.float64
+
+    def times(X):  # A @ X
+        out = np.empty((n, X.shape[1]), dtype=work)
+        for i in range(0, n, rows):
+            out[i:i + rows] = A[i:i + rows] @ X
+            release_pages(A)
+        return out
+
+    def transposed_times(Y):  # A^T @ Y
+        out = np.zeros((n, Y.shape[1]), dtype=np.float64)
+        for i in range(0, n, rows):
+            out += A[i:i + rows].T @ Y[i:i + rows]
+            release_pages(A)
+        return out.astype(work)
+
+    Q = np.linalg.qr(times(np.random.default_rng(seed).standard_normal((n, q)).astype(work)))[0]
+    for _ in range(n_iter):
+        Q = np.linalg.qr(times(np.linalg.qr(transposed_times(Q))[0]))[0]
+    B = transposed_times(Q).T  # Q^T A, (q, n)
+    Ub, s, Vt = np.linalg.svd(B.astype(np.float64), full_matrices=False)
+    left = (Q.astype(np.float64) @ Ub[:, :r]) * s[:r]
+    return left, np.ascontiguousarray(Vt[:r])
 
 
 def _largest_of_difference(A, left: np.ndarray, right: np.ndarray, k: int):

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -195,7 +196,9 @@ def _dense_target(A, device, dtype) -> torch.Tensor:
         require_memory(work, f"moving the {n} x {n} matrix to {device}", "use --device cpu or --sampled",
                        device=device, dtype=name)
     dense = A.toarray() if sp.issparse(A) else np.asarray(A)
-    return torch.as_tensor(dense).to(dtype).to(device)
+    with warnings.catch_warnings():  # a read-only memory map: the fit never writes into its target
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(dense).to(dtype).to(device)
 
 
 def fit(

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -492,7 +493,9 @@ def fit_lm(A, pattern: str | Pattern = "chord", *, factors: int | None = None, s
     pat = make_pattern(n, pattern, factors=factors)
     structs, _ = pattern_structures(pat, dev)
     dense = A.toarray() if sp.issparse(A) else np.asarray(A)
-    target = torch.as_tensor(dense).to(device=dev, dtype=tdtype)
+    with warnings.catch_warnings():  # a read-only memory map: never written
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        target = torch.as_tensor(dense).to(device=dev, dtype=tdtype)
     scale = float(torch.linalg.vector_norm(target.double()))
     if scale == 0.0:
         raise SfaError("the matrix is all zeros; there is nothing to approximate")

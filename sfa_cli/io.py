@@ -33,6 +33,7 @@ import gc
 import gzip
 import io
 import math
+import mmap
 import os
 import re
 import secrets
@@ -486,8 +487,9 @@ def _read_npy(path: str, key: str | None, size: int):
     header = _npy_header_of_file(path, size)
     _check_matrix_claim(shown, header.shape, header.dtype)
     if header.dtype.kind == "f" and header.dtype.itemsize in (4, 8) and header.dtype.isnative:
-        # Copy-on-write: never read whole, and callers may still write into it.
-        return np.load(path, mmap_mode="c", allow_pickle=False)
+        # Read-only: never read whole, and the pages read can be handed back (release_pages) without
+        # losing anything, so a pass over a file larger than memory does not grow the resident set.
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     _require_read_memory(shown, f"the {_describe(header.shape)} {header.dtype} matrix",
                          _dense_read_bytes(header.shape, header.dtype),
                          "save it as float32 or float64, which sfa reads memory-mapped")
@@ -512,10 +514,42 @@ def _checked_memmap(A: np.memmap, shown: str) -> float:
 
 
 def _row_blocks(A: np.ndarray):
-    """Views of consecutive row blocks (of a 1-D or 2-D array) of about _BLOCK_BYTES each."""
+    """Views of consecutive row blocks (of a 1-D or 2-D array) of about _BLOCK_BYTES each; a read-only
+    memory map's pages are handed back after each block (:func:`release_pages`)."""
     rows = max(1, _BLOCK_BYTES // max(1, A[:1].nbytes))
     for start in range(0, A.shape[0], rows):
         yield A[start:start + rows]
+        release_pages(A)
+
+
+def _read_only_map(A):
+    """The ``mmap`` object behind a read-only ``np.memmap`` that A is (or views), else None."""
+    base = A
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    if base is None or getattr(base, "mode", None) != "r":
+        return None
+    return getattr(base, "_mmap", None)
+
+
+def release_pages(A) -> None:
+    """Hand back to the kernel the pages of a read-only memory-mapped array that were read.
+
+    They stay in the page cache (the next read is a minor fault, not a disk read), but no longer
+    count toward this process's resident memory, so passes over a ``.npy`` larger than memory keep
+    it flat. Does nothing for other arrays (a writable or copy-on-write map could lose writes).
+    """
+    mapped = _read_only_map(A)
+    if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+def is_memory_mapped(A) -> bool:
+    """Whether A is (a view of) a read-only memory-mapped array (its passes release their pages)."""
+    return _read_only_map(A) is not None
 
 
 def _count_non_finite(A: np.ndarray) -> int:

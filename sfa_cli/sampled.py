@@ -49,7 +49,7 @@ from sfa_cli import limits
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
 from sfa_cli.fit import FitResult, make_pattern, typed_options
-from sfa_cli.io import as_square_matrix
+from sfa_cli.io import as_square_matrix, is_memory_mapped, release_pages
 from sfa_cli.kernels import ColumnChain, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.objective import ColumnSetObjective
@@ -237,18 +237,23 @@ class _Columns:
                                         minlength=self.A.shape[1])
             self.trace = float(self.A.diagonal().astype(np.float64).sum())
         else:
-            self.A = np.asarray(A)
+            self.A = A if is_memory_mapped(A) else np.asarray(A)
             n = self.A.shape[1]
-            self.sq_norms = np.concatenate([
-                np.einsum("ij,ij->j", B, B) for B in
-                (self.A[:, j : j + 1024].astype(np.float64) for j in range(0, n, 1024))
-            ]) if n else np.zeros(0)
+            self.sq_norms = np.zeros(n)
+            for i in range(0, n, 1024):  # by rows: a memory map is read once, in order
+                rows = self.A[i : i + 1024].astype(np.float64)
+                self.sq_norms += np.einsum("ij,ij->j", rows, rows)
+                release_pages(self.A)
             self.trace = float(np.trace(self.A, dtype=np.float64))
+            release_pages(self.A)
         self.n = self.A.shape[0]
 
     def numpy(self, cols: np.ndarray) -> np.ndarray:
         block = self.A[:, cols]
-        return block.toarray() if sp.issparse(block) else np.asarray(block)
+        if sp.issparse(block):
+            return block.toarray()
+        release_pages(self.A)  # a memory map's pages read for the block go back (no-op otherwise)
+        return np.asarray(block)
 
     def torch(self, cols: np.ndarray, device, dtype, scale: float) -> torch.Tensor:
         """A[:, cols] / scale as a dense (n, |cols|) tensor on `device`.
@@ -259,6 +264,7 @@ class _Columns:
         """
         if not sp.issparse(self.A):
             block = torch.from_numpy(np.ascontiguousarray(self.A[:, cols])).to(device=device, dtype=dtype)
+            release_pages(self.A)
             return block / scale if scale != 1.0 else block
         block = self.A[:, cols]
         counts = np.diff(block.indptr)

@@ -311,3 +311,24 @@ def test_dense_tsvd_above_the_lapack_size_is_randomized_and_says_so(monkeypatch)
     shown = jobs.tsvd_baseline(A, 2 * 200 * 8)
     assert shown["tsvd_solver"] == "randomized" and shown["tsvd_rank"] == 8
     assert shown["tsvd_rel_error"] == pytest.approx(relative_error(A, exact), rel=1e-3)
+
+
+def test_a_memory_mapped_matrix_is_read_by_blocks_that_give_their_pages_back(tmp_path, monkeypatch):
+    import sfa_cli.baselines as baselines
+    import sfa_cli.io as sfa_io
+    from sfa_cli.baselines import randomized_svd
+    from sfa_cli.io import load_matrix
+    from sfa_cli.metrics import relative_error
+
+    rng = np.random.default_rng(0)
+    A = (rng.standard_normal((300, 6)) @ rng.standard_normal((6, 300)) + 1e-3 * rng.standard_normal((300, 300)))
+    np.save(tmp_path / "a.npy", A.astype(np.float32))
+    M = load_matrix(tmp_path / "a.npy")
+    released = []
+    real = sfa_io.release_pages
+    monkeypatch.setattr(sfa_io, "release_pages", lambda X: (released.append(1), real(X)))
+    monkeypatch.setattr(baselines, "_BLOCK_ENTRIES", 300 * 64)  # blocks of 64 rows
+    blocked = randomized_svd(M, 2 * 300 * 6)
+    assert len(released) >= 5 * 6  # 5 blocks per pass, several passes
+    in_memory = randomized_svd(np.array(M), 2 * 300 * 6)
+    assert relative_error(A, blocked) == pytest.approx(relative_error(A, in_memory), rel=1e-3)

@@ -310,9 +310,13 @@ def test_npy_is_memory_mapped_and_checked_block_by_block(tmp_path, monkeypatch):
     A = np.arange(64.0).reshape(8, 8)
     np.save(tmp_path / "m.npy", A)
     M = load_matrix(tmp_path / "m.npy")
-    assert isinstance(M, np.memmap) and M.flags.writeable  # copy-on-write: callers may scale in place
-    M *= 2
-    np.testing.assert_array_equal(np.load(tmp_path / "m.npy"), A)  # the file is untouched
+    # read-only: the file can never change, and the pages read can be handed back without loss
+    assert isinstance(M, np.memmap) and not M.flags.writeable
+    with pytest.raises(ValueError):
+        M *= 2
+    sfa_io.release_pages(M)
+    np.testing.assert_array_equal(M, A)  # read again from the page cache after the release
+    assert sfa_io.is_memory_mapped(M[2:]) and not sfa_io.is_memory_mapped(np.array(M))
     monkeypatch.setattr(sfa_io, "_BLOCK_BYTES", 64)  # one row per block
     A[6, 3], A[2, 5], A[7, 0] = np.nan, np.inf, np.nan
     np.save(tmp_path / "bad.npy", A)
