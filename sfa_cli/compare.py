@@ -24,14 +24,13 @@ import math
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
-import scipy.sparse as sp
 
 from sfa_cli import limits
 from sfa_cli.approximation import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.io import as_square_matrix
 from sfa_cli.metrics import never_worse_than_zero
+from sfa_cli.validation import count_nonzero
 from sfa_cli.patterns import chord_at_budget, chord_budget, resolve_budget
 from sfa_cli.registry import METHODS as RECORDS
 from sfa_cli.registry import check_methods, method_record
@@ -260,7 +259,7 @@ def compare(
         method_record(name).check_options(opts)
     n = A.shape[0]
     budgets = [resolve_budget(n, b) for b in (sweep if sweep else [budget])]
-    nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
+    nnz = count_nonzero(A)
     if scale is None:
         scale = n > SCALE_ABOVE
     if exact_error is None:

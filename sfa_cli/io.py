@@ -33,7 +33,6 @@ import gc
 import gzip
 import io
 import math
-import mmap
 import os
 import re
 import secrets
@@ -54,7 +53,7 @@ from scipy.io.matlab import MatReadError
 
 from sfa_cli.errors import SfaError, printable
 from sfa_cli.memory import available_bytes, human_bytes, require_memory
-from sfa_cli.validation import _check_square, as_csr, as_square_matrix, float_dtype
+from sfa_cli.validation import _check_square, as_csr, as_square_matrix, float_dtype, is_memory_mapped, release_pages  # noqa: F401 (re-exported)
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -520,36 +519,6 @@ def _row_blocks(A: np.ndarray):
     for start in range(0, A.shape[0], rows):
         yield A[start:start + rows]
         release_pages(A)
-
-
-def _read_only_map(A):
-    """The ``mmap`` object behind a read-only ``np.memmap`` that A is (or views), else None."""
-    base = A
-    while base is not None and not isinstance(base, np.memmap):
-        base = getattr(base, "base", None)
-    if base is None or getattr(base, "mode", None) != "r":
-        return None
-    return getattr(base, "_mmap", None)
-
-
-def release_pages(A) -> None:
-    """Hand back to the kernel the pages of a read-only memory-mapped array that were read.
-
-    They stay in the page cache (the next read is a minor fault, not a disk read), but no longer
-    count toward this process's resident memory, so passes over a ``.npy`` larger than memory keep
-    it flat. Does nothing for other arrays (a writable or copy-on-write map could lose writes).
-    """
-    mapped = _read_only_map(A)
-    if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-        try:
-            mapped.madvise(mmap.MADV_DONTNEED)
-        except (OSError, ValueError):
-            pass
-
-
-def is_memory_mapped(A) -> bool:
-    """Whether A is (a view of) a read-only memory-mapped array (its passes release their pages)."""
-    return _read_only_map(A) is not None
 
 
 def _count_non_finite(A: np.ndarray) -> int:

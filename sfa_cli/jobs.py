@@ -305,7 +305,9 @@ def _hints(A, summary) -> list[str]:
     """Advice worth a line: when storing the matrix itself is exact within the budget, and when a fit
     ended no better than the zero matrix (Adam from a poor step size does)."""
     hints = []
-    nnz = int(A.nnz if sp.issparse(A) else np.count_nonzero(A))
+    from sfa_cli.validation import count_nonzero
+
+    nnz = count_nonzero(A)
     budget = summary.get("budget") or summary.get("params")
     if budget and nnz <= budget and summary.get("method") != "topk":
         hints.append(f"the matrix has {nnz} non-zeros, no more than the budget {budget}: storing them "

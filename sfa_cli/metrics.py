@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sfa_cli.errors import SfaError
-from sfa_cli.validation import as_square_matrix
+from sfa_cli.validation import MAPPED_ROWS, as_square_matrix, mapped_columns, release_pages
 
 __all__ = ["relative_error", "residual_blocks", "best_scale", "never_worse_than_zero", "residual_columns", "frobenius_norm", "column_block", "BLOCK_COLUMNS"]
 
@@ -34,14 +34,20 @@ def frobenius_norm(A) -> float:
     """||A||_F of a dense or sparse matrix, in float64 (A is not validated: see :func:`relative_error`)."""
     if sp.issparse(A):
         return float(np.sqrt(np.sum(np.abs(A.data.astype(np.float64)) ** 2)))
-    return float(np.linalg.norm(np.asarray(A, dtype=np.float64)))
+    A = np.asarray(A)
+    total = 0.0
+    for i in range(0, A.shape[0], MAPPED_ROWS):  # by rows: no float64 copy of A, a memory map's pages go back
+        block = A[i:i + MAPPED_ROWS].astype(np.float64)
+        total += float(np.einsum("ij,ij->", block, block))
+        release_pages(A)
+    return float(np.sqrt(total))
 
 
 def column_block(A, cols: np.ndarray) -> np.ndarray:
     """Dense float64 copy of A[:, cols] for dense or sparse A (not validated)."""
     if sp.issparse(A):
         return np.asarray(A[:, cols].toarray(), dtype=np.float64)
-    return np.asarray(A[:, cols], dtype=np.float64)
+    return np.asarray(mapped_columns(A, cols), dtype=np.float64)
 
 
 def residual_columns(A, approx, cols) -> np.ndarray:

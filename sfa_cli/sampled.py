@@ -50,6 +50,7 @@ from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
 from sfa_cli.fit import FitResult, make_pattern, typed_options
 from sfa_cli.io import as_square_matrix, is_memory_mapped, release_pages
+from sfa_cli.validation import mapped_columns, mapped_trace
 from sfa_cli.kernels import ColumnChain, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.objective import ColumnSetObjective
@@ -244,16 +245,13 @@ class _Columns:
                 rows = self.A[i : i + 1024].astype(np.float64)
                 self.sq_norms += np.einsum("ij,ij->j", rows, rows)
                 release_pages(self.A)
-            self.trace = float(np.trace(self.A, dtype=np.float64))
-            release_pages(self.A)
+            self.trace = mapped_trace(self.A)
         self.n = self.A.shape[0]
 
     def numpy(self, cols: np.ndarray) -> np.ndarray:
-        block = self.A[:, cols]
-        if sp.issparse(block):
-            return block.toarray()
-        release_pages(self.A)  # a memory map's pages read for the block go back (no-op otherwise)
-        return np.asarray(block)
+        if sp.issparse(self.A):
+            return self.A[:, cols].toarray()
+        return mapped_columns(self.A, cols)  # a memory map by blocks of rows whose pages go back
 
     def torch(self, cols: np.ndarray, device, dtype, scale: float) -> torch.Tensor:
         """A[:, cols] / scale as a dense (n, |cols|) tensor on `device`.
@@ -263,8 +261,8 @@ class _Columns:
         times slower than the chain itself (docs/performance.md).
         """
         if not sp.issparse(self.A):
-            block = torch.from_numpy(np.ascontiguousarray(self.A[:, cols])).to(device=device, dtype=dtype)
-            release_pages(self.A)
+            block = torch.from_numpy(np.ascontiguousarray(mapped_columns(self.A, cols))).to(device=device,
+                                                                                             dtype=dtype)
             return block / scale if scale != 1.0 else block
         block = self.A[:, cols]
         counts = np.diff(block.indptr)

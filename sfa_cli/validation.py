@@ -21,6 +21,7 @@ sfa_cli.errors.SfaError: K: matrix has 9 NaN and 0 Inf entries; the first is at 
 """
 from __future__ import annotations
 
+import mmap
 import sys
 
 import numpy as np
@@ -256,6 +257,74 @@ def _check_square(shape: tuple, name: str) -> None:
         raise SfaError(f"{name}: matrix is {rows} x {cols}; sfa needs N >= 2")
 
 
+def _read_only_map(A):
+    """The ``mmap`` object behind a read-only ``np.memmap`` that A is (or views), else None."""
+    base = A
+    while base is not None and not isinstance(base, np.memmap):
+        base = getattr(base, "base", None)
+    if base is None or getattr(base, "mode", None) != "r":
+        return None
+    return getattr(base, "_mmap", None)
+
+
+def release_pages(A) -> None:
+    """Hand back to the kernel the pages of a read-only memory-mapped array that were read.
+
+    They stay in the page cache (the next read is a minor fault, not a disk read), but no longer
+    count toward this process's resident memory, so passes over a ``.npy`` larger than memory keep
+    it flat. Does nothing for other arrays (a writable or copy-on-write map could lose writes).
+    """
+    mapped = _read_only_map(A)
+    if mapped is not None and hasattr(mapped, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            mapped.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):
+            pass
+
+
+#: Rows read at a time from a memory map before its pages are handed back (the kernel maps the pages
+#: around every page it faults in, so even a few columns of every row would map the whole file).
+MAPPED_ROWS = 1024
+
+
+def mapped_columns(A, cols) -> np.ndarray:
+    """A[:, cols] as a new array; from a read-only memory map by blocks of rows, each block's pages
+    handed back before the next (:func:`release_pages`), so the resident set stays at one block."""
+    if not is_memory_mapped(A):
+        return np.asarray(A[:, cols])
+    cols = np.asarray(cols)
+    out = np.empty((A.shape[0], len(cols)), dtype=A.dtype)
+    for i in range(0, A.shape[0], MAPPED_ROWS):
+        out[i:i + MAPPED_ROWS] = A[i:i + MAPPED_ROWS][:, cols]
+        release_pages(A)
+    return out
+
+
+def mapped_trace(A) -> float:
+    """The trace in float64, by blocks of rows for a memory map (see :func:`mapped_columns`)."""
+    total = 0.0
+    for i in range(0, A.shape[0], MAPPED_ROWS):
+        total += float(np.trace(A[i:i + MAPPED_ROWS, i:i + MAPPED_ROWS], dtype=np.float64))
+        release_pages(A)
+    return total
+
+
+def count_nonzero(A) -> int:
+    """Non-zero entries (stored ones for a sparse matrix), by blocks of rows for a memory map."""
+    if sp.issparse(A):
+        return int(A.nnz)
+    total = 0
+    for i in range(0, A.shape[0], MAPPED_ROWS):
+        total += int(np.count_nonzero(A[i:i + MAPPED_ROWS]))
+        release_pages(A)
+    return total
+
+
+def is_memory_mapped(A) -> bool:
+    """Whether A is (a view of) a read-only memory-mapped array (its passes release their pages)."""
+    return _read_only_map(A) is not None
+
+
 def _all_finite(values: np.ndarray) -> bool:
     """True when no entry is NaN or Inf, reading a large array in slices (no full-size mask)."""
     if values.size <= FINITE_CHECK_ENTRIES:
@@ -263,9 +332,15 @@ def _all_finite(values: np.ndarray) -> bool:
     flat = values.reshape(-1) if values.flags.c_contiguous else None
     if flat is None:  # a strided view: slice along the first axis instead
         step = max(1, FINITE_CHECK_ENTRIES // max(1, values[0].size))
-        return all(bool(np.isfinite(values[i:i + step]).all()) for i in range(0, values.shape[0], step))
-    return all(bool(np.isfinite(flat[i:i + FINITE_CHECK_ENTRIES]).all())
-               for i in range(0, flat.size, FINITE_CHECK_ENTRIES))
+        slices = (values[i:i + step] for i in range(0, values.shape[0], step))
+    else:
+        slices = (flat[i:i + FINITE_CHECK_ENTRIES] for i in range(0, flat.size, FINITE_CHECK_ENTRIES))
+    for part in slices:
+        finite = bool(np.isfinite(part).all())
+        release_pages(values)  # a memory map's pages go back after each slice
+        if not finite:
+            return False
+    return True
 
 
 def _check_finite(A, name: str) -> None:
