@@ -13,7 +13,7 @@ entry count, member and dataset sizes) against the bytes the file really
 holds and against the memory available *before* it allocates, inflates only
 the member it needs and caps that by the declared shape, and refuses what it
 cannot confine (FIFOs and devices, HDF5 external storage and external links).
-A dense ``.npy`` is memory-mapped (copy-on-write), so it is never read whole.
+A dense ``.npy`` is memory-mapped read-only, so it is never read whole (passes over it hand their pages back).
 
 Everything sfa writes goes through :func:`atomic_output`: a temporary name in
 the target directory, flushed and fsynced, then renamed, so an interrupted or
@@ -210,8 +210,8 @@ def load_matrix(spec):
     -------
     ndarray or scipy.sparse.csr_matrix of shape (n, n)
         float32 or float64 (integer and boolean data become float64). A
-        float32/float64 ``.npy`` comes back as a copy-on-write ``numpy.memmap``
-        (validated block by block, never read whole).
+        float32/float64 ``.npy`` comes back as a read-only ``numpy.memmap``
+        (validated block by block, never read whole; copy it to write into it).
 
     Raises
     ------
