@@ -199,7 +199,8 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool, quiet: bo
 
             def work(spec=spec):
                 A = load_matrix(spec)
-                return matrix_info(A, path=spec, **_info_progress(matrix_info, spinner, spec))
+                return matrix_info(A, path=spec, callback=lambda stage, fraction=None, spec=spec: spinner.update(
+                    f"{spec}: {stage}" + (f" {fraction:.0%}" if fraction is not None else "")))
 
             result, problem = _per_file(ctx, spec, work)
             if problem is not None:
@@ -216,20 +217,6 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool, quiet: bo
             _consoles.out.print(note, markup=False)
     if failed:
         ctx.exit(1)
-
-
-def _info_progress(matrix_info, spinner, spec) -> dict:
-    """``callback=`` for matrix_info when it takes one (stage, fraction)."""
-    import inspect
-
-    if "callback" not in inspect.signature(matrix_info).parameters:
-        return {}
-
-    def callback(stage, fraction=None):
-        done = f" {fraction:.0%}" if fraction is not None else ""
-        spinner.update(f"{spec}: {stage}{done}")
-
-    return {"callback": callback}
 
 
 # -- options shared by `fit` and `compare` -------------------------------------------

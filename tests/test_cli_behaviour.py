@@ -267,7 +267,6 @@ def test_dense_inputs_take_the_column_block_path_when_large_or_short_of_memory(m
     monkeypatch.setattr(limits, "DENSE_FIT_MAX_N", 8192)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)  # n x n does not fit
     assert jobs.uses_sampled_fit(A)
-    monkeypatch.setattr(limits, "SCALE_ABOVE", 32)
     from sfa_cli.compare import compare
 
     monkeypatch.setattr("sfa_cli.compare.SCALE_ABOVE", 32)
