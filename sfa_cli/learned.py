@@ -631,6 +631,18 @@ class LearnedOptions:
             raise SfaError("order='hierarchical' starts from low-rank + sparse splits with budget / M non-zeros per "
                            "factor: it takes neither init='chord', a row/column projection nor factor_budgets")
 
+    def scale_obstacle(self) -> str | None:
+        """Why these options cannot run from blocks of A (:mod:`sfa_cli.learned_scale`), or None when they can."""
+        if self.M != 2:
+            return f"factors={self.M}"
+        for name, value, ok in (("init", self.init, ("auto", "lowrank+sparse")), ("projection", self.projection,
+                                ("total",)), ("refit", self.refit, ("auto", "als"))):
+            if value not in ok:
+                return f"{name}={value!r}"
+        if self.factor_budgets is not None:
+            return "factor_budgets"
+        return None
+
     @property
     def M(self) -> int:
         return int(self.factors or LEARNED_DEFAULTS["factors"])
@@ -646,8 +658,6 @@ class LearnedOptions:
                                    or min(shares) < 1 or sum(shares) > budget):
             raise SfaError(f"factor_budgets must give each of the factors (projection='factor', factors={self.M}) at "
                            f"least 1 non-zero and sum to at most the budget {budget}; got {list(shares)}")
-        if n > DENSE_FIT_LIMIT:
-            raise NotApplicable(f"the learned-support fit keeps dense n x n residuals; n={n} > {DENSE_FIT_LIMIT}")
         if budget < 2:
             raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
         if self.projection in ("row", "column") and budget < (self.factors or 2) * n:
@@ -700,13 +710,14 @@ def learned_sparse(
     refit: str = "auto",
     sweeps: int | None = None,
     callback=None,
+    at_scale: bool | None = None,
 ) -> SparseFactors:
     """Sparse factors S(1)...S(M) whose supports are learned, with at most ``budget`` non-zeros in all.
 
     Parameters
     ----------
     A : ndarray or sparse matrix of shape (n, n)
-        Densified for the fit (n <= DENSE_FIT_LIMIT).
+        Densified for the fit up to n = DENSE_FIT_LIMIT; above, read by blocks (``at_scale``).
     budget : int
         Non-zeros allowed over all factors.
     factors : int, optional
@@ -764,6 +775,10 @@ def learned_sparse(
     callback : callable, optional
         ``callback(round, rel_error)`` after the start and after each accepted
         round; returning True stops.
+    at_scale : bool, optional
+        Fit from blocks of A, nothing n x n formed (:func:`sfa_cli.learned_scale.learned_at_scale`:
+        two factors, the total projection, a low-rank + sparse start, exact ALS refits; on the CPU);
+        None: when n > DENSE_FIT_LIMIT. ``rounds`` and ``sweeps`` apply there too.
 
     Returns
     -------
@@ -775,7 +790,8 @@ def learned_sparse(
     ------
     NotApplicable
         When the budget cannot hold the start (e.g. fewer than 2 non-zeros, or
-        the Chord warm start's smallest pattern) or n > DENSE_FIT_LIMIT.
+        the Chord warm start's smallest pattern), or at scale with options that
+        need dense n x n work (more factors, a Chord start, a per-factor projection).
     """
     t0 = time.perf_counter()
     A = as_square_matrix(A, "A")
@@ -786,6 +802,8 @@ def learned_sparse(
                           hysteresis=hysteresis, tol=tol, refit=refit, sweeps=sweeps)
     opts.check(n, budget)
     settings = _FitSettings.from_options(fit_options, "learned_sparse fit_options")
+    if at_scale or (at_scale is None and n > DENSE_FIT_LIMIT):
+        return _learned_at_scale(A, budget, opts, settings, seed, rounds, sweeps, callback)
     factors, hierarchical, factor_budgets, splits = opts.factors, opts.hierarchical, opts.factor_budgets, opts.splits
     device = resolve_device(settings.placement.device, n)
     dtype = resolve_dtype(settings.placement.dtype)
@@ -897,6 +915,22 @@ def learned_sparse(
         "note": f"{chain.factors} learned factors, {chain.params} non-zeros ({info['init']} start)",
     }
     return SparseFactors(chain.to_scipy(scale, np_dtype), method="sparse", pattern=pattern, info=facts)
+
+
+def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, seed, rounds, sweeps, callback):
+    """The fit from blocks of A, for the options it takes."""
+    from sfa_cli.learned_scale import learned_at_scale
+
+    obstacle = opts.scale_obstacle()
+    if obstacle is not None:
+        raise NotApplicable(f"at n = {A.shape[0]} the learned-support method fits two factors (total projection, "
+                            f"low-rank + sparse start) from blocks of A; {obstacle} needs dense n x n residuals "
+                            f"(n <= {DENSE_FIT_LIMIT})")
+    kwargs = {"rounds": rounds, "sweeps": sweeps}
+    return learned_at_scale(A, budget, seed=seed, time_limit=settings.stop.time_limit, callback=callback,
+                            splits=(*opts.splits, 1.0),
+                            dtype=np.float32 if resolve_dtype(settings.placement.dtype) == torch.float32
+                            else np.float64, **{k: int(v) for k, v in kwargs.items() if v is not None})
 
 
 # -- Chord plus sparse -------------------------------------------------------------------------------

@@ -121,7 +121,9 @@ def learned_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=Non
 
     options = dict(options or {})
     own = {k: options[k] for k in ("factors", "order") if options.get(k) is not None}
-    approx = learn(A, budget, seed=seed, fit_options=_fit_options(options), **own)
+    approx = learn(A, budget, seed=seed, fit_options=_fit_options(options), at_scale=True if scale else None, **own)
+    if approx.pattern.get("at_scale"):  # it measured its error and compared it with top-k's in its own passes
+        return approx, approx.info.get("note", "")
     return _not_worse_than_top_k(A, budget, approx)
 
 

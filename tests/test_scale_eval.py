@@ -110,7 +110,7 @@ def test_compare_at_scale_measures_every_method_on_one_sample(graph, monkeypatch
         assert by[name].status == "not applicable" and reason in by[name].note
     assert by["butterfly"].status == "not applicable" and "power of two" in by["butterfly"].note
     ok = [r for r in c.results if r.status == "ok"]
-    assert sorted(r.method for r in ok) == ["chord", "rsvd", "topk", "tsvd"]
+    assert sorted(r.method for r in ok) == ["chord", "rsvd", "sparse", "topk", "tsvd"]
     for r in ok:
         assert r.rel_error_is_estimate and r.sample_columns == 100 and r.params <= c.budget["params"]
         low, high = r.rel_error_ci
@@ -137,7 +137,7 @@ def test_compare_at_scale_through_the_cli(run_cli, graph, monkeypatch, tmp_path,
     payload = _json(run_cli("compare", path, *options, "--json", "--csv", out_csv))
     assert payload["at_scale"] and payload["error_sample"] == 100 and payload["seed"] == 0
     status = {r["method"]: r["status"] for r in payload["results"]}
-    assert status == {"chord": "ok", "tsvd": "ok", "topk": "ok", "monarch": "not applicable", "sparse": "not applicable"}
+    assert status == {"chord": "ok", "tsvd": "ok", "topk": "ok", "monarch": "not applicable", "sparse": "ok"}
     for r in payload["results"]:
         if r["status"] == "ok":
             assert r["rel_error_is_estimate"] and r["rel_error_estimate"] == r["rel_error"]

@@ -1,0 +1,90 @@
+"""The learned-support method fitted from blocks of A (sfa_cli.learned_scale): exact errors, the budget,
+never worse than its starts or top-k, memory maps, options it refuses, the time limit, and the CLI."""
+import json
+import time
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from sfa_cli import learned
+from sfa_cli.baselines import NotApplicable, top_k, truncated_svd
+from sfa_cli.approximation import load_approximation
+from sfa_cli.learned import learned_sparse
+from sfa_cli.learned_scale import learned_at_scale
+from sfa_cli.metrics import relative_error
+
+
+def _kernel_plus_spikes(n=256, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(size=(n, 2))
+    A = np.exp(-((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / 0.02)
+    A[rng.integers(0, n, n), rng.integers(0, n, n)] += 3.0
+    return A
+
+
+def test_at_scale_reports_its_exact_error_within_the_budget_and_beats_its_baselines():
+    A = _kernel_plus_spikes()
+    budget = int(0.05 * A.size)
+    F = learned_at_scale(A, budget, seed=0)
+    err = relative_error(A, F)
+    assert F.params <= budget and F.pattern["at_scale"] and F.num_factors == 2
+    assert abs(F.info["rel_error"] - err) < 1e-6 and F.info["rel_error_exact"]
+    assert err <= relative_error(A, truncated_svd(A, budget)) + 1e-6
+    assert err <= relative_error(A, top_k(A, budget)) + 1e-6
+    assert err < 0.9 * F.info["start_rel_error"] and F.info["rounds"] >= 1  # the rounds moved the supports
+
+
+def test_at_scale_is_never_worse_than_top_k():
+    """A sparse matrix: its largest entries (top-k) beat any low-rank start, and are returned as one factor."""
+    rng = np.random.default_rng(1)
+    A = sp.random(300, 300, density=0.02, random_state=1, format="csr") + sp.eye(300) * rng.uniform(1, 2)
+    budget = int(0.8 * A.nnz)
+    F = learned_at_scale(A, budget, seed=0)
+    assert relative_error(A, F) <= relative_error(A, top_k(A, budget)) + 1e-9
+    assert F.params <= budget
+
+
+def test_memory_map_and_in_memory_agree(tmp_path):
+    """The same fit (the randomized SVD differs: row blocks of the map, torch.svd_lowrank in memory)."""
+    A = _kernel_plus_spikes(200).astype(np.float32)
+    np.save(tmp_path / "a.npy", A)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    F = learned_at_scale(mapped, 4000, seed=3, rounds=2)
+    G = learned_at_scale(A, 4000, seed=3, rounds=2)
+    assert max(F.params, G.params) <= 4000
+    assert abs(F.info["rel_error"] - G.info["rel_error"]) < 0.01 * G.info["rel_error"]
+    assert abs(F.info["rel_error"] - relative_error(mapped, F)) < 1e-5
+
+
+def test_learned_sparse_goes_to_blocks_above_the_dense_limit(monkeypatch):
+    A = _kernel_plus_spikes(160)
+    monkeypatch.setattr(learned, "DENSE_FIT_LIMIT", 128)
+    F = learned_sparse(A, 3000, seed=0, fit_options={"time_limit": 60})
+    assert F.pattern["at_scale"] and F.params <= 3000
+    with pytest.raises(NotApplicable, match="factors=3 needs dense n x n residuals"):
+        learned_sparse(A, 3000, factors=3)
+    with pytest.raises(NotApplicable, match="projection='row'"):
+        learned_sparse(A, 3000, projection="row", at_scale=True)
+
+
+def test_time_limit_returns_the_best_start():
+    A = _kernel_plus_spikes(256)
+    t0 = time.perf_counter()
+    F = learned_at_scale(A, 6000, seed=0, time_limit=1e-3)
+    assert time.perf_counter() - t0 < 30
+    assert F.info["rounds"] == 0 and F.params <= 6000
+    assert abs(F.info["rel_error"] - relative_error(A, F)) < 1e-6
+
+
+def test_fit_cli_runs_the_method_from_blocks_above_the_limit(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setattr(learned, "DENSE_FIT_LIMIT", 100)
+    A = _kernel_plus_spikes(128).astype(np.float32)
+    np.save(tmp_path / "k.npy", A)
+    out = tmp_path / "f.npz"
+    result = run_cli("fit", tmp_path / "k.npy", "-o", out, "--method", "sparse", "--budget", "0.05", "--json")
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.stdout)
+    F = load_approximation(out)
+    assert payload["pattern"]["at_scale"] and F.params <= int(0.05 * 128 * 128)
+    assert abs(payload["rel_error"] - relative_error(A, F)) < 1e-4
