@@ -40,7 +40,7 @@ from sfa_cli.approximations import LowRank, Monarch, SparseMatrix, SumApproximat
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import column_block, frobenius_norm
 from sfa_cli.patterns import tsvd_rank_at_budget
-from sfa_cli.validation import as_square_matrix, check_budget
+from sfa_cli.validation import as_square_matrix, check_budget, count_nonzero, is_memory_mapped, release_pages
 
 __all__ = [
     "NotApplicable",
@@ -210,6 +210,12 @@ def top_k(A, budget: int, *, seed: int = 0) -> SparseMatrix:
         keep = np.argpartition(np.abs(S.data), S.nnz - budget)[S.nnz - budget:]
         rows = np.repeat(np.arange(n), np.diff(S.indptr))[keep]
         cols, vals = S.indices[keep], S.data[keep]
+    elif is_memory_mapped(A):  # by blocks of rows, a running top-k: nothing n x n in memory
+        if count_nonzero(A) <= budget:
+            return SparseMatrix(_largest_of_difference(A, np.zeros((n, 0)), np.zeros((0, n)), budget)[0],
+                                method="topk", info={"note": "exact: nnz <= budget"})
+        S = _largest_of_difference(A, np.zeros((n, 0)), np.zeros((0, n)), budget)[0]
+        return SparseMatrix(S, method="topk")
     else:
         flat = A.ravel()
         if np.count_nonzero(flat) <= budget:
@@ -479,6 +485,24 @@ def _largest_of_difference(A, left: np.ndarray, right: np.ndarray, k: int):
         vals = D[keep]
         D[keep] = 0.0
         rest = float(np.dot(D, D))
+    elif is_memory_mapped(A):  # rows are contiguous in a map: blocks of rows, pages handed back
+        rows_per = max(1, _BLOCK_ENTRIES // n)
+        keep = np.empty(0, dtype=np.int64)
+        vals = np.empty(0, dtype=np.float64)
+        total, floor = 0.0, 0.0
+        for start in range(0, n, rows_per):
+            D = np.asarray(A[start:start + rows_per], dtype=np.float64) - left[start:start + rows_per] @ right
+            release_pages(A)
+            total += float(np.einsum("ij,ij->", D, D))
+            flat = D.ravel()
+            idx = np.nonzero(np.abs(flat) > floor)[0] if len(keep) >= k else np.arange(flat.size)
+            keep = np.concatenate([keep, idx + start * n])
+            vals = np.concatenate([vals, flat[idx]])
+            if len(vals) > k:
+                sel = _largest(vals, k)
+                keep, vals = keep[sel], vals[sel]
+                floor = float(np.abs(vals).min()) if k > 0 else math.inf
+        rest = max(total - float(np.dot(vals, vals)), 0.0)
     else:  # column blocks, so that neither A - L nor a dense A is formed whole
         width = max(1, _BLOCK_ENTRIES // n)
         keep = np.empty(0, dtype=np.int64)

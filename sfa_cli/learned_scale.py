@@ -107,7 +107,7 @@ class _Blocks:
 
     def columns(self):
         """Yields (J, A[:, J]) for consecutive column slices J (a memory map by row blocks, pages handed back)."""
-        width = self.width if not is_memory_mapped(self.A) else 4 * self.width  # fewer strided passes over a map
+        width = self.width if not is_memory_mapped(self.A) else 2 * self.width  # fewer strided passes over a map
         for j in range(0, self.n, width):
             self._check()
             J = slice(j, min(self.n, j + width))
@@ -188,24 +188,27 @@ def _loss(blocks: _Blocks, pair: _Pair) -> float:
 def _pair_sums(blocks: _Blocks, a: np.ndarray, atoms: np.ndarray, G: sp.csr_matrix, transpose: bool) -> np.ndarray:
     """For each pair (a[p], atoms[p]): sum over G's row atoms[p] entries (c, v) of v * A[a, c] (A[c, a] transposed)."""
     out = np.zeros(len(a))
-    if not len(a):
-        return out
     counts = np.diff(G.indptr)[atoms]
-    total = int(counts.sum())
-    if total == 0:
-        return out
-    owner = np.repeat(np.arange(len(a)), counts)
-    starts = np.repeat(G.indptr[atoms] - np.concatenate([[0], np.cumsum(counts)[:-1]]), counts)
-    pos = starts + np.arange(total)
-    c, v = G.indices[pos], G.data[pos]
-    rows, cols = (c, a[owner]) if transpose else (a[owner], c)
-    return np.bincount(owner, weights=v * blocks.entries(rows, cols), minlength=len(a))
+    ends = np.cumsum(counts)
+    p0 = 0
+    while p0 < len(a):  # chunks of pairs whose expansion holds about _BLOCK entries
+        p1 = max(p0 + 1, int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + _BLOCK, side="right")))
+        cnt = counts[p0:p1]
+        total = int(cnt.sum())
+        if total:
+            owner = np.repeat(np.arange(p1 - p0), cnt)
+            pos = np.repeat(G.indptr[atoms[p0:p1]] - np.concatenate([[0], np.cumsum(cnt)[:-1]]), cnt) + np.arange(total)
+            c, v = G.indices[pos], G.data[pos]
+            rows, cols = (c, a[p0:p1][owner]) if transpose else (a[p0:p1][owner], c)
+            out[p0:p1] = np.bincount(owner, weights=v * blocks.entries(rows, cols), minlength=p1 - p0)
+        p0 = p1
+    return out
 
 
 class _Gram:
     """Entries of G G^T (G: the atoms' rows, dense ones as Gd, the others in Gs) where the systems use them."""
 
-    def __init__(self, Gd: np.ndarray, Gs: sp.csr_matrix, dpos: np.ndarray, pairs: np.ndarray):
+    def __init__(self, Gd: np.ndarray, Gs: sp.csr_matrix, dpos: np.ndarray, F: sp.csr_matrix):
         n = Gs.shape[0]
         self.n, self.dpos = n, dpos
         # with_dense[p, b] = <dense atom p, atom b> for every atom b (column n: padding, zero)
@@ -215,12 +218,7 @@ class _Gram:
             dense_atoms = np.nonzero(dpos >= 0)[0]
             self.with_dense[:, dense_atoms] = Gd @ Gd[dpos[dense_atoms]].T
         self.sq = np.asarray(Gs.multiply(Gs).sum(1)).ravel()
-        self.keys = pairs  # sorted keys j * n + k (j < k) of sparse-sparse pairs some system needs
-        if len(pairs):
-            j, k = np.divmod(pairs, n)
-            self.vals = np.asarray(Gs[j].multiply(Gs[k]).sum(1)).ravel()
-        else:
-            self.vals = np.zeros(0)
+        self.keys, self.vals, self.exact = _sparse_gram(Gs, F, dpos >= 0)
         diag = np.concatenate([self.sq, (Gd * Gd).sum(1)])
         self.ridge = 1e-10 * float(diag.max(initial=0.0)) + 1e-300
 
@@ -237,39 +235,64 @@ class _Gram:
             if self.with_dense.shape[0] else np.zeros(shape)
         both = ~first & (db < 0) & (a < self.n) & (b < self.n)
         if both.any():
+            H[both] = 0.0
             same = both & (a == b)
             H[same] = self.sq[a[same]]
             off = both & (a != b)
-            if off.any():
+            if off.any() and len(self.keys):  # a pair not stored is zero (no common column)
                 lo, hi = np.minimum(a[off], b[off]), np.maximum(a[off], b[off])
-                H[off] = self.vals[np.searchsorted(self.keys, lo * self.n + hi)]
+                key = lo * self.n + hi
+                at = np.minimum(np.searchsorted(self.keys, key), len(self.keys) - 1)
+                H[off] = np.where(self.keys[at] == key, self.vals[at], 0.0)
         H[(a == self.n) | (b == self.n)] = 0.0
         eye = np.arange(k)
         H[:, eye, eye] += np.where(J >= 0, self.ridge, 1.0)  # padding: 1 on the diagonal
         return H
 
 
-def _sparse_pairs(F: sp.csr_matrix, dense: np.ndarray) -> np.ndarray:
-    """Sorted unique keys j * n + k (j < k) of sparse atoms sharing a line of F."""
+#: Sparse-sparse Gram entries computed at most (beyond it they are left out: a Jacobi-like refit,
+#: which the round's acceptance test still guards).
+_PAIR_LIMIT = 1 << 25
+
+
+def _sparse_gram(Gs: sp.csr_matrix, F: sp.csr_matrix, dense: np.ndarray):
+    """Sorted keys j * n + k (j < k) and values of <Gs[j], Gs[k]> for the sparse atoms the systems of F's
+    lines pair up, by the cheaper of two ways: the pairs sharing a line of F (sum of squared counts per
+    line), or the product Gs Gs^T (sum of squared counts per column of Gs; only overlapping rows)."""
     n = F.shape[0]
     sparse_entry = ~dense[F.indices]
+    per_line = np.bincount(np.repeat(np.arange(n), np.diff(F.indptr))[sparse_entry], minlength=n)
+    by_lines = int(np.sum(per_line * (per_line - 1) // 2))
+    if by_lines == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), True
+    by_product = int(np.sum(np.bincount(Gs.indices, minlength=n).astype(np.int64) ** 2))
+    if min(by_lines, by_product) > _PAIR_LIMIT:
+        return np.zeros(0, dtype=np.int64), np.zeros(0), False
+    if by_product <= by_lines:
+        GG = sp.triu(Gs @ Gs.T, k=1).tocoo()
+        keys = GG.row.astype(np.int64) * n + GG.col
+        order = np.argsort(keys)
+        return keys[order], GG.data[order], True
     lines = np.repeat(np.arange(n), np.diff(F.indptr))[sparse_entry]
     atoms = F.indices[sparse_entry]
-    counts = np.bincount(lines, minlength=n)
-    starts = np.concatenate([[0], np.cumsum(counts)])
+    starts = np.concatenate([[0], np.cumsum(per_line)])
     keys = [np.zeros(0, dtype=np.int64)]
-    for c in np.unique(counts[counts >= 2]):  # lines with c sparse atoms: all their pairs at once
-        first = starts[np.nonzero(counts == c)[0]]
+    for c in np.unique(per_line[per_line >= 2]):  # lines with c sparse atoms: all their pairs at once
+        first = starts[np.nonzero(per_line == c)[0]]
         held = atoms[first[:, None] + np.arange(c)[None, :]]
         jj, kk = np.triu_indices(int(c), 1)
         lo, hi = np.minimum(held[:, jj], held[:, kk]), np.maximum(held[:, jj], held[:, kk])
         keys.append((lo * n + hi).ravel())
-    return np.unique(np.concatenate(keys))
+    del lines
+    keys = np.unique(np.concatenate(keys))
+    j, k = np.divmod(keys, n)
+    vals = np.concatenate([np.asarray(Gs[j[s:s + (1 << 20)]].multiply(Gs[k[s:s + (1 << 20)]]).sum(1)).ravel()
+                           for s in range(0, len(keys), 1 << 20)] or [np.zeros(0)])
+    return keys, vals, True
 
 
 def _solve_lines(F: sp.csr_matrix, gram: _Gram, y: np.ndarray) -> np.ndarray:
     """New values of F (in its CSR order): line i on support J solves H[J, J] x = y[J]."""
-    n = F.shape[0]
     counts = np.diff(F.indptr)
     out = np.zeros(F.nnz)
     grain = np.maximum(1, 1 << np.maximum(np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) - 2, 0))
@@ -311,7 +334,7 @@ def _refit(blocks: _Blocks, pair: _Pair, sweeps: int) -> _Pair:
             y[is_dense] = AD[lines[is_dense], parts.dpos[atoms[is_dense]]]
         sparse = ~is_dense
         y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], parts.S2s, transpose=False)
-        gram = _Gram(parts.D2, parts.S2s, parts.dpos, _sparse_pairs(S1, parts.dense))
+        gram = _Gram(parts.D2, parts.S2s, parts.dpos, S1)
         S1 = sp.csr_matrix((_solve_lines(S1, gram, y), S1.indices, S1.indptr), shape=S1.shape)
         pair = _Pair(S1, pair.S2)
         # columns of S(2), as the rows of S2^T: H = S1^T S1, y[l, j] = (A^T S1)[l, j]
@@ -328,7 +351,7 @@ def _refit(blocks: _Blocks, pair: _Pair, sweeps: int) -> _Pair:
             y[is_dense] = AtD[lines[is_dense], parts.dpos[atoms[is_dense]]]
         sparse = ~is_dense
         y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], parts.S1s_t, transpose=True)
-        gram = _Gram(parts.D1.T, parts.S1s_t, parts.dpos, _sparse_pairs(S2t, parts.dense))
+        gram = _Gram(parts.D1.T, parts.S1s_t, parts.dpos, S2t)
         S2t = sp.csr_matrix((_solve_lines(S2t, gram, y), S2t.indices, S2t.indptr), shape=S2t.shape)
         pair = _Pair(pair.S1, S2t.T.tocsr())
     return pair
@@ -341,6 +364,15 @@ class _TopK:
     def __init__(self, k: int):
         self.k, self.floor = int(k), 0.0
         self.score, self.payload = np.zeros(0), None
+
+    def worth(self, score: np.ndarray) -> np.ndarray:
+        """Indices of a batch's scores that could enter: above the floor, and among the batch's k largest
+        (so that a large batch adds at most about k entries, not all of them)."""
+        floor = self.floor
+        if len(score) > 2 * self.k:
+            kth = float(np.partition(score, len(score) - self.k)[len(score) - self.k]) if self.k else math.inf
+            floor = max(floor, np.nextafter(kth, -math.inf))
+        return np.nonzero(score > floor)[0]
 
     def add(self, score: np.ndarray, *payload: np.ndarray) -> None:
         keep = score > self.floor
@@ -385,7 +417,7 @@ def _candidates(blocks: _Blocks, pair: _Pair, budget: int) -> tuple[float, _TopK
         G[hr, hc] = 0.0
         score = G * G
         score *= inv_b[None, :]
-        flat = np.nonzero(score.ravel() > top.floor)[0]
+        flat = top.worth(score.ravel())
         rows, cols = np.divmod(flat, n)
         top.add(score.ravel()[flat], np.zeros(len(flat), np.int8), rows + I.start, cols,
                 _STEP * G.ravel()[flat] * inv_b[cols])
@@ -399,7 +431,7 @@ def _candidates(blocks: _Blocks, pair: _Pair, budget: int) -> tuple[float, _TopK
         G[sub.indices, np.repeat(np.arange(sub.shape[1]), np.diff(sub.indptr))] = 0.0
         score = G * G
         score *= inv_a[:, None]
-        flat = np.nonzero(score.ravel() > top.floor)[0]
+        flat = top.worth(score.ravel())
         rows, cols = np.divmod(flat, J.stop - J.start)
         top.add(score.ravel()[flat], np.ones(len(flat), np.int8), rows, cols + J.start,
                 _STEP * G.ravel()[flat] * inv_a[rows])
@@ -493,9 +525,9 @@ def _starts(A, blocks: _Blocks, budget: int, seed: int, splits):
             if top.k == 0:
                 continue
             flat = D.ravel()
-            mag = np.abs(flat)
-            idx = np.nonzero(mag > math.sqrt(top.floor))[0] if top.floor > 0 else np.nonzero(mag)[0]
-            top.add(mag[idx] ** 2, idx + I.start * n, flat[idx])
+            square = flat * flat
+            idx = top.worth(square)
+            top.add(square[idx], idx + I.start * n, flat[idx])
     out, largest = [], None
     if tops[0].payload is not None:  # the budget's largest entries alone: top-k, kept to compare
         cand, vals = tops[0].payload

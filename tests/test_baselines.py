@@ -300,3 +300,18 @@ def test_save_and_load_round_trip(approx, suffix, tmp_path):
     assert np.array_equal(back.rmatmul(X), approx.rmatmul(X))
     if isinstance(approx, SumApproximation):
         assert [type(p) for p in back.parts] == [type(p) for p in approx.parts]
+
+
+def test_top_k_of_a_memory_map_streams_rows_and_matches(tmp_path, monkeypatch):
+    """A read-only .npy map: top-k by blocks of rows (a running top-k), the same entries as in memory."""
+    from sfa_cli import baselines
+
+    rng = np.random.default_rng(5)
+    A = rng.standard_normal((1100, 1100)).astype(np.float32)
+    np.save(tmp_path / "a.npy", A)
+    mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
+    monkeypatch.setattr(baselines, "_BLOCK_ENTRIES", 1100 * 7)  # 7 rows per block
+    for k in (1, 5000, 200_000):
+        got, want = baselines.top_k(mapped, k).matrix, baselines.top_k(A, k).matrix
+        assert got.nnz == want.nnz == k
+        assert abs(got - want).max() == 0

@@ -88,3 +88,47 @@ def test_fit_cli_runs_the_method_from_blocks_above_the_limit(run_cli, tmp_path, 
     F = load_approximation(out)
     assert payload["pattern"]["at_scale"] and F.params <= int(0.05 * 128 * 128)
     assert abs(payload["rel_error"] - relative_error(A, F)) < 1e-4
+
+
+def test_running_top_k_keeps_exactly_the_largest():
+    from sfa_cli.learned_scale import _TopK
+
+    rng = np.random.default_rng(4)
+    scores = rng.random(50_000)
+    for k in (1, 100, 7_000):
+        top = _TopK(k)
+        for batch in np.array_split(np.arange(len(scores)), 13):
+            idx = top.worth(scores[batch])
+            top.add(scores[batch][idx], batch[idx])
+        assert sorted(top.payload[0]) == sorted(np.argsort(scores)[-k:])
+
+
+@pytest.mark.parametrize("pair_limit", [None, 0])
+def test_an_als_sweep_leaves_every_column_of_the_second_factor_optimal(monkeypatch, pair_limit):
+    """Dense atoms (BLAS), sparse atoms sharing lines (indexed reads, Gram pairs): after a sweep each
+    column of S(2) is the exact least-squares fit given S(1). With no Gram pairs allowed (pair_limit 0)
+    the refit is Jacobi-like, and only the loss is checked (it is the rounds' acceptance test that guards)."""
+    from sfa_cli import learned_scale as L
+
+    rng = np.random.default_rng(2)
+    n = 40
+    A = rng.standard_normal((n, n))
+    S1 = sp.random(n, n, density=0.15, random_state=2, format="lil")
+    S2 = sp.random(n, n, density=0.15, random_state=1, format="lil")
+    for j in (0, 1):  # two dense atoms
+        S1[:, j] = rng.standard_normal((n, 1))
+        S2[j, :] = rng.standard_normal((1, n))
+    pair = L._Pair(S1.tocsr(), S2.tocsr())
+    blocks = L._Blocks(A, float("inf"))
+    if pair_limit is not None:
+        monkeypatch.setattr(L, "_PAIR_LIMIT", pair_limit)
+    new = L._refit(blocks, pair, 1)
+    assert L._loss(blocks, new) < L._loss(blocks, pair)
+    assert np.array_equal(new.S1.indices, pair.S1.indices) and np.array_equal(new.S2.indices, pair.S2.indices)
+    if pair_limit is None:
+        S1d, S2d = new.S1.toarray(), new.S2.toarray()
+        S2c = new.S2.tocsc()
+        for col in range(n):
+            K = S2c.indices[S2c.indptr[col]:S2c.indptr[col + 1]]
+            x = np.linalg.lstsq(S1d[:, K], A[:, col], rcond=None)[0]
+            assert np.allclose(S2d[K, col], x, atol=1e-6)
