@@ -73,6 +73,8 @@ _DENSE_SHARE = 0.25
 #: Matrix entries per batch of the small least-squares systems.
 _BATCH_ENTRIES = 1 << 21
 _STEP, _BACKOFF, _REJECTIONS = 0.25, 4.0, 3
+#: Unknowns of one line's system at most (a larger line keeps its values in that sweep).
+_MAX_LINE = 768
 
 
 class _OutOfTime(Exception):
@@ -252,7 +254,7 @@ class _Gram:
 
 #: Sparse-sparse Gram entries computed at most (beyond it they are left out: a Jacobi-like refit,
 #: which the round's acceptance test still guards).
-_PAIR_LIMIT = 1 << 25
+_PAIR_LIMIT = 1 << 22
 
 
 def _sparse_gram(Gs: sp.csr_matrix, F: sp.csr_matrix, dense: np.ndarray):
@@ -273,7 +275,6 @@ def _sparse_gram(Gs: sp.csr_matrix, F: sp.csr_matrix, dense: np.ndarray):
         keys = GG.row.astype(np.int64) * n + GG.col
         order = np.argsort(keys)
         return keys[order], GG.data[order], True
-    lines = np.repeat(np.arange(n), np.diff(F.indptr))[sparse_entry]
     atoms = F.indices[sparse_entry]
     starts = np.concatenate([[0], np.cumsum(per_line)])
     keys = [np.zeros(0, dtype=np.int64)]
@@ -283,24 +284,32 @@ def _sparse_gram(Gs: sp.csr_matrix, F: sp.csr_matrix, dense: np.ndarray):
         jj, kk = np.triu_indices(int(c), 1)
         lo, hi = np.minimum(held[:, jj], held[:, kk]), np.maximum(held[:, jj], held[:, kk])
         keys.append((lo * n + hi).ravel())
-    del lines
     keys = np.unique(np.concatenate(keys))
     j, k = np.divmod(keys, n)
-    vals = np.concatenate([np.asarray(Gs[j[s:s + (1 << 20)]].multiply(Gs[k[s:s + (1 << 20)]]).sum(1)).ravel()
-                           for s in range(0, len(keys), 1 << 20)] or [np.zeros(0)])
+    row_nnz = np.diff(Gs.indptr)
+    ends = np.cumsum(row_nnz[j] + row_nnz[k])
+    vals, p0 = np.zeros(len(keys)), 0
+    while p0 < len(keys):  # chunks whose two row copies hold about _BLOCK entries
+        p1 = max(p0 + 1, int(np.searchsorted(ends, (ends[p0 - 1] if p0 else 0) + _BLOCK, side="right")))
+        vals[p0:p1] = np.asarray(Gs[j[p0:p1]].multiply(Gs[k[p0:p1]]).sum(1)).ravel()
+        p0 = p1
     return keys, vals, True
 
 
-def _solve_lines(F: sp.csr_matrix, gram: _Gram, y: np.ndarray) -> np.ndarray:
-    """New values of F (in its CSR order): line i on support J solves H[J, J] x = y[J]."""
+def _solve_lines(F: sp.csr_matrix, gram: _Gram, y: np.ndarray, check=lambda: None) -> np.ndarray:
+    """New values of F (in its CSR order): line i on support J solves H[J, J] x = y[J].
+
+    A line with more than _MAX_LINE unknowns keeps its values (each line is its own problem, so the
+    others still descend); ``check`` is called before every batch (the deadline)."""
     counts = np.diff(F.indptr)
-    out = np.zeros(F.nnz)
+    out = np.array(F.data, dtype=np.float64)
     grain = np.maximum(1, 1 << np.maximum(np.floor(np.log2(np.maximum(counts, 1))).astype(np.int64) - 2, 0))
-    width = np.where(counts > 0, -(-counts // grain) * grain, 0)
+    width = np.where((counts > 0) & (counts <= _MAX_LINE), -(-counts // grain) * grain, 0)
     for k in np.unique(width[width > 0]):
         lines_all = np.nonzero(width == k)[0]
         step = max(1, _BATCH_ENTRIES // int(k * k))
         for b0 in range(0, len(lines_all), step):
+            check()
             lines = lines_all[b0:b0 + step]
             pos = F.indptr[lines][:, None] + np.arange(k)[None, :]
             valid = np.arange(k)[None, :] < counts[lines][:, None]
@@ -335,7 +344,7 @@ def _refit(blocks: _Blocks, pair: _Pair, sweeps: int) -> _Pair:
         sparse = ~is_dense
         y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], parts.S2s, transpose=False)
         gram = _Gram(parts.D2, parts.S2s, parts.dpos, S1)
-        S1 = sp.csr_matrix((_solve_lines(S1, gram, y), S1.indices, S1.indptr), shape=S1.shape)
+        S1 = sp.csr_matrix((_solve_lines(S1, gram, y, blocks._check), S1.indices, S1.indptr), shape=S1.shape)
         pair = _Pair(S1, pair.S2)
         # columns of S(2), as the rows of S2^T: H = S1^T S1, y[l, j] = (A^T S1)[l, j]
         parts = _Parts(pair)
@@ -352,7 +361,7 @@ def _refit(blocks: _Blocks, pair: _Pair, sweeps: int) -> _Pair:
         sparse = ~is_dense
         y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], parts.S1s_t, transpose=True)
         gram = _Gram(parts.D1.T, parts.S1s_t, parts.dpos, S2t)
-        S2t = sp.csr_matrix((_solve_lines(S2t, gram, y), S2t.indices, S2t.indptr), shape=S2t.shape)
+        S2t = sp.csr_matrix((_solve_lines(S2t, gram, y, blocks._check), S2t.indices, S2t.indptr), shape=S2t.shape)
         pair = _Pair(pair.S1, S2t.T.tocsr())
     return pair
 

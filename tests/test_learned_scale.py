@@ -132,3 +132,19 @@ def test_an_als_sweep_leaves_every_column_of_the_second_factor_optimal(monkeypat
             K = S2c.indices[S2c.indptr[col]:S2c.indptr[col + 1]]
             x = np.linalg.lstsq(S1d[:, K], A[:, col], rcond=None)[0]
             assert np.allclose(S2d[K, col], x, atol=1e-6)
+
+
+def test_lines_above_the_system_cap_keep_their_values(monkeypatch):
+    from sfa_cli import learned_scale as L
+
+    rng = np.random.default_rng(3)
+    n = 30
+    A = rng.standard_normal((n, n))
+    pair = L._Pair(sp.random(n, n, density=0.2, random_state=4, format="csr"),
+                   sp.random(n, n, density=0.2, random_state=5, format="csr"))
+    blocks = L._Blocks(A, float("inf"))
+    monkeypatch.setattr(L, "_MAX_LINE", 5)
+    new = L._refit(blocks, pair, 1)
+    assert L._loss(blocks, new) < L._loss(blocks, pair)
+    long_rows = np.nonzero(np.diff(pair.S1.indptr) > 5)[0]
+    assert len(long_rows) and all(np.array_equal(new.S1[i].data, pair.S1[i].data) for i in long_rows)
