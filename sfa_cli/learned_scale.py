@@ -325,43 +325,34 @@ def _solve_lines(F: sp.csr_matrix, gram: _Gram, y: np.ndarray, check=lambda: Non
     return out
 
 
+def _half_step(blocks: _Blocks, F: sp.csr_matrix, parts: _Parts, transpose: bool) -> sp.csr_matrix:
+    """Every line of F solved exactly: the rows of S(1) (F = S1, G = S2, y = (A S2^T) at F's entries), or
+    with ``transpose`` the columns of S(2) (F = S2^T, G = S1^T, y = (A^T S1) at F's entries)."""
+    n = F.shape[0]
+    Gd, Gs = (parts.D1.T, parts.S1s_t) if transpose else (parts.D2, parts.S2s)
+    lines = np.repeat(np.arange(n), np.diff(F.indptr))
+    atoms = F.indices
+    y = np.zeros(F.nnz)
+    is_dense = parts.dense[atoms]
+    if len(parts.d):  # the dense atoms' products with A, over row blocks: A^T D1 or A D2^T
+        AD = np.zeros((n, len(parts.d)))
+        for I, block in blocks.rows():
+            if transpose:
+                AD += block.T @ parts.D1[I]
+            else:
+                AD[I] = block @ Gd.T
+        y[is_dense] = AD[lines[is_dense], parts.dpos[atoms[is_dense]]]
+    sparse = ~is_dense
+    y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], Gs, transpose=transpose)
+    gram = _Gram(Gd, Gs, parts.dpos, F)
+    return sp.csr_matrix((_solve_lines(F, gram, y, blocks._check), F.indices, F.indptr), shape=F.shape)
+
+
 def _refit(blocks: _Blocks, pair: _Pair, sweeps: int) -> _Pair:
     """``sweeps`` ALS sweeps: the rows of S(1), then the columns of S(2), each solved exactly."""
-    n = pair.S1.shape[0]
     for _ in range(sweeps):
-        # rows of S(1): H = S2 S2^T, y[i, j] = (A S2^T)[i, j]
-        parts = _Parts(pair)
-        S1 = pair.S1
-        lines = np.repeat(np.arange(n), np.diff(S1.indptr))
-        atoms = S1.indices
-        y = np.zeros(S1.nnz)
-        is_dense = parts.dense[atoms]
-        if len(parts.d):
-            AD = np.empty((n, len(parts.d)))
-            for I, block in blocks.rows():
-                AD[I] = block @ parts.D2.T
-            y[is_dense] = AD[lines[is_dense], parts.dpos[atoms[is_dense]]]
-        sparse = ~is_dense
-        y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], parts.S2s, transpose=False)
-        gram = _Gram(parts.D2, parts.S2s, parts.dpos, S1)
-        S1 = sp.csr_matrix((_solve_lines(S1, gram, y, blocks._check), S1.indices, S1.indptr), shape=S1.shape)
-        pair = _Pair(S1, pair.S2)
-        # columns of S(2), as the rows of S2^T: H = S1^T S1, y[l, j] = (A^T S1)[l, j]
-        parts = _Parts(pair)
-        S2t = pair.S2.T.tocsr()
-        lines = np.repeat(np.arange(n), np.diff(S2t.indptr))
-        atoms = S2t.indices
-        y = np.zeros(S2t.nnz)
-        is_dense = parts.dense[atoms]
-        if len(parts.d):
-            AtD = np.zeros((n, len(parts.d)))
-            for I, block in blocks.rows():
-                AtD += block.T @ parts.D1[I]
-            y[is_dense] = AtD[lines[is_dense], parts.dpos[atoms[is_dense]]]
-        sparse = ~is_dense
-        y[sparse] = _pair_sums(blocks, lines[sparse], atoms[sparse], parts.S1s_t, transpose=True)
-        gram = _Gram(parts.D1.T, parts.S1s_t, parts.dpos, S2t)
-        S2t = sp.csr_matrix((_solve_lines(S2t, gram, y, blocks._check), S2t.indices, S2t.indptr), shape=S2t.shape)
+        pair = _Pair(_half_step(blocks, pair.S1, _Parts(pair), transpose=False), pair.S2)
+        S2t = _half_step(blocks, pair.S2.T.tocsr(), _Parts(pair), transpose=True)
         pair = _Pair(pair.S1, S2t.T.tocsr())
     return pair
 
