@@ -778,7 +778,8 @@ def learned_sparse(
     at_scale : bool, optional
         Fit from blocks of A, nothing n x n formed (:func:`sfa_cli.learned_scale.learned_at_scale`:
         two factors, the total projection, a low-rank + sparse start, exact ALS refits; on the CPU);
-        None: when n > DENSE_FIT_LIMIT. ``rounds`` and ``sweeps`` apply there too.
+        None: when n > DENSE_FIT_LIMIT, or when the dense fit's peak (about 120 bytes per entry
+        of A) does not fit in the memory available. ``rounds`` and ``sweeps`` apply there too.
 
     Returns
     -------
@@ -802,7 +803,7 @@ def learned_sparse(
                           hysteresis=hysteresis, tol=tol, refit=refit, sweeps=sweeps)
     opts.check(n, budget)
     settings = _FitSettings.from_options(fit_options, "learned_sparse fit_options")
-    if at_scale or (at_scale is None and n > DENSE_FIT_LIMIT):
+    if at_scale or (at_scale is None and (n > DENSE_FIT_LIMIT or _dense_fit_bytes(n) > _available_bytes())):
         return _learned_at_scale(A, budget, opts, settings, seed, rounds, sweeps, callback)
     factors, hierarchical, factor_budgets, splits = opts.factors, opts.hierarchical, opts.factor_budgets, opts.splits
     device = resolve_device(settings.placement.device, n)
@@ -915,6 +916,21 @@ def learned_sparse(
         "note": f"{chain.factors} learned factors, {chain.params} non-zeros ({info['init']} start)",
     }
     return SparseFactors(chain.to_scipy(scale, np_dtype), method="sparse", pattern=pattern, info=facts)
+
+
+#: Peak bytes per entry of A of the dense fit (7.5 GiB at n = 8192, scripts/bench_scale_dense.py).
+_DENSE_BYTES_PER_ENTRY = 120
+
+
+def _dense_fit_bytes(n: int) -> int:
+    """What the dense fit's n x n residuals, scores and Gram matrices take at their peak (measured)."""
+    return _DENSE_BYTES_PER_ENTRY * n * n
+
+
+def _available_bytes() -> int:
+    from sfa_cli.memory import available_bytes
+
+    return available_bytes()
 
 
 def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, seed, rounds, sweeps, callback):
