@@ -21,8 +21,13 @@ hands back its pages after each block):
   S(2) likewise with S1^T S1 and S1^T A. The atoms (columns of S(1), rows of
   S(2)) held by more than a quarter of n entries are *dense*: their Gram blocks
   and their products with A are BLAS products over row blocks of A. The other,
-  sparse atoms need only the entries of A they touch, read by index. Only the
-  Gram entries that some line's system uses are computed.
+  sparse atoms need only the entries of A they touch, read by index. Gram
+  entries between sparse atoms come from the cheaper of the pairs sharing a
+  line and the product Gs Gs^T, at most _PAIR_LIMIT of them (beyond, they are
+  left out and the refit is Jacobi-like); a line with more than _MAX_LINE
+  unknowns keeps its values in that sweep (each line's problem is separate, so
+  the other lines still descend). A Jacobi-like refit may not descend; the
+  round's acceptance test then undoes it.
 * **re-selection** (a round): a pass over the rows of the residual gives the
   gradient R S2^T of S(1), a pass over its columns the gradient S1^T R of S(2);
   an entry's score is its error decrease g^2 / c alone (held entries: c s^2),
@@ -31,11 +36,14 @@ hands back its pages after each block):
   undone and new entries discounted by 4 (three such rounds end the fit), as
   in :func:`~sfa_cli.learned.learned_sparse`, so the error never increases and
   the result is never worse than its start, which is never worse than the
-  truncated SVD at the budget (up to the randomized SVD's accuracy).
+  truncated SVD at the budget (up to the randomized SVD's accuracy). The
+  budget's largest entries (top-k, from the start's pass) are returned instead
+  when they are closer.
 
 Per pass the work is about n^2 (r + 1) for r dense atoms and n * nnz for the
 sparse ones, the memory a few blocks of rows (32 MiB each) plus the factors.
-Runs on the CPU (numpy, scipy); ``time_limit`` is checked after every block.
+Runs on the CPU (numpy, scipy); ``time_limit`` is checked after every block and
+every batch of small systems. docs/scale.md has the measurements at n = 16384.
 
 Example
 -------
