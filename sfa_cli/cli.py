@@ -748,11 +748,12 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
     still run; the exit code is 1 if any file failed. Each method's name, time
     and error are shown on stderr as it finishes.
 
-    A sparse MATRIX with N > 8192 is compared at scale: chord and butterfly by
-    the sampled fit, tsvd by svds and rsvd on the sparse matrix, topk keeps it
-    sparse, the methods that need dense N x N work are "not applicable", and
-    every error is an estimate on the same seeded column sample, with its 95%
-    interval. With --sweep, one verdict per budget and where the winner changes.
+    A MATRIX with N > 8192 (sparse, or a dense .npy read as a memory map) is
+    compared at scale: chord and butterfly by the sampled fit, tsvd by svds or
+    a randomized range finder, sparse (learned supports) from blocks of A, topk
+    by a running top-k, the methods that need dense N x N work are "not
+    applicable", and every error is an estimate on the same seeded column
+    sample, with its 95% interval. With --sweep, one verdict per budget and where the winner changes.
     """
     import time
 
