@@ -210,12 +210,12 @@ def top_k(A, budget: int, *, seed: int = 0) -> SparseMatrix:
         keep = np.argpartition(np.abs(S.data), S.nnz - budget)[S.nnz - budget:]
         rows = np.repeat(np.arange(n), np.diff(S.indptr))[keep]
         cols, vals = S.indices[keep], S.data[keep]
-    elif is_memory_mapped(A):  # by blocks of rows, a running top-k: nothing n x n in memory
-        if count_nonzero(A) <= budget:
-            return SparseMatrix(_largest_of_difference(A, np.zeros((n, 0)), np.zeros((0, n)), budget)[0],
-                                method="topk", info={"note": "exact: nnz <= budget"})
+    elif is_memory_mapped(A):  # by blocks of rows, a running top-k: one pass, nothing n x n in memory
         S = _largest_of_difference(A, np.zeros((n, 0)), np.zeros((0, n)), budget)[0]
-        return SparseMatrix(S, method="topk")
+        S.eliminate_zeros()
+        # fewer non-zeros kept than allowed: A had no more; exactly the budget: count to tell (rare)
+        exact = S.nnz < budget or (S.nnz == budget and count_nonzero(A) == budget)
+        return SparseMatrix(S, method="topk", info={"note": "exact: nnz <= budget"} if exact else {})
     else:
         flat = A.ravel()
         if np.count_nonzero(flat) <= budget:

@@ -753,7 +753,8 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
     a randomized range finder, sparse (learned supports) from blocks of A, topk
     by a running top-k, the methods that need dense N x N work are "not
     applicable", and every error is an estimate on the same seeded column
-    sample, with its 95% interval. With --sweep, one verdict per budget and where the winner changes.
+    sample, with its 95% interval. With --sweep, one verdict per budget and
+    where the winner changes.
     """
     import time
 

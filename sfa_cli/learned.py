@@ -65,6 +65,7 @@ from sfa_cli.factors import SparseFactors
 from sfa_cli.fit import DENSE_FIT_LIMIT, default_max_iter, fit
 from sfa_cli.io import as_square_matrix
 from sfa_cli.kernels import FactorStructure, chain_matmul, factor_columns, resolve_device, resolve_dtype
+from sfa_cli.memory import available_bytes
 from sfa_cli.metrics import frobenius_norm, residual_columns
 from sfa_cli.objective import BlockObjective, column_blocks
 from sfa_cli.optimize import Run, minimize
@@ -803,7 +804,7 @@ def learned_sparse(
                           hysteresis=hysteresis, tol=tol, refit=refit, sweeps=sweeps)
     opts.check(n, budget)
     settings = _FitSettings.from_options(fit_options, "learned_sparse fit_options")
-    if at_scale or (at_scale is None and (n > DENSE_FIT_LIMIT or _dense_fit_bytes(n) > _available_bytes())):
+    if at_scale or (at_scale is None and (n > DENSE_FIT_LIMIT or _dense_fit_bytes(n) > available_bytes())):
         return _learned_at_scale(A, budget, opts, settings, seed, rounds, sweeps, callback)
     factors, hierarchical, factor_budgets, splits = opts.factors, opts.hierarchical, opts.factor_budgets, opts.splits
     device = resolve_device(settings.placement.device, n)
@@ -927,12 +928,6 @@ def _dense_fit_bytes(n: int) -> int:
     return _DENSE_BYTES_PER_ENTRY * n * n
 
 
-def _available_bytes() -> int:
-    from sfa_cli.memory import available_bytes
-
-    return available_bytes()
-
-
 def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, seed, rounds, sweeps, callback):
     """The fit from blocks of A, for the options it takes."""
     from sfa_cli.learned_scale import learned_at_scale
@@ -942,11 +937,10 @@ def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, s
         raise NotApplicable(f"at n = {A.shape[0]} the learned-support method fits two factors (total projection, "
                             f"low-rank + sparse start) from blocks of A; {obstacle} needs dense n x n residuals "
                             f"(n <= {DENSE_FIT_LIMIT})")
-    kwargs = {"rounds": rounds, "sweeps": sweeps}
+    dtype = np.float32 if resolve_dtype(settings.placement.dtype) == torch.float32 else np.float64
     return learned_at_scale(A, budget, seed=seed, time_limit=settings.stop.time_limit, callback=callback,
-                            splits=(*opts.splits, 1.0),
-                            dtype=np.float32 if resolve_dtype(settings.placement.dtype) == torch.float32
-                            else np.float64, **{k: int(v) for k, v in kwargs.items() if v is not None})
+                            splits=(*opts.splits, 1.0), rounds=6 if rounds is None else int(rounds),
+                            sweeps=2 if sweeps is None else int(sweeps), dtype=dtype)
 
 
 # -- Chord plus sparse -------------------------------------------------------------------------------

@@ -404,13 +404,20 @@ def _held_mask(F: sp.csr_matrix, I: slice) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(np.arange(sub.shape[0]), np.diff(sub.indptr)), sub.indices
 
 
+def _curvatures(pair: _Pair) -> tuple[np.ndarray, np.ndarray]:
+    """(a, b): the curvature of S2[j, l] is a[j] = ||S1[:, j]||^2, that of S1[i, j] is b[j] = ||S2[j, :]||^2."""
+    S1, S2 = pair.S1, pair.S2
+    a = np.bincount(S1.indices, weights=S1.data ** 2, minlength=S1.shape[0])
+    b = np.asarray(S2.multiply(S2).sum(1)).ravel()
+    return a, b
+
+
 def _candidates(blocks: _Blocks, pair: _Pair, budget: int) -> tuple[float, _TopK]:
     """The current loss and the best ``budget`` new entries of both factors (score g^2 / c, value STEP g / c)."""
     n = pair.S1.shape[0]
     parts = _Parts(pair)
     S1, S2 = pair.S1, pair.S2
-    b = np.asarray(S2.multiply(S2).sum(1)).ravel()  # curvature of S1[i, j]: ||S2[j, :]||^2
-    a = np.bincount(S1.indices, weights=S1.data ** 2, minlength=n)  # of S2[j, l]: ||S1[:, j]||^2
+    a, b = _curvatures(pair)
     inv_b = np.divide(1.0, b, out=np.zeros(n), where=b > 0)
     inv_a = np.divide(1.0, a, out=np.zeros(n), where=a > 0)
     top = _TopK(budget)
@@ -452,8 +459,7 @@ def _select(pair: _Pair, top: _TopK, budget: int, gamma: float) -> _Pair:
     """Held entries (score c s^2) and new ones (gamma g^2 / c) compete; the budget keeps the best."""
     n = pair.S1.shape[0]
     S1, S2 = pair.S1.tocoo(), pair.S2.tocoo()
-    b = np.asarray(pair.S2.multiply(pair.S2).sum(1)).ravel()
-    a = np.bincount(pair.S1.indices, weights=pair.S1.data ** 2, minlength=n)
+    a, b = _curvatures(pair)
     which, rows, cols, vals = top.payload
     score = np.concatenate([b[S1.col] * S1.data ** 2, a[S2.row] * S2.data ** 2, gamma * top.score])
     f = np.concatenate([np.zeros(S1.nnz, np.int8), np.ones(S2.nnz, np.int8), which])

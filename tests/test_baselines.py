@@ -315,3 +315,11 @@ def test_top_k_of_a_memory_map_streams_rows_and_matches(tmp_path, monkeypatch):
         got, want = baselines.top_k(mapped, k).matrix, baselines.top_k(A, k).matrix
         assert got.nnz == want.nnz == k
         assert abs(got - want).max() == 0
+    B = np.zeros((1100, 1100), dtype=np.float32)
+    B[rng.integers(0, 1100, 300), rng.integers(0, 1100, 300)] = 1.0
+    np.save(tmp_path / "b.npy", B)
+    nnz = np.count_nonzero(B)
+    for k, exact in ((nnz + 5, True), (nnz, True), (nnz - 1, False)):
+        got = baselines.top_k(np.load(tmp_path / "b.npy", mmap_mode="r"), k)
+        assert got.matrix.nnz == min(k, nnz)
+        assert (got.info.get("note") == "exact: nnz <= budget") == exact

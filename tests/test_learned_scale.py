@@ -153,5 +153,5 @@ def test_lines_above_the_system_cap_keep_their_values(monkeypatch):
 def test_learned_sparse_goes_to_blocks_when_the_dense_fit_does_not_fit_in_memory(monkeypatch):
     A = _kernel_plus_spikes(128)
     assert not learned_sparse(A, 2000, seed=0).pattern.get("at_scale")
-    monkeypatch.setattr(learned, "_available_bytes", lambda: 120 * 128 * 128 - 1)
+    monkeypatch.setattr(learned, "available_bytes", lambda device="cpu": 120 * 128 * 128 - 1)
     assert learned_sparse(A, 2000, seed=0).pattern["at_scale"]
