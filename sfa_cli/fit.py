@@ -254,7 +254,8 @@ def fit(
         The stopping rules as keywords (:class:`~sfa_cli.options.StopRules`).
     lr, history_size, start
         The optimiser's options as keywords (:class:`~sfa_cli.options.OptimizerSpec`); ``start``
-        ``auto`` (default) probes the paper's start and the identity start and continues the better.
+        ``auto`` (default) takes the identity start when the diagonal holds at least a quarter of
+        ||A||_F^2 and the pattern has the self link, the paper's start otherwise.
     seed, device, dtype
         The placement as keywords (:class:`~sfa_cli.options.Placement`).
 

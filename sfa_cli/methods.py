@@ -51,15 +51,18 @@ def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
 def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The butterfly pattern, as many factors as the budget holds: the closed-form hierarchical
-    factorization (:func:`sfa_cli.butterfly.butterfly_closed_form`; exact on butterfly products), with
-    an L-BFGS polish of ``max_iter`` iterations when that option is given; at scale the sampled fit."""
+    factorization (:func:`sfa_cli.butterfly.butterfly_closed_form`; exact on butterfly products), then an
+    L-BFGS polish from it (``max_iter`` iterations, default :func:`sfa_cli.fit.default_max_iter`, with the
+    fit's tol stop; the better of the two is kept); at scale the sampled fit."""
     sizes, note = butterfly_at_budget(A.shape[0], budget)
     options = dict(options or {})
     if scale:
         return _fit_at(A, "butterfly", sizes, note, seed, options, scale, schedule)
     from sfa_cli.butterfly import butterfly_closed_form
+    from sfa_cli.fit import default_max_iter
 
-    approx = butterfly_closed_form(A, factors=sizes["factors"], polish_iter=options.get("max_iter") or 0,
+    polish = options.get("max_iter") or default_max_iter(A.shape[0])
+    approx = butterfly_closed_form(A, factors=sizes["factors"], polish_iter=polish,
                                    time_limit=options.get("time_limit"), device=options.get("device", "auto"))
     done = "closed form" + (f", polished ({approx.info['polish_iterations']} iterations)"
                             if approx.info.get("polish_iterations") else "")

@@ -132,7 +132,7 @@ _RECORDS = (
                  shared=FIT_OPTIONS + VARIANT_OPTIONS + PATTERN_OPTIONS + SAMPLED_OPTIONS),
     MethodRecord("butterfly", "sfa_cli.methods:butterfly",
                  "closed-form hierarchical butterfly (Le, Zheng, Riccietti, Gribonval 2022; N a power of two), "
-                 "exact on butterfly products; `--max-iter` adds an L-BFGS polish", "2 N log2 N",
+                 "exact on butterfly products, then an L-BFGS polish (`--max-iter`, the fit's default)", "2 N log2 N",
                  shared=FIT_OPTIONS + SAMPLED_OPTIONS),
     MethodRecord("tsvd", "sfa_cli.methods:tsvd",
                  "truncated SVD, rank floor(budget / 2N) (LAPACK up to N = 4096; above, `svds` for a sparse "

@@ -157,3 +157,15 @@ def test_memory_guard_names_the_work_and_the_way_out(monkeypatch):
     monkeypatch.setattr(sfa_cli.memory, "available_bytes", lambda device="cpu": 1000)
     with pytest.raises(SfaError, match=r"closed-form butterfly of the 64 x 64 matrix needs .* available; use the gradient"):
         butterfly_closed_form(sp.identity(64, format="csr"))
+
+
+def test_compare_polishes_the_closed_form_by_default():
+    """Far from any butterfly the closed form is only a start: `compare` polishes it unasked."""
+    from sfa_cli.compare import compare
+
+    pts = np.random.default_rng(4).random((64, 2))
+    A = np.exp(-((pts[:, None] - pts[None]) ** 2).sum(-1) / 0.02)  # an RBF kernel
+    closed = butterfly_closed_form(A).info["rel_error"]
+    result = compare(A, methods=["butterfly"]).results[0]
+    assert "polished" in result.note
+    assert result.rel_error < 0.98 * closed
