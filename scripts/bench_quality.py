@@ -364,6 +364,14 @@ def _cpu_name() -> str:
 
 
 NOTES = """\
+## Does each fit reach its model's optimum?
+
+The errors below are only as true as each fit. [recovery.md](recovery.md) measures that on matrices
+whose optimum is known: Hadamard and butterfly products (the closed-form butterfly is exact), Chord
+products (recovered when the factors are positive, not when they are signed), the grid Laplacians and
+the authors' N = 64 anchors. Its tables come from `scripts/bench_recovery.py`,
+`scripts/bench_recovery_chord.py` and `scripts/chord_landscape.py`.
+
 ## How the learned-support method works
 
 `sfa_cli.learned.learned_sparse(A, budget)` (method `sparse`): A ~ S(1) S(2) with both supports

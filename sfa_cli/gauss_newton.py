@@ -48,7 +48,7 @@ from sfa_cli.optimize import Run, Stop
 from sfa_cli.patterns import Pattern, chord_pattern
 
 __all__ = ["ChainLeastSquares", "Linearization", "conjugate_gradient", "lm_fit", "fit_lm", "start_values", "STARTS",
-           "LM_DEFAULTS", "chord_product"]
+           "LM_DEFAULTS", "chord_factors", "chord_product"]
 
 #: Starting points :func:`start_values` knows.
 STARTS = ("identity", "paper", "random")
@@ -429,23 +429,31 @@ def start_values(structs, start: str = "identity", *, seed: int = 0, dtype=torch
     return [(v * c).to(device=device, dtype=dtype) for v in vals]
 
 
-def chord_product(n: int, *, kind: str = "signed", noise: float = 0.0, seed: int = 0,
-                  factors: int | None = None) -> np.ndarray:
-    """A dense (n, n) product of random Chord factors, plus Gaussian noise of relative size ``noise``.
+def chord_factors(n: int, *, kind: str = "signed", seed: int = 0, factors: int | None = None,
+                  rng: np.random.Generator | None = None) -> tuple[Pattern, list[np.ndarray]]:
+    """The pattern and random values (CSR order, one array per factor) of a Chord product.
 
     ``kind="signed"``: entries normal / sqrt(k) (k non-zeros per row); ``"positive"``: rows of
-    uniform entries normalised to sum 1 (row-stochastic). The noise matrix E is scaled to
-    ||E||_F = noise * ||product||_F.
+    uniform entries normalised to sum 1 (row-stochastic). ``rng`` (default: one seeded by
+    ``seed``) draws the values.
     """
     pat = chord_pattern(n, factors=factors)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed) if rng is None else rng
     k = pat.nnz_per_row
     if kind == "signed":
-        vals = [rng.standard_normal(t.size) / math.sqrt(k) for t in pat.tables]
-    elif kind == "positive":
-        vals = [(u / u.sum(1, keepdims=True)).reshape(-1) for u in (rng.random((n, k)) for _ in pat.tables)]
-    else:
-        raise SfaError(f"kind must be one of signed, positive; got {kind!r}")
+        return pat, [rng.standard_normal(t.size) / math.sqrt(k) for t in pat.tables]
+    if kind == "positive":
+        return pat, [(u / u.sum(1, keepdims=True)).reshape(-1) for u in (rng.random((n, k)) for _ in pat.tables)]
+    raise SfaError(f"kind must be one of signed, positive; got {kind!r}")
+
+
+def chord_product(n: int, *, kind: str = "signed", noise: float = 0.0, seed: int = 0,
+                  factors: int | None = None) -> np.ndarray:
+    """A dense (n, n) product of random Chord factors (:func:`chord_factors`), plus Gaussian
+    noise of relative size ``noise``: the noise matrix E is scaled to ||E||_F = noise * ||product||_F.
+    """
+    rng = np.random.default_rng(seed)
+    pat, vals = chord_factors(n, kind=kind, factors=factors, rng=rng)
     P = SparseFactors.from_pattern(pat, vals).to_dense()
     if noise:
         E = rng.standard_normal((n, n))
