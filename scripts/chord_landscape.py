@@ -44,7 +44,7 @@ def _left_products(pat, values) -> list[np.ndarray]:
     mats = SparseFactors.from_pattern(pat, values).factors
     out, P = [], np.eye(pat.n)
     for W in mats:
-        P = np.asarray((W.T @ P.T).T)
+        P = np.asarray(P @ W)
         out.append(P)
     return out
 
@@ -53,10 +53,11 @@ def anatomy(pat, fitted, truth, A) -> dict:
     """Median |cosine| of matching columns of the left partial products; the error's share in
     A's smallest 10% of singular directions."""
     cosines = []
-    for P, Q in zip(_left_products(pat, fitted), _left_products(pat, truth)):
+    fitted_products = _left_products(pat, fitted)
+    for P, Q in zip(fitted_products, _left_products(pat, truth)):
         c = np.abs((P * Q).sum(0)) / (np.linalg.norm(P, axis=0) * np.linalg.norm(Q, axis=0))
         cosines.append(round(float(np.median(c)), 4))
-    E = _left_products(pat, fitted)[-1] - A
+    E = fitted_products[-1] - A
     U, s, _ = np.linalg.svd(A)
     tail = max(1, pat.n // 10)
     share = float(np.linalg.norm(U[:, -tail:].T @ E) ** 2 / np.linalg.norm(E) ** 2)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import pattern_structures
-from sfa_cli.gauss_newton import ChainLeastSquares, chord_product, fit_lm, lm_fit, start_values
+from sfa_cli.factors import SparseFactors, pattern_structures
+from sfa_cli.gauss_newton import ChainLeastSquares, chord_factors, chord_product, fit_lm, lm_fit, start_values
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import butterfly_pattern, chord_pattern
 
@@ -126,3 +126,13 @@ def test_starts_and_option_errors():
         fit_lm(np.eye(8), damping="trust", device="cpu")
     with pytest.raises(SfaError, match="kind must be one of"):
         chord_product(8, kind="complex")
+
+
+@pytest.mark.parametrize("kind", ["signed", "positive"])
+def test_chord_factors_are_the_factors_of_chord_product(kind):
+    pat, values = chord_factors(16, kind=kind, seed=5)
+    assert [v.size for v in values] == [t.size for t in pat.tables]
+    product = SparseFactors.from_pattern(pat, values).to_dense()
+    np.testing.assert_allclose(product, chord_product(16, kind=kind, seed=5))
+    noisy = chord_product(16, kind=kind, seed=5, noise=0.01)
+    assert np.linalg.norm(noisy - product) == pytest.approx(0.01 * np.linalg.norm(product))
