@@ -52,6 +52,7 @@ from sfa_cli.factors import SparseFactors
 from sfa_cli.fit import fit
 from sfa_cli.io import as_square_matrix
 from sfa_cli.memory import require_memory
+from sfa_cli.optimize import EXACT_REL_ERROR
 from sfa_cli.patterns import butterfly_pattern
 
 __all__ = ["butterfly_closed_form"]
@@ -83,7 +84,8 @@ def butterfly_closed_form(
         dtype of the returned factors; the SVDs always run in float64.
     polish_iter : int, default=0
         L-BFGS iterations of :func:`sfa_cli.fit.fit` started from the closed form; the
-        better of the two (exact relative error, float64) is returned.
+        better of the two (exact relative error, float64) is returned. A closed form within
+        the fit's exact stop (relative error 1e-7) is not polished.
     time_limit : float, optional
         Seconds for the polish.
     device : {"auto", "cpu", "cuda"}, default="auto"
@@ -144,7 +146,7 @@ def butterfly_closed_form(
     info = {"rel_error": closed, "closed_form_rel_error": closed, "scale": scale,
             "note": f"closed form (hierarchical rank-1 SVDs), {M} of {L} factors"}
     best = SparseFactors.from_pattern(pattern, values, info=info)
-    if polish_iter > 0 and closed > 0.0:
+    if polish_iter > 0 and closed > EXACT_REL_ERROR:  # an exact closed form has nothing to polish
         result = fit(A, pattern=pattern, init=best, max_iter=polish_iter, time_limit=time_limit,
                      device=device, dtype=out_dtype.name, callback=callback)
         polished = result.approximation

@@ -169,3 +169,10 @@ def test_compare_polishes_the_closed_form_by_default():
     result = compare(A, methods=["butterfly"]).results[0]
     assert "polished" in result.note
     assert result.rel_error < 0.98 * closed
+
+
+def test_an_exact_closed_form_is_not_polished():
+    H = scipy.linalg.hadamard(64).astype(float)
+    F = butterfly_closed_form(H, polish_iter=50, device="cpu")
+    assert F.info["rel_error"] < 1e-12
+    assert "polish_iterations" not in F.info
