@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import subprocess
@@ -101,9 +102,6 @@ def run_method(path: Path, method: str, budget: float, time_limit: float | None,
 
 
 def main() -> int:
-    if sys.argv[1:2] == ["--make"]:
-        make_matrix(sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]))
-        return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="8192,16384")
     p.add_argument("--kinds", default=",".join(KINDS))
@@ -126,9 +124,13 @@ def main() -> int:
     for n in (int(s) for s in a.sizes.split(",")):
         for kind in a.kinds.split(","):
             path = data / f"{kind}{n}.npy"
-            if not path.exists():  # written by another process: a child forked from a parent that wrote
+            if not path.exists():  # written by a spawned process: a child forked from a parent that wrote
                 t0 = time.perf_counter()  # the file inherits its resident pages, and ru_maxrss counts them
-                subprocess.run([sys.executable, __file__, "--make", kind, str(n), str(path)], check=True)
+                writer = multiprocessing.get_context("spawn").Process(target=make_matrix, args=(kind, n, path))
+                writer.start()
+                writer.join()
+                if writer.exitcode:
+                    raise SystemExit(f"writing {path} failed (exit {writer.exitcode})")
                 print(f"wrote {path} ({time.perf_counter() - t0:.0f} s)", flush=True)
             for method in a.methods.split(","):
                 row = run_method(path, method, a.budget, a.time_limit, a.timeout, a.sparse_time_limit)

@@ -804,7 +804,7 @@ def learned_sparse(
                           hysteresis=hysteresis, tol=tol, refit=refit, sweeps=sweeps)
     opts.check(n, budget)
     settings = _FitSettings.from_options(fit_options, "learned_sparse fit_options")
-    if at_scale or (at_scale is None and (n > DENSE_FIT_LIMIT or _dense_fit_bytes(n) > available_bytes())):
+    if at_scale or (at_scale is None and (n > DENSE_FIT_LIMIT or _DENSE_BYTES_PER_ENTRY * n * n > available_bytes())):
         return _learned_at_scale(A, budget, opts, settings, seed, rounds, sweeps, callback)
     factors, hierarchical, factor_budgets, splits = opts.factors, opts.hierarchical, opts.factor_budgets, opts.splits
     device = resolve_device(settings.placement.device, n)
@@ -919,13 +919,9 @@ def learned_sparse(
     return SparseFactors(chain.to_scipy(scale, np_dtype), method="sparse", pattern=pattern, info=facts)
 
 
-#: Peak bytes per entry of A of the dense fit (7.5 GiB at n = 8192, scripts/bench_scale_dense.py).
+#: Peak bytes per entry of A of the dense fit: its n x n residuals, scores and Gram matrices
+#: (7.5 GiB at n = 8192, scripts/bench_scale_dense.py).
 _DENSE_BYTES_PER_ENTRY = 120
-
-
-def _dense_fit_bytes(n: int) -> int:
-    """What the dense fit's n x n residuals, scores and Gram matrices take at their peak (measured)."""
-    return _DENSE_BYTES_PER_ENTRY * n * n
 
 
 def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, seed, rounds, sweeps, callback):
@@ -939,8 +935,8 @@ def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, s
                             f"(n <= {DENSE_FIT_LIMIT})")
     dtype = np.float32 if resolve_dtype(settings.placement.dtype) == torch.float32 else np.float64
     return learned_at_scale(A, budget, seed=seed, time_limit=settings.stop.time_limit, callback=callback,
-                            splits=(*opts.splits, 1.0), rounds=6 if rounds is None else int(rounds),
-                            sweeps=2 if sweeps is None else int(sweeps), dtype=dtype)
+                            splits=(*opts.splits, 1.0), dtype=dtype,
+                            **{k: int(v) for k, v in (("rounds", rounds), ("sweeps", sweeps)) if v is not None})
 
 
 # -- Chord plus sparse -------------------------------------------------------------------------------
