@@ -136,6 +136,16 @@ def main(argv=None):
     selected = set(QUICK) if args.quick else (set(args.cases.split(",")) if args.cases else set())
     methods = args.methods.split(",")
     rows = []
+    out_path = Path(args.out)
+
+    def save():  # after every row, so that a stopped run keeps what it measured
+        out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
+                           "torch": torch.__version__, "load_average": os.getloadavg()},
+               "note": "shared machine: compare methods within this run (ratios), not absolute seconds",
+               "rows": rows}
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out_path.write_text(json.dumps(out, indent=1))
+
     print(f"{'case':22} {'method':9} {'limit':>6} {'error':>10} {'seconds':>8} {'t(1%)':>7} {'target':>9} {'t(target)':>9} stop")
     for case in make_cases(selected):
         for method in methods:
@@ -151,12 +161,8 @@ def main(argv=None):
             tgt = "-" if case["target"] is None else f"{case['target']:.3g}"
             print(f"{case['name']:22} {method:9} {limit:6.0f} {r.rel_error:10.3e} {wall:8.1f} {reach or 0:7.1f} "
                   f"{tgt:>9} {'-' if hit is None else f'{hit:.1f}':>9} {r.stopped_because}", flush=True)
-    out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads,
-                       "torch": torch.__version__, "load_average": os.getloadavg()},
-           "note": "shared machine: compare methods within this run (ratios), not absolute seconds",
-           "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1))
+            save()
+    save()
     print(f"wrote {args.out}")
 
 

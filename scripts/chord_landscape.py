@@ -14,11 +14,16 @@ the Levenberg-Marquardt engine (:func:`sfa_cli.gauss_newton.lm_fit`, the same co
    And where is the error: the share of ||A - P||_F^2 in the span of A's smallest 10% of
    singular directions (for an error spread evenly it would be about 0.10).
 
+3. **Depth** (``--factors``): the same, on products of fewer factors than the pattern's log2(N).
+   With two factors every entry of the product is a sum of 2 or 3 rank-one terms (the script
+   prints the count of paths per offset), so no entry identifies one term.
+
 Prints a table and writes JSON (default docs/bench/chord_landscape.json).
 
 Usage:
     python scripts/chord_landscape.py                            # N = 32 and 64, 2 seeds, 1,500 LM steps each
     python scripts/chord_landscape.py --sizes 32 --max-iter 300  # quick
+    python scripts/chord_landscape.py --sizes 16,64 --factors 2,3 --eps 0.3 --seeds 2 --max-iter 20000 --seconds 40
 """
 from __future__ import annotations
 
@@ -65,8 +70,20 @@ def anatomy(pat, fitted, truth, A) -> dict:
             "cond_A": float(s[0] / s[-1])}
 
 
-def run(n: int, eps_list, seeds, seconds: float, max_iter: int, save) -> list[dict]:
-    pat, truth = chord_factors(n, seed=1)
+def paths_per_offset(pat) -> dict[int, int]:
+    """For a product of two factors of ``pat``'s first factor's offsets: how many (s, t) pairs
+    give each offset d = s + t (mod N), that is, how many rank-one terms share each entry."""
+    offsets = [int(v) for v in pat.tables[0][0]]  # row 0's columns are the offsets
+    counts: dict[int, int] = {}
+    for s in offsets:
+        for t in offsets:
+            d = (s + t) % pat.n
+            counts[d] = counts.get(d, 0) + 1
+    return counts
+
+
+def run(n: int, eps_list, seeds, seconds: float, max_iter: int, save, factors: int | None = None) -> list[dict]:
+    pat, truth = chord_factors(n, seed=1, factors=factors)
     k, m = pat.nnz_per_row, pat.factors
     structs, _ = pattern_structures(pat)
     A = SparseFactors.from_pattern(pat, truth).to_dense()
@@ -93,7 +110,7 @@ def run(n: int, eps_list, seeds, seconds: float, max_iter: int, save) -> list[di
                 row["anatomy"] = anatomy(pat, fitted, truth, A)
             rows.append(row)
             save(row)
-            print(f"N={n:<4} {label:<22} seed {seed}: {row['start_error']:.3g} -> {row['error']:.3g} "
+            print(f"N={n:<4} M={m} {label:<22} seed {seed}: {row['start_error']:.3g} -> {row['error']:.3g} "
                   f"({row['steps']} steps, {row['seconds']} s)", flush=True)
             if "anatomy" in row:
                 print("    stall anatomy:", row["anatomy"], flush=True)
@@ -107,6 +124,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--seconds", type=float, default=300.0, help="time limit of each fit")
     p.add_argument("--max-iter", type=int, default=1500, help="LM steps of each fit")
+    p.add_argument("--factors", help="comma-separated numbers of factors (default: the pattern's, log2 N)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", default=str(ROOT / "docs" / "bench" / "chord_landscape.json"))
     a = p.parse_args(argv)
@@ -117,8 +135,13 @@ def main(argv=None) -> None:
         done.append(row)
         Path(a.json).write_text(json.dumps({"command": " ".join(sys.argv), "rows": done}, indent=2) + "\n")
 
+    depths = [int(f) for f in a.factors.split(",")] if a.factors else [None]
     for n in (int(s) for s in a.sizes.split(",")):
-        run(n, [float(e) for e in a.eps.split(",")], list(range(a.seeds)), a.seconds, a.max_iter, save)
+        counts = paths_per_offset(chord_factors(n, factors=2)[0])
+        print(f"N={n}: two factors reach {len(counts)} offsets, each entry a sum of "
+              f"{min(counts.values())}-{max(counts.values())} rank-one terms", flush=True)
+        for m in depths:
+            run(n, [float(e) for e in a.eps.split(",")], list(range(a.seeds)), a.seconds, a.max_iter, save, m)
     print(f"wrote {a.json}")
 
 
