@@ -10,9 +10,16 @@ case's time limit, in the same run:
   old       sfa_cli.fit.fit with its defaults (L-BFGS from the paper's start, float32)
   lbfgs+id  the same L-BFGS from the identity start (sfa_cli.gauss_newton.start_values)
   lm        Levenberg-Marquardt from the identity start (sfa_cli.gauss_newton.fit_lm, float32)
+  lm+paper  Levenberg-Marquardt from the paper's start (fit(optimizer="lm", start="paper"))
+  lifted    the lifted start (sfa_cli.lifted), then Levenberg-Marquardt (fit(optimizer="lm",
+            start="lifted")); refused where the pattern has more than sfa_cli.lifted.MAX_PATHS paths
+
+Shallow cases (``signed64-f2``, ``signed64-f3``, ``signed256-f2``): products of 2 or 3 Chord
+factors, fitted on the same shallow pattern (the depth study of docs/recovery.md).
 
 For each: the error reached, the seconds of the whole call, and the optimiser's seconds to
-first come within 1% of that error, and to reach the case's target when it has one. Prints a
+first come within 1% of that error, and to reach the case's target when it has one (for
+``lifted`` these include the start's seconds). Prints a
 table and writes JSON (default docs/bench/recovery_chord.json). Run it under ``nice`` on a
 shared machine and compare methods within one run, not across runs.
 
@@ -20,6 +27,7 @@ Usage:
     python scripts/bench_recovery_chord.py --quick          # N = 64 cases, grid, anchors (~11 min)
     python scripts/bench_recovery_chord.py                  # every case (hours)
     python scripts/bench_recovery_chord.py --cases signed64,grid32 --methods old,lm
+    python scripts/bench_recovery_chord.py --cases signed64-f2,signed64-f3,signed256-f2 --out docs/bench/recovery_chord_shallow.json
 """
 from __future__ import annotations
 
@@ -37,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sfa_cli.errors import SfaError  # noqa: E402
 from sfa_cli.factors import SparseFactors, pattern_structures  # noqa: E402
 from sfa_cli.fit import fit  # noqa: E402
 from sfa_cli.gauss_newton import chord_product, fit_lm, start_values  # noqa: E402
@@ -46,7 +55,9 @@ from sfa_cli.synthetic import grid_laplacian  # noqa: E402
 ANCHORS = ROOT.parent / "shared" / "data" / "anchors"
 #: The authors' Chord errors at N = 64 (anchors/README.md).
 AUTHORS_N64 = {"graph": 0.2675, "grid": 0.2769, "lowrank": 0.0257, "gauss": 0.3583}
-METHODS = ("old", "lbfgs+id", "lm")
+METHODS = ("old", "lbfgs+id", "lm", "lm+paper", "lifted")
+#: Shallow products (n, factors): the lifted start's cases.
+SHALLOW = ((64, 2), (64, 3), (256, 2))
 #: Seconds per case: the issue's targets where it names them.
 LIMITS = {64: 60.0, 256: 180.0, 1024: 120.0}
 NOISES = (0.0, 0.001, 0.01, 0.1)
@@ -61,7 +72,7 @@ def chord_cases():
                 yield (f"{kind}{n}" + (f"-n{noise:g}" if noise else ""), n, kind, noise)
 
 
-def target_of(name: str, n: int, kind: str, noise: float, level: float) -> float | None:
+def target_of(n: int, kind: str, noise: float, level: float) -> float | None:
     """The issue's target error for a case (None where it names none)."""
     if kind == "signed" and not noise:
         return {64: 1e-4, 256: 1e-3}.get(n)
@@ -81,8 +92,14 @@ def make_cases(selected):
             clean = chord_product(n, kind=kind, seed=1)
             level = float(np.linalg.norm(A - clean) / np.linalg.norm(A))
         limit = LIMITS[n] if (kind == "signed" and not noise) or n == 1024 else min(LIMITS[n], 60.0)
-        yield {"name": name, "A": A, "limit": limit, "target": target_of(name, n, kind, noise, level),
+        yield {"name": name, "A": A, "limit": limit, "target": target_of(n, kind, noise, level),
                "noise_level": level}
+    for n, factors in SHALLOW:
+        name = f"signed{n}-f{factors}"
+        if selected and name not in selected:
+            continue
+        yield {"name": name, "A": chord_product(n, factors=factors, seed=1), "limit": 60.0,
+               "target": target_of(n, "signed", 0.0, 0.0), "noise_level": 0.0, "factors": factors}
     if not selected or "grid32" in selected:
         yield {"name": "grid32", "A": grid_laplacian(32).toarray(), "limit": 120.0, "target": 0.40, "noise_level": 0.0}
     if not selected or "anchors" in selected:
@@ -93,32 +110,36 @@ def make_cases(selected):
                        "noise_level": 0.0}
 
 
-def identity_init(A: np.ndarray, seed: int) -> SparseFactors:
+def identity_init(A: np.ndarray, seed: int, factors: int | None = None) -> SparseFactors:
     """The identity start as factors for fit(init=...), carrying A's scale as fit expects."""
-    pat = chord_pattern(A.shape[0])
+    pat = chord_pattern(A.shape[0], factors=factors)
     structs, _ = pattern_structures(pat)
     x = start_values(structs, "identity", seed=seed)
     c = float(np.linalg.norm(A)) ** (1.0 / pat.factors)
     return SparseFactors.from_pattern(pat, [v.numpy() * c for v in x])
 
 
-def run_method(method: str, A: np.ndarray, limit: float, seed: int):
+def run_method(method: str, A: np.ndarray, limit: float, seed: int, factors: int | None = None):
     t0 = time.perf_counter()
-    common = dict(time_limit=limit, seed=seed, device="cpu", dtype="float32")
+    common = dict(time_limit=limit, seed=seed, device="cpu", dtype="float32", factors=factors)
     if method == "old":
         r = fit(A, **common)
     elif method == "lbfgs+id":
-        r = fit(A, init=identity_init(A, seed), **common)
-    else:
+        r = fit(A, init=identity_init(A, seed, factors), **common)
+    elif method == "lm":
         r = fit_lm(A, max_iter=10**6, **common)
+    elif method in ("lm+paper", "lifted"):
+        r = fit(A, optimizer="lm", start=method.replace("lm+", ""), max_iter=10**6, **common)
+    else:
+        raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
     return r, time.perf_counter() - t0
 
 
-def first_time(history, threshold: float):
-    """Optimiser seconds when the error first fell to ``threshold`` (None if never)."""
+def first_time(history, threshold: float, before: float = 0.0):
+    """Optimiser seconds (plus ``before``) when the error first fell to ``threshold`` (None if never)."""
     for h in history:
         if h["rel_error"] <= threshold:
-            return h["seconds"]
+            return before + h["seconds"]
     return None
 
 
@@ -150,9 +171,17 @@ def main(argv=None):
     for case in make_cases(selected):
         for method in methods:
             limit = case["limit"] * args.limit_scale
-            r, wall = run_method(method, case["A"], limit, args.seed)
-            reach = first_time(r.history, 1.01 * r.rel_error)
-            hit = None if case["target"] is None else first_time(r.history, case["target"])
+            try:
+                r, wall = run_method(method, case["A"], limit, args.seed, case.get("factors"))
+            except SfaError as e:  # the lifted start at full depth
+                rows.append({"case": case["name"], "method": method, "n": int(case["A"].shape[0]), "refused": str(e)})
+                print(f"{case['name']:22} {method:9} refused: {e}", flush=True)
+                save()
+                continue
+            # seconds outside the optimiser's clock: the lifted start's sweeps
+            before = wall - r.history[-1]["seconds"] if method == "lifted" and r.history else 0.0
+            reach = first_time(r.history, 1.01 * r.rel_error, before)
+            hit = None if case["target"] is None else first_time(r.history, case["target"], before)
             row = {"case": case["name"], "method": method, "n": int(case["A"].shape[0]), "time_limit": limit,
                    "rel_error": r.rel_error, "seconds": wall, "seconds_to_1pct_of_final": reach,
                    "target": case["target"], "seconds_to_target": hit, "noise_level": case["noise_level"],

@@ -27,6 +27,7 @@ ENTRIES = (
     "sfa_cli.info:matrix_info",
     "sfa_cli.fit:fit",
     "sfa_cli.sampled:fit_sampled",
+    "sfa_cli.lifted:lifted_start",
     "sfa_cli.compare:compare",
     "sfa_cli.compare:run_method",
     "sfa_cli.approximation:load_approximation",

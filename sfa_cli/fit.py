@@ -35,7 +35,7 @@ from sfa_cli.io import as_square_matrix
 from sfa_cli.kernels import resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.objective import BlockObjective
-from sfa_cli.optimize import ADAM_LR, FitStep, Run, minimize
+from sfa_cli.optimize import ADAM_LR, EXACT_REL_ERROR, FitStep, Run, minimize
 from sfa_cli.options import OPTIMIZERS, OptimizerSpec, PatternSpec, Placement, StopRules
 from sfa_cli.patterns import Pattern
 
@@ -79,7 +79,7 @@ class FitResult:
     peak_memory_bytes : int
         Peak resident memory of this process (host) when the fit ended, in bytes.
     start : str
-        Which start the returned factors came from: ``paper``, ``identity`` or ``warm``.
+        Which start the returned factors came from: ``paper``, ``identity``, ``lifted`` or ``warm``.
     peak_device_memory_bytes : int or None
         Peak torch allocation on the CUDA device during the fit (None on the CPU).
     """
@@ -255,7 +255,8 @@ def fit(
     lr, history_size, start
         The optimiser's options as keywords (:class:`~sfa_cli.options.OptimizerSpec`); ``start``
         ``auto`` (default) takes the identity start when the diagonal holds at least a quarter of
-        ||A||_F^2 and the pattern has the self link, the paper's start otherwise.
+        ||A||_F^2 and the pattern has the self link, the paper's start otherwise; ``lifted`` recovers
+        products of 2-3 factors exactly (:mod:`sfa_cli.lifted`).
     seed, device, dtype
         The placement as keywords (:class:`~sfa_cli.options.Placement`).
 
@@ -299,7 +300,7 @@ class _FullFit:
         self.objective = BlockObjective(self.structs, self.target)
 
     def _start(self, init: SparseFactors | None) -> tuple[str, list[torch.Tensor]]:
-        """The start, by name: a warm start, the paper's row averages, or the identity start.
+        """The start, by name: a warm start, the paper's row averages, the identity or the lifted start.
 
         ``auto`` takes the identity start when the diagonal holds at least :data:`IDENTITY_START_SHARE`
         of ||A||_F^2 (Laplacians, covariances, kernels: the product starts at about I, which already
@@ -321,6 +322,13 @@ class _FullFit:
         if wanted == "auto":
             share = float(torch.linalg.vector_norm(torch.diagonal(self.target).double())) ** 2  # ||A||_F = 1
             wanted = "identity" if has_diagonal and share >= IDENTITY_START_SHARE else "paper"
+        if wanted == "lifted":
+            from sfa_cli.lifted import LIFTED_DEFAULTS, lifted_start
+
+            # in float32 the target itself is rounded at about 1e-8: stop the sweeps at the fit's exact stop
+            tol = LIFTED_DEFAULTS["tol"] if self.dtype == torch.float64 else EXACT_REL_ERROR
+            values, _ = lifted_start(self.target, pat, time_limit=self.stop.time_limit, tol=tol)
+            return "lifted", [v.to(self.dtype) for v in values]
         if wanted == "identity":
             from sfa_cli.gauss_newton import start_values
 
@@ -363,7 +371,10 @@ class _FullFit:
     def run(self, init, callback) -> FitResult:
         t0 = time.perf_counter()
         name, start = self._start(init)
-        best = self._optimise(start, self.max_iter, self.stop.time_limit, callback)
+        limit = self.stop.time_limit
+        if limit is not None:  # the start's seconds count against the limit (the optimiser still takes a step)
+            limit = max(limit - (time.perf_counter() - t0), 1e-3)
+        best = self._optimise(start, self.max_iter, limit, callback)
         history = best["history"]
         factor_scale = self.scale ** (1.0 / self.pat.factors)
         vals = [(v.double() * factor_scale).cpu().numpy() for v in best["values"]]

@@ -267,6 +267,9 @@ def _check_time(run: Run) -> None:
 
 #: Defaults of :func:`lm_fit` (scripts/bench_recovery_chord.py, docs/engine.md).
 LM_DEFAULTS = {"cg_iter": 20, "cg_tol": 1e-4, "warm_start": 0.95, "initial_lambda": 1e-3, "window": 50}
+#: :func:`lm_fit` stops (``tol``) once the damping passes this: a step then changes no value in float64,
+#: and nu's doubling would overflow float32 a few rejections later.
+MAX_LAMBDA = 1e16
 
 
 def lm_fit(structs, values, target: torch.Tensor, *, max_iter: int = 1000, time_limit: float | None = None,
@@ -377,6 +380,8 @@ def lm_fit(structs, values, target: torch.Tensor, *, max_iter: int = 1000, time_
                     run.history[-1].update({"lambda": lam, "cg_iterations": cg_done, "accepted": accepted})
             else:
                 flat.copy_(saved)
+            if lam > MAX_LAMBDA:  # steps of relative size 1/lam fail: no decrease left at this precision
+                raise Stop("tol")
             run.end_iteration()
     except Stop as stop:
         run.stopped_because = stop.reason

@@ -27,7 +27,7 @@ __all__ = ["PatternSpec", "StopRules", "OptimizerSpec", "Placement", "SampledSch
 
 PATTERN_NAMES = ("chord", "butterfly")
 OPTIMIZERS = ("lbfgs", "adam", "lm")
-FIT_STARTS = ("auto", "paper", "identity")
+FIT_STARTS = ("auto", "paper", "identity", "lifted")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("float32", "float64")
 SAMPLED_STARTS = ("identity", "paper")
@@ -177,12 +177,14 @@ class OptimizerSpec(_Options):
         Step size: 1 for L-BFGS (its line search scales it), 0.01 for Adam (unused by lm).
     history_size : int, default=20
         L-BFGS memory.
-    start : {"auto", "paper", "identity"}, default="auto"
+    start : {"auto", "paper", "identity", "lifted"}, default="auto"
         The factors' start: the paper's row averages with 1% noise; every factor the identity plus
-        small noise (the product scaled to unit norm; needs the self link); ``auto`` the identity
-        start when A's diagonal holds at least a quarter of ||A||_F^2 (Laplacians, covariances,
-        kernels) and the pattern has the self link, else the paper's. A warm start (``init``)
-        replaces it.
+        small noise (the product scaled to unit norm; needs the self link); ``lifted`` the factors
+        read off alternating projections on the product's paths (:mod:`sfa_cli.lifted`: exact on
+        products of 2-3 Chord factors, refused above :data:`sfa_cli.lifted.MAX_PATHS` paths);
+        ``auto`` the identity start when A's diagonal holds at least a quarter of ||A||_F^2
+        (Laplacians, covariances, kernels) and the pattern has the self link, else the paper's. A
+        warm start (``init``) replaces it.
     """
 
     optimizer: str = "lbfgs"

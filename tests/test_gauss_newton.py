@@ -84,6 +84,15 @@ def test_loss_never_increases_across_accepted_steps():
     assert r.rel_error < 0.1 * r.initial_rel_error
 
 
+def test_no_decrease_left_stops_instead_of_overflowing_the_damping():
+    # float32, never stopped by the window (tol=0): once no step lowers the loss, lambda grew by
+    # nu = 2, 4, 8, ... per rejection and overflowed float32 (RuntimeError) a few dozen steps later
+    A = np.random.default_rng(0).standard_normal((16, 16))
+    r = fit_lm(A, factors=1, dtype="float32", tol=0, max_iter=300, device="cpu")
+    assert r.stopped_because == "tol" and r.iterations < 300
+    assert r.history[-1]["lambda"] > 1e16 and 0 < r.rel_error < 1
+
+
 def test_time_limit_is_honoured_inside_a_step():
     A = chord_product(64, seed=0)
     t0 = time.perf_counter()

@@ -1,0 +1,77 @@
+#!/usr/bin/env python
+"""Benchmark: how deep a product the lifted start (sfa_cli.lifted) recovers, and how fast.
+
+For each N and number of factors M: the exact product of random Chord factors (signed normal /
+sqrt(k) entries, or positive row-stochastic rows; ``chord_factors(N, factors=M, seed=1)``), the
+lifted start alone (no gradient polish), float64, one thread. Reports the paths (unknowns), the
+sweeps, the seconds, the last consistency residual and the relative error of the factors it reads
+off, and how many distinct offsets the product covers (of N: a product that covers every entry
+with more paths than unknowns per row is not identifiable by counting alone). Prints a table and
+writes JSON (default docs/bench/lifted.json).
+
+Usage:
+    python scripts/bench_lifted.py                          # the grid below (~2 min)
+    python scripts/bench_lifted.py --cases 64:2,64:3 --sweeps 5000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sfa_cli.factors import SparseFactors  # noqa: E402
+from sfa_cli.gauss_newton import chord_factors  # noqa: E402
+from sfa_cli.lifted import lifted_start, path_count  # noqa: E402
+
+CASES = "16:2,64:2,256:2,1024:2,64:2:positive,16:3,32:3,64:3,256:3,64:4"
+
+
+def covered(pat) -> int:
+    """Distinct offsets (j - i mod N) that the product of the pattern's factors can reach."""
+    reach = {0}
+    for table in pat.tables:
+        offsets = {int(c) for c in table[0]}  # circulant: row 0's columns are the offsets
+        reach = {(r + o) % pat.n for r in reach for o in offsets}
+    return len(reach)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default=CASES, help="comma-separated N:M[:positive]")
+    p.add_argument("--sweeps", type=int, default=5000)
+    p.add_argument("--seconds", type=float, default=30.0, help="time limit of each case")
+    p.add_argument("--json", default=str(ROOT / "docs" / "bench" / "lifted.json"))
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    print(f"{'N':>5} {'M':>2} {'kind':8} {'paths':>9} {'offsets':>8} {'sweeps':>6} {'seconds':>8} "
+          f"{'residual':>9} {'error':>9} stop")
+    for case in a.cases.split(","):
+        parts = case.split(":")
+        n, m = int(parts[0]), int(parts[1])
+        kind = parts[2] if len(parts) > 2 else "signed"
+        pat, vals = chord_factors(n, factors=m, kind=kind, seed=1)
+        A = torch.as_tensor(SparseFactors.from_pattern(pat, vals).to_dense())
+        t0 = time.perf_counter()
+        _, info = lifted_start(A / torch.linalg.vector_norm(A), pat, sweeps=a.sweeps, time_limit=a.seconds)
+        row = {"n": n, "factors": m, "kind": kind, "paths": path_count(pat), "offsets": covered(pat),
+               "wall_seconds": time.perf_counter() - t0, **info}
+        rows.append(row)
+        print(f"{n:5} {m:2} {kind:8} {row['paths']:9,} {row['offsets']:8} {info['sweeps']:6} {info['seconds']:8.2f} "
+              f"{info['residual']:9.2e} {info['rel_error']:9.2e} {info['stopped_because']}", flush=True)
+        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.json).write_text(json.dumps({"command": " ".join(sys.argv), "platform": platform.platform(),
+                                            "torch": torch.__version__, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {a.json}")
+
+
+if __name__ == "__main__":
+    main()

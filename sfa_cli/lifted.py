@@ -1,0 +1,213 @@
+"""The lifted start: recover a shallow product of sparse factors by alternating projections on its paths.
+
+A product P = W(1) W(2) ... W(M) on a fixed pattern is a sum over paths: row j0 reaches column
+jM through nodes j1, ..., j(M-1), taking non-zero t_m of row j(m-1) of factor m, and the path
+carries the value W(1)[j0, t1] W(2)[j1, t2] ... W(M)[j(M-1), tM]. The lifted problem keeps one
+unknown per path, T (N k^M of them for k non-zeros per row), and asks for two things:
+
+* **consistency** (an affine set): for every entry (j0, jM) the paths that end there sum to
+  A[j0, jM]. Its projection adds the entry's residual, divided by its number of paths, to each
+  of them (the paths of different entries are disjoint, so the map's Gram matrix is diagonal);
+* **factorisation** (one set per layer m = 1 .. M-1): the paths through node j at depth m form a
+  matrix, prefixes (j0, t1..tm) by suffixes (t(m+1)..tM), and on a product it has rank one,
+  prefix value times suffix value. Its projection is that matrix's top singular pair (a few
+  warm-started power iterations).
+
+Alternating projections between them (each sweep: for every layer, consistency then rank one)
+need no start: from the paths of A alone they reach an exact two-factor Chord product to machine
+precision (N = 16-256) and three factors at N = 64; the factors are then read off the rank-one
+pairs (:func:`lifted_start`). This is what the gradient engines cannot do: on two-factor signed
+Chord products every entry is a sum of 2-3 rank-one terms, and LM from any start stalls at
+0.05-0.1 (docs/recovery.md, "Depth"). At full depth (M = log2 N) the sets meet in more than the
+products and the sweeps stall; the path count N k^M also grows past what memory holds, so
+:data:`MAX_PATHS` bounds it.
+
+Example
+-------
+>>> import torch
+>>> from sfa_cli.factors import SparseFactors
+>>> from sfa_cli.gauss_newton import chord_factors
+>>> pat, vals = chord_factors(64, factors=2, seed=1)
+>>> A = torch.as_tensor(SparseFactors.from_pattern(pat, vals).to_dense())
+>>> values, info = lifted_start(A / A.norm(), pat, sweeps=2000)
+>>> info["rel_error"] < 1e-8
+True
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from sfa_cli.errors import SfaError
+from sfa_cli.factors import pattern_structures
+from sfa_cli.kernels import chain_matmul
+from sfa_cli.patterns import Pattern
+
+__all__ = ["lifted_start", "path_count", "MAX_PATHS", "LIFTED_DEFAULTS"]
+
+#: The most paths (unknowns of the lifted problem) :func:`lifted_start` takes: 2^22, about 0.2 GB
+#: of working memory in float64.
+MAX_PATHS = 1 << 22
+#: Defaults of :func:`lifted_start`.
+LIFTED_DEFAULTS = {"sweeps": 5000, "tol": 1e-12, "power_iterations": 2, "window": 200}
+
+
+def path_count(pattern: Pattern) -> int:
+    """N times the product of the factors' non-zeros per row: the lifted problem's unknowns."""
+    return pattern.n * math.prod(int(t.shape[1]) for t in pattern.tables)
+
+
+class _Paths:
+    """Index tables of every path of a pattern, on one device."""
+
+    def __init__(self, pattern: Pattern, device):
+        n = pattern.n
+        self.n, self.ks = n, [int(t.shape[1]) for t in pattern.tables]
+        self.tables = [torch.as_tensor(np.array(t, dtype=np.int64), device=device) for t in pattern.tables]
+        nodes = torch.arange(n, device=device)
+        self.layers = []  # per inner depth m = 1..M-1: (sort order of prefixes by node, inverse, group size)
+        for m, table in enumerate(self.tables):
+            nodes = table[nodes].reshape(-1)  # node at depth m + 1 of every prefix, prefixes in row-major order
+            if m + 1 < len(self.tables):
+                order = torch.argsort(nodes, stable=True)
+                counts = torch.bincount(nodes, minlength=n)
+                if bool((counts != counts[0]).any()):
+                    raise SfaError("the lifted start needs every node to be reached by as many paths "
+                                   f"(factor {m + 1} has columns of unequal counts)")
+                inverse = torch.empty_like(order)
+                inverse[order] = torch.arange(order.numel(), device=device)
+                self.layers.append((order, inverse, int(counts[0])))
+        sources = torch.arange(n, device=device).repeat_interleave(nodes.numel() // n)
+        self.entry = sources * n + nodes  # flat (j0, jM) of every path
+        self.count = torch.bincount(self.entry, minlength=n * n)
+
+
+def _consistency(T, paths: _Paths, target_flat, inv_count) -> float:
+    """Project T on the paths that sum to the target; return ||residual||_F before the projection."""
+    residual = target_flat - torch.bincount(paths.entry, weights=T, minlength=target_flat.numel())
+    residual = residual * (paths.count > 0)  # entries no path reaches stay as they are
+    T += (residual * inv_count)[paths.entry]
+    return float(torch.linalg.vector_norm(residual))
+
+
+def _rank_one(T, paths: _Paths, m: int, us: list, power_iterations: int) -> None:
+    """Project the layer-m node matrices (prefixes x suffixes) of T on rank one, in place."""
+    order, _, group = paths.layers[m]
+    n = paths.n
+    X = T.view(order.numel(), -1)[order].view(n, group, -1)
+    u = us[m]
+    for _ in range(power_iterations):
+        v = torch.einsum("ngs,ng->ns", X, u)
+        u = torch.einsum("ngs,ns->ng", X, v)
+        norm = torch.linalg.vector_norm(u, dim=1, keepdim=True)
+        u = torch.where(norm > 0, u / norm.clamp_min(1e-300), us[m])
+    us[m] = u
+    v = torch.einsum("ngs,ng->ns", X, u)
+    T.view(order.numel(), -1)[order] = (u.unsqueeze(2) * v.unsqueeze(1)).view(order.numel(), -1)
+
+
+def _factors(T, paths: _Paths, us: list) -> list[torch.Tensor]:
+    """Read the factors (table order, (n, k) each) off the rank-one node matrices of T."""
+    n, M = paths.n, len(paths.ks)
+    if M == 1:
+        return [T.view(n, paths.ks[0]).clone()]
+    suffix = []  # per layer: (n, k(m+1) ... kM), the suffix values at each node
+    for m, (order, _, group) in enumerate(paths.layers):
+        X = T.view(order.numel(), -1)[order].view(n, group, -1)
+        suffix.append(torch.einsum("ngs,ng->ns", X, us[m]))
+    order, inverse, _ = paths.layers[0]
+    first = us[0].reshape(-1)[inverse].view(n, paths.ks[0])  # prefix (j0, t1)'s entry of u at node j1
+    out = [first]
+    for m in range(1, M - 1):
+        here = suffix[m - 1].view(n, paths.ks[m], -1)  # node j at depth m: row t is W(m+1)[j, t] x suffix at next
+        nxt = suffix[m][paths.tables[m]]  # (n, k, rest): the suffix at each next node
+        sq = (nxt * nxt).sum(-1)
+        out.append(torch.where(sq > 0, (here * nxt).sum(-1) / sq.clamp_min(1e-300), torch.zeros_like(sq)))
+    out.append(suffix[M - 2].view(n, paths.ks[M - 1]))
+    return out
+
+
+def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED_DEFAULTS["sweeps"],
+                 time_limit: float | None = None, tol: float = LIFTED_DEFAULTS["tol"],
+                 power_iterations: int = LIFTED_DEFAULTS["power_iterations"],
+                 window: int = LIFTED_DEFAULTS["window"], max_paths: int = MAX_PATHS):
+    """Factor values of ``pattern`` whose product approximates ``target``, by the lifted problem.
+
+    Parameters
+    ----------
+    target : Tensor of shape (n, n)
+        Computed in float64 on its device.
+    pattern : Pattern
+        Every node must be entered by as many paths at each depth (Chord and butterfly are).
+    sweeps : int, default=5000
+        Alternating-projection sweeps (each: for every inner layer, consistency then rank one).
+    time_limit : float, optional
+        Seconds; checked after every sweep.
+    tol : float, default=1e-12
+        Stop when the consistency residual, relative to ||target||_F, falls below it.
+    power_iterations : int, default=2
+        Per sweep and layer, warm-started.
+    window : int, default=200
+        Stop when the residual fell by less than 1% over this many sweeps.
+    max_paths : int, default=MAX_PATHS
+        Refuse patterns with more paths (:func:`path_count`) than this.
+
+    Returns
+    -------
+    values : list of Tensor
+        One 1-D tensor per factor, in CSR order (:meth:`sfa_cli.kernels.FactorStructure.from_table`),
+        float64, on the target's device.
+    info : dict
+        ``sweeps``, ``seconds``, ``residual`` (the last consistency residual, relative),
+        ``rel_error`` (of the returned factors' product), ``stopped_because`` (``tol``,
+        ``sweeps``, ``time_limit``, ``stalled``) and ``paths``.
+    """
+    t0 = time.perf_counter()
+    paths_total = path_count(pattern)
+    if paths_total > max_paths:
+        raise SfaError(f"the lifted start needs one unknown per path, N x k^M = {paths_total:,} here, more than "
+                       f"{max_paths:,}; take fewer factors (--factors) or another start")
+    device = target.device
+    A = target.to(torch.float64)
+    norm = float(torch.linalg.vector_norm(A))
+    if norm == 0.0:
+        raise SfaError("the matrix is all zeros; there is nothing to approximate")
+    paths = _Paths(pattern, device)
+    A_flat = A.reshape(-1)
+    inv_count = torch.where(paths.count > 0, 1.0 / paths.count.clamp_min(1).to(torch.float64), 0.0)
+    T = torch.zeros(paths.entry.numel(), dtype=torch.float64, device=device)
+    us = [torch.full((pattern.n, g), 1.0 / math.sqrt(g), dtype=torch.float64, device=device)
+          for _, _, g in paths.layers]
+    residuals, stopped, sweep = [], "sweeps", 0
+    for sweep in range(1, sweeps + 1):
+        worst = 0.0
+        for m in range(len(paths.layers)):
+            worst = max(worst, _consistency(T, paths, A_flat, inv_count) / norm)
+            _rank_one(T, paths, m, us, power_iterations)
+        if not paths.layers:
+            worst = _consistency(T, paths, A_flat, inv_count) / norm
+        residuals.append(worst)
+        if worst <= tol:
+            stopped = "tol"
+            break
+        if len(residuals) > window and worst > 0.99 * residuals[-window - 1]:
+            stopped = "stalled"
+            break
+        if time_limit is not None and time.perf_counter() - t0 >= time_limit:
+            stopped = "time_limit"
+            break
+    table_values = _factors(T, paths, us)
+    structs, orders = pattern_structures(pattern, device)
+    values = [v.reshape(-1)[torch.as_tensor(o, device=device)] for v, o in zip(table_values, orders)]
+    sq = 0.0
+    for start in range(0, pattern.n, 1024):  # the product's error, by column blocks of the identity
+        cols = torch.arange(start, min(start + 1024, pattern.n), device=device)
+        E = torch.zeros(pattern.n, cols.numel(), dtype=torch.float64, device=device)
+        E[cols, torch.arange(cols.numel(), device=device)] = 1.0
+        sq += float(torch.linalg.vector_norm(A[:, cols] - chain_matmul(structs, values, E))) ** 2
+    err = math.sqrt(sq) / norm
+    return values, {"sweeps": sweep, "seconds": time.perf_counter() - t0, "residual": residuals[-1] if residuals else 0.0,
+                    "rel_error": err, "stopped_because": stopped, "paths": paths_total}
