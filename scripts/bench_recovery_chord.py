@@ -14,7 +14,7 @@ case's time limit, in the same run:
   lifted    the lifted start (sfa_cli.lifted), then Levenberg-Marquardt (fit(optimizer="lm",
             start="lifted")); refused where the pattern has more than sfa_cli.lifted.MAX_PATHS paths
 
-Shallow cases (``signed64-f2``, ``signed64-f3``, ``signed256-f2``): products of 2 or 3 Chord
+Shallow cases (``signed64-f2``, ``-f3``, ``-f4``, ``signed256-f2``): products of 2-4 Chord
 factors, fitted on the same shallow pattern (the depth study of docs/recovery.md).
 
 For each: the error reached, the seconds of the whole call, and the optimiser's seconds to
@@ -27,7 +27,7 @@ Usage:
     python scripts/bench_recovery_chord.py --quick          # N = 64 cases, grid, anchors (~11 min)
     python scripts/bench_recovery_chord.py                  # every case (hours)
     python scripts/bench_recovery_chord.py --cases signed64,grid32 --methods old,lm
-    python scripts/bench_recovery_chord.py --cases signed64-f2,signed64-f3,signed256-f2 --out docs/bench/recovery_chord_shallow.json
+    python scripts/bench_recovery_chord.py --cases signed64-f2,signed64-f3,signed64-f4,signed256-f2 --out docs/bench/recovery_chord_shallow.json
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ ANCHORS = ROOT.parent / "shared" / "data" / "anchors"
 AUTHORS_N64 = {"graph": 0.2675, "grid": 0.2769, "lowrank": 0.0257, "gauss": 0.3583}
 METHODS = ("old", "lbfgs+id", "lm", "lm+paper", "lifted")
 #: Shallow products (n, factors): the lifted start's cases.
-SHALLOW = ((64, 2), (64, 3), (256, 2))
+SHALLOW = ((64, 2), (64, 3), (64, 4), (256, 2))
 #: Seconds per case: the issue's targets where it names them.
 LIMITS = {64: 60.0, 256: 180.0, 1024: 120.0}
 NOISES = (0.0, 0.001, 0.01, 0.1)

@@ -288,6 +288,7 @@ class _FullFit:
         self.pat, self.optimizer = pat, optimizer
         self.max_iter = default_max_iter(n) if stop.max_iter is None else stop.max_iter
         self.stop, self.seed = stop, placement.seed
+        self.interrupted = False  # Ctrl-C during the start (the lifted start's sweeps)
         self.dev, self.dtype = resolve_device(placement.device, n), resolve_dtype(placement.dtype)
         self.structs, _ = pattern_structures(pat, self.dev)
         if self.dev.type == "cuda":
@@ -327,7 +328,9 @@ class _FullFit:
 
             # in float32 the target itself is rounded at about 1e-8: stop the sweeps at the fit's exact stop
             tol = LIFTED_DEFAULTS["tol"] if self.dtype == torch.float64 else EXACT_REL_ERROR
-            values, _ = lifted_start(self.target, pat, time_limit=self.stop.time_limit, tol=tol)
+            limit = None if self.stop.time_limit is None else self.stop.time_limit / 2  # the rest polishes
+            values, info = lifted_start(self.target, pat, time_limit=limit, tol=tol)
+            self.interrupted = info["stopped_because"] == "interrupted"
             return "lifted", [v.to(self.dtype) for v in values]
         if wanted == "identity":
             from sfa_cli.gauss_newton import start_values
@@ -374,7 +377,11 @@ class _FullFit:
         limit = self.stop.time_limit
         if limit is not None:  # the start's seconds count against the limit (the optimiser still takes a step)
             limit = max(limit - (time.perf_counter() - t0), 1e-3)
-        best = self._optimise(start, self.max_iter, limit, callback)
+        if self.interrupted:  # Ctrl-C in the start: evaluate it, keep it, stop
+            best = self._optimise(start, 1, limit, callback)
+            best["stopped_because"] = "interrupted"
+        else:
+            best = self._optimise(start, self.max_iter, limit, callback)
         history = best["history"]
         factor_scale = self.scale ** (1.0 / self.pat.factors)
         vals = [(v.double() * factor_scale).cpu().numpy() for v in best["values"]]

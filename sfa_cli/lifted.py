@@ -81,14 +81,15 @@ class _Paths:
                 inverse[order] = torch.arange(order.numel(), device=device)
                 self.layers.append((order, inverse, int(counts[0])))
         sources = torch.arange(n, device=device).repeat_interleave(nodes.numel() // n)
-        self.entry = sources * n + nodes  # flat (j0, jM) of every path
-        self.count = torch.bincount(self.entry, minlength=n * n)
+        # the entries (j0, jM) some path reaches, flat, and each path's index among them
+        self.reached, self.entry = torch.unique(sources * n + nodes, return_inverse=True)
+        self.count = torch.bincount(self.entry, minlength=self.reached.numel())
 
 
-def _consistency(T, paths: _Paths, target_flat, inv_count) -> float:
-    """Project T on the paths that sum to the target; return ||residual||_F before the projection."""
-    residual = target_flat - torch.bincount(paths.entry, weights=T, minlength=target_flat.numel())
-    residual = residual * (paths.count > 0)  # entries no path reaches stay as they are
+def _consistency(T, paths: _Paths, target_reached, inv_count) -> float:
+    """Project T on the paths that sum to the target (on the entries they reach); return
+    ||residual||_F before the projection."""
+    residual = target_reached - torch.bincount(paths.entry, weights=T, minlength=target_reached.numel())
     T += (residual * inv_count)[paths.entry]
     return float(torch.linalg.vector_norm(residual))
 
@@ -163,7 +164,7 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     info : dict
         ``sweeps``, ``seconds``, ``residual`` (the last consistency residual, relative),
         ``rel_error`` (of the returned factors' product), ``stopped_because`` (``tol``,
-        ``sweeps``, ``time_limit``, ``stalled``) and ``paths``.
+        ``sweeps``, ``time_limit``, ``stalled``, ``interrupted``: Ctrl-C) and ``paths``.
     """
     t0 = time.perf_counter()
     paths_total = path_count(pattern)
@@ -176,29 +177,35 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     if norm == 0.0:
         raise SfaError("the matrix is all zeros; there is nothing to approximate")
     paths = _Paths(pattern, device)
-    A_flat = A.reshape(-1)
-    inv_count = torch.where(paths.count > 0, 1.0 / paths.count.clamp_min(1).to(torch.float64), 0.0)
+    A_reached = A.reshape(-1)[paths.reached]
+    inv_count = 1.0 / paths.count.to(torch.float64)
     T = torch.zeros(paths.entry.numel(), dtype=torch.float64, device=device)
     us = [torch.full((pattern.n, g), 1.0 / math.sqrt(g), dtype=torch.float64, device=device)
           for _, _, g in paths.layers]
     residuals, stopped, sweep = [], "sweeps", 0
-    for sweep in range(1, sweeps + 1):
-        worst = 0.0
+    try:
+        for sweep in range(1, sweeps + 1):
+            worst = 0.0
+            for m in range(len(paths.layers)):
+                worst = max(worst, _consistency(T, paths, A_reached, inv_count) / norm)
+                _rank_one(T, paths, m, us, power_iterations)
+            if not paths.layers:
+                worst = _consistency(T, paths, A_reached, inv_count) / norm
+            residuals.append(worst)
+            if worst <= tol:
+                stopped = "tol"
+                break
+            if len(residuals) > window and worst > 0.99 * residuals[-window - 1]:
+                stopped = "stalled"
+                break
+            if time_limit is not None and time.perf_counter() - t0 >= time_limit:
+                stopped = "time_limit"
+                break
+    except KeyboardInterrupt:  # Ctrl-C: the factors of the sweeps so far (a sweep's projections are whole)
+        stopped = "interrupted"
+        _consistency(T, paths, A_reached, inv_count)
         for m in range(len(paths.layers)):
-            worst = max(worst, _consistency(T, paths, A_flat, inv_count) / norm)
             _rank_one(T, paths, m, us, power_iterations)
-        if not paths.layers:
-            worst = _consistency(T, paths, A_flat, inv_count) / norm
-        residuals.append(worst)
-        if worst <= tol:
-            stopped = "tol"
-            break
-        if len(residuals) > window and worst > 0.99 * residuals[-window - 1]:
-            stopped = "stalled"
-            break
-        if time_limit is not None and time.perf_counter() - t0 >= time_limit:
-            stopped = "time_limit"
-            break
     table_values = _factors(T, paths, us)
     structs, orders = pattern_structures(pattern, device)
     values = [v.reshape(-1)[torch.as_tensor(o, device=device)] for v, o in zip(table_values, orders)]

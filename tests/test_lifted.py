@@ -1,11 +1,18 @@
 """The lifted start (sfa_cli.lifted): exact recovery of shallow products, its limits and its errors."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import scipy.io
 import torch
 
+from sfa_cli.approximation import load_approximation
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors
 from sfa_cli.fit import fit
@@ -13,6 +20,8 @@ from sfa_cli.gauss_newton import chord_factors, chord_product
 from sfa_cli.lifted import MAX_PATHS, lifted_start, path_count
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import Pattern, butterfly_pattern, chord_pattern
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _target(pat, vals):
@@ -24,8 +33,8 @@ def _target(pat, vals):
 def test_shallow_chord_products_are_recovered_exactly(n, factors, kind):
     pat, vals = chord_factors(n, factors=factors, kind=kind, seed=1)
     A = _target(pat, vals)
-    values, info = lifted_start(A, pat, sweeps=5000, tol=1e-10)
-    assert info["rel_error"] < 1e-8, info
+    values, info = lifted_start(A, pat, sweeps=5000, tol=1e-7)
+    assert info["rel_error"] < 1e-6 and info["stopped_because"] == "tol", info  # gradient fits: 0.02-0.15
     assert info["paths"] == path_count(pat) == n * pat.nnz_per_row ** factors
     # the reported error is the returned factors' product's, in CSR order
     P = SparseFactors.from_pattern(pat, [v.numpy() for v in values]).to_dense()
@@ -89,3 +98,24 @@ def test_fit_start_lifted_through_the_cli(run_cli, cli_error, tmp_path):
     assert json.loads(result.stdout)["rel_error"] < 1e-5
     line = cli_error("fit", path, "-o", tmp_path / "G.npz", "--start", "lifted")  # six factors: 64 x 7^6 paths
     assert "fewer factors" in line and not (tmp_path / "G.npz").exists()
+
+
+def test_sigint_in_the_lifted_start_keeps_its_factors_and_exits_130(tmp_path):
+    # three factors at N = 256: the sweeps converge in about 2,500 (some 20 s), so Ctrl-C lands in them
+    np.save(tmp_path / "A.npy", chord_product(256, factors=3, seed=1))
+    out = tmp_path / "F.npz"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sfa_cli", "fit", str(tmp_path / "A.npy"), "-o", str(out), "--factors", "3",
+         "--start", "lifted", "--no-baseline", "--json"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    started = proc.stderr.readline()  # printed 2 s into the run (the start gives no evaluation before)
+    assert started.startswith("fitting"), started
+    time.sleep(1)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    summary = json.loads(stdout)
+    assert summary["stopped_because"] == "interrupted" and summary["start"] == "lifted"
+    assert summary["iterations"] <= 1 and 0 < summary["rel_error"] < 1
+    assert load_approximation(out).info["stopped_because"] == "interrupted"
