@@ -288,7 +288,7 @@ class _FullFit:
         self.pat, self.optimizer = pat, optimizer
         self.max_iter = default_max_iter(n) if stop.max_iter is None else stop.max_iter
         self.stop, self.seed = stop, placement.seed
-        self.interrupted = False  # Ctrl-C during the start (the lifted start's sweeps)
+        self.start_stopped = None  # "interrupted" (Ctrl-C) or "callback" during the lifted start's sweeps
         self.dev, self.dtype = resolve_device(placement.device, n), resolve_dtype(placement.dtype)
         self.structs, _ = pattern_structures(pat, self.dev)
         if self.dev.type == "cuda":
@@ -300,7 +300,7 @@ class _FullFit:
         self.target = target / self.scale  # never in place: may share A's memory
         self.objective = BlockObjective(self.structs, self.target)
 
-    def _start(self, init: SparseFactors | None) -> tuple[str, list[torch.Tensor]]:
+    def _start(self, init: SparseFactors | None, callback=None) -> tuple[str, list[torch.Tensor]]:
         """The start, by name: a warm start, the paper's row averages, the identity or the lifted start.
 
         ``auto`` takes the identity start when the diagonal holds at least :data:`IDENTITY_START_SHARE`
@@ -329,8 +329,15 @@ class _FullFit:
             # in float32 the target itself is rounded at about 1e-8: stop the sweeps at the fit's exact stop
             tol = LIFTED_DEFAULTS["tol"] if self.dtype == torch.float64 else EXACT_REL_ERROR
             limit = None if self.stop.time_limit is None else self.stop.time_limit / 2  # the rest polishes
-            values, info = lifted_start(self.target, pat, time_limit=limit, tol=tol)
-            self.interrupted = info["stopped_because"] == "interrupted"
+            t0 = time.perf_counter()
+
+            def progress(sweep, residual):  # the sweeps' progress as fit steps of iteration 0
+                return callback is not None and bool(callback(FitStep(0, 0, time.perf_counter() - t0, residual,
+                                                                      residual)))
+
+            values, info = lifted_start(self.target, pat, time_limit=limit, tol=tol, callback=progress)
+            if info["stopped_because"] in ("interrupted", "callback"):
+                self.start_stopped = info["stopped_because"]
             return "lifted", [v.to(self.dtype) for v in values]
         if wanted == "identity":
             from sfa_cli.gauss_newton import start_values
@@ -373,13 +380,13 @@ class _FullFit:
 
     def run(self, init, callback) -> FitResult:
         t0 = time.perf_counter()
-        name, start = self._start(init)
+        name, start = self._start(init, callback)
         limit = self.stop.time_limit
         if limit is not None:  # the start's seconds count against the limit (the optimiser still takes a step)
             limit = max(limit - (time.perf_counter() - t0), 1e-3)
-        if self.interrupted:  # Ctrl-C in the start: evaluate it, keep it, stop
+        if self.start_stopped:  # stopped in the start: evaluate it, keep it, stop
             best = self._optimise(start, 1, limit, callback)
-            best["stopped_because"] = "interrupted"
+            best["stopped_because"] = self.start_stopped
         else:
             best = self._optimise(start, self.max_iter, limit, callback)
         history = best["history"]

@@ -1,4 +1,4 @@
-"""The lifted start: recover a shallow product of sparse factors by alternating projections on its paths.
+"""The lifted start: recover a shallow product of sparse factors by projections on its paths.
 
 A product P = W(1) W(2) ... W(M) on a fixed pattern is a sum over paths: row j0 reaches column
 jM through nodes j1, ..., j(M-1), taking non-zero t_m of row j(m-1) of factor m, and the path
@@ -13,14 +13,14 @@ unknown per path, T (N k^M of them for k non-zeros per row), and asks for two th
   prefix value times suffix value. Its projection is that matrix's top singular pair (a few
   warm-started power iterations).
 
-Alternating projections between them (each sweep: for every layer, consistency then rank one)
-need no start: from the paths of A alone they reach an exact two-factor Chord product to machine
-precision (N = 16-256) and three factors at N = 64; the factors are then read off the rank-one
-pairs (:func:`lifted_start`). This is what the gradient engines cannot do: on two-factor signed
-Chord products every entry is a sum of 2-3 rank-one terms, and LM from any start stalls at
-0.05-0.1 (docs/recovery.md, "Depth"). At full depth (M = log2 N) the sets meet in more than the
-products and the sweeps stall; the path count N k^M also grows past what memory holds, so
-:data:`MAX_PATHS` bounds it.
+The sweeps are RAAR (relaxed averaged alternating reflections, Luke 2005; beta = 0.99, near
+Douglas-Rachford) in the product space, one copy of the paths per depth. They need no start: from
+A alone they reach signed Chord products of 2 factors (N = 16-1024), 3 (N = 64, 256) and 4
+(N = 64) to 1e-12, where plain alternating projections stall from 4 factors and the gradient
+engines from 2 (LM from the identity start: 0.05-0.1; docs/recovery.md, "Depth"). The factors are
+read off the rank-one pairs of the best point checked (:func:`lifted_start`). Where the product is
+nearly dense the sweeps stall; the path count N k^M grows past what memory holds at full depth,
+so :data:`MAX_PATHS` bounds it.
 
 Example
 -------
@@ -46,13 +46,15 @@ from sfa_cli.factors import pattern_structures
 from sfa_cli.kernels import chain_matmul
 from sfa_cli.patterns import Pattern
 
-__all__ = ["lifted_start", "path_count", "MAX_PATHS", "LIFTED_DEFAULTS"]
+__all__ = ["lifted_start", "path_count", "MAX_PATHS", "LIFTED_DEFAULTS", "CHECK_EVERY"]
 
-#: The most paths (unknowns of the lifted problem) :func:`lifted_start` takes: 2^22, about 0.2 GB
-#: of working memory in float64.
+#: The most paths (unknowns of the lifted problem) :func:`lifted_start` takes: 2^22. Its memory is
+#: about 32 M bytes a path (two copies per inner depth, index tables), 0.5 GB at the cap with 4 factors.
 MAX_PATHS = 1 << 22
 #: Defaults of :func:`lifted_start`.
-LIFTED_DEFAULTS = {"sweeps": 5000, "tol": 1e-12, "power_iterations": 2, "window": 200}
+LIFTED_DEFAULTS = {"sweeps": 10000, "tol": 1e-12, "beta": 0.99, "power_iterations": 2, "window": 20}
+#: :func:`lifted_start` measures its progress every this many sweeps.
+CHECK_EVERY = 50
 
 
 def path_count(pattern: Pattern) -> int:
@@ -133,8 +135,8 @@ def _factors(T, paths: _Paths, us: list) -> list[torch.Tensor]:
 
 def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED_DEFAULTS["sweeps"],
                  time_limit: float | None = None, tol: float = LIFTED_DEFAULTS["tol"],
-                 power_iterations: int = LIFTED_DEFAULTS["power_iterations"],
-                 window: int = LIFTED_DEFAULTS["window"], max_paths: int = MAX_PATHS):
+                 beta: float = LIFTED_DEFAULTS["beta"], power_iterations: int = LIFTED_DEFAULTS["power_iterations"],
+                 window: int = LIFTED_DEFAULTS["window"], max_paths: int = MAX_PATHS, callback=None):
     """Factor values of ``pattern`` whose product approximates ``target``, by the lifted problem.
 
     Parameters
@@ -143,18 +145,25 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
         Computed in float64 on its device.
     pattern : Pattern
         Every node must be entered by as many paths at each depth (Chord and butterfly are).
-    sweeps : int, default=5000
-        Alternating-projection sweeps (each: for every inner layer, consistency then rank one).
+    sweeps : int, default=10000
+        RAAR iterations (each: one consistency projection, one rank-one projection per inner depth).
     time_limit : float, optional
-        Seconds; checked after every sweep.
+        Seconds; checked every :data:`CHECK_EVERY` sweeps.
     tol : float, default=1e-12
-        Stop when the consistency residual, relative to ||target||_F, falls below it.
+        Stop when the residual (checked every :data:`CHECK_EVERY` sweeps: the current point made
+        rank one at every depth in turn, against the target's entries that paths reach, relative to
+        ||target||_F) falls below it.
+    beta : float, default=0.99
+        RAAR's relaxation: 1 is Douglas-Rachford; 0.99 reaches four-factor products that 0.95 and
+        0.8 do not (docs/recovery.md).
     power_iterations : int, default=2
-        Per sweep and layer, warm-started.
-    window : int, default=200
-        Stop when the residual fell by less than 1% over this many sweeps.
+        Per sweep and depth, warm-started.
+    window : int, default=20
+        Stop when the best residual fell by less than 1% over this many checks.
     max_paths : int, default=MAX_PATHS
         Refuse patterns with more paths (:func:`path_count`) than this.
+    callback : callable, optional
+        ``callback(sweep, residual)`` at every check; returning True stops (``callback``).
 
     Returns
     -------
@@ -162,9 +171,9 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
         One 1-D tensor per factor, in CSR order (:meth:`sfa_cli.kernels.FactorStructure.from_table`),
         float64, on the target's device.
     info : dict
-        ``sweeps``, ``seconds``, ``residual`` (the last consistency residual, relative),
+        ``sweeps``, ``seconds``, ``residual`` (the best checked residual, whose point gives the factors),
         ``rel_error`` (of the returned factors' product), ``stopped_because`` (``tol``,
-        ``sweeps``, ``time_limit``, ``stalled``, ``interrupted``: Ctrl-C) and ``paths``.
+        ``sweeps``, ``time_limit``, ``stalled``, ``callback``, ``interrupted``: Ctrl-C) and ``paths``.
     """
     t0 = time.perf_counter()
     paths_total = path_count(pattern)
@@ -179,33 +188,60 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     paths = _Paths(pattern, device)
     A_reached = A.reshape(-1)[paths.reached]
     inv_count = 1.0 / paths.count.to(torch.float64)
-    T = torch.zeros(paths.entry.numel(), dtype=torch.float64, device=device)
-    us = [torch.full((pattern.n, g), 1.0 / math.sqrt(g), dtype=torch.float64, device=device)
-          for _, _, g in paths.layers]
+    layers = len(paths.layers)
+
+    def fresh_state():
+        return [torch.full((pattern.n, g), 1.0 / math.sqrt(g), dtype=torch.float64, device=device)
+                for _, _, g in paths.layers]
+
+    def consistent(X):  # the projection on {every copy equal, paths summing to A}: a copy's value
+        T = X.mean(0)
+        _consistency(T, paths, A_reached, inv_count)
+        return T
+
+    def product_like(T, state):  # T made rank one at every depth in turn; its consistency residual
+        W = T.clone()
+        for m in range(layers):
+            _rank_one(W, paths, m, state, power_iterations)
+        return W, float(torch.linalg.vector_norm(
+            A_reached - torch.bincount(paths.entry, weights=W, minlength=A_reached.numel()))) / norm
+
+    # RAAR in the product space: one copy of the paths per depth (Luke 2005)
+    X = torch.zeros(max(layers, 1), paths.entry.numel(), dtype=torch.float64, device=device)
+    us, watch = fresh_state(), fresh_state()
+    best = (math.inf, None, None)
     residuals, stopped, sweep = [], "sweeps", 0
     try:
         for sweep in range(1, sweeps + 1):
-            worst = 0.0
-            for m in range(len(paths.layers)):
-                worst = max(worst, _consistency(T, paths, A_reached, inv_count) / norm)
-                _rank_one(T, paths, m, us, power_iterations)
-            if not paths.layers:
-                worst = _consistency(T, paths, A_reached, inv_count) / norm
-            residuals.append(worst)
-            if worst <= tol:
+            T = consistent(X)
+            Z = 2.0 * T - X
+            for m in range(layers):
+                _rank_one(Z[m], paths, m, us, power_iterations)
+            X.mul_(beta).add_(Z, alpha=beta).add_(T, alpha=1.0 - 2.0 * beta)
+            if sweep % CHECK_EVERY and sweep != sweeps:
+                continue
+            W, residual = product_like(consistent(X), watch)
+            residuals.append(residual)
+            if residual < best[0]:
+                best = (residual, W, [u.clone() for u in watch])
+            if residual <= tol:
                 stopped = "tol"
                 break
-            if len(residuals) > window and worst > 0.99 * residuals[-window - 1]:
+            if callback is not None and callback(sweep, residual):
+                stopped = "callback"
+                break
+            if len(residuals) > window and min(residuals[-window:]) > 0.99 * min(residuals[:-window]):
                 stopped = "stalled"
                 break
             if time_limit is not None and time.perf_counter() - t0 >= time_limit:
                 stopped = "time_limit"
                 break
-    except KeyboardInterrupt:  # Ctrl-C: the factors of the sweeps so far (a sweep's projections are whole)
+    except KeyboardInterrupt:  # Ctrl-C: the best point checked so far
         stopped = "interrupted"
-        _consistency(T, paths, A_reached, inv_count)
-        for m in range(len(paths.layers)):
-            _rank_one(T, paths, m, us, power_iterations)
+    if best[1] is None:
+        W, residual = product_like(consistent(X), watch)
+        best = (residual, W, watch)
+    residual, T, us = best
     table_values = _factors(T, paths, us)
     structs, orders = pattern_structures(pattern, device)
     values = [v.reshape(-1)[torch.as_tensor(o, device=device)] for v, o in zip(table_values, orders)]
@@ -216,5 +252,5 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
         E[cols, torch.arange(cols.numel(), device=device)] = 1.0
         sq += float(torch.linalg.vector_norm(A[:, cols] - chain_matmul(structs, values, E))) ** 2
     err = math.sqrt(sq) / norm
-    return values, {"sweeps": sweep, "seconds": time.perf_counter() - t0, "residual": residuals[-1] if residuals else 0.0,
+    return values, {"sweeps": sweep, "seconds": time.perf_counter() - t0, "residual": residual,
                     "rel_error": err, "stopped_because": stopped, "paths": paths_total}

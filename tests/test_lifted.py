@@ -17,7 +17,7 @@ from sfa_cli.errors import SfaError
 from sfa_cli.factors import SparseFactors
 from sfa_cli.fit import fit
 from sfa_cli.gauss_newton import chord_factors, chord_product
-from sfa_cli.lifted import MAX_PATHS, lifted_start, path_count
+from sfa_cli.lifted import CHECK_EVERY, MAX_PATHS, lifted_start, path_count
 from sfa_cli.metrics import relative_error
 from sfa_cli.patterns import Pattern, butterfly_pattern, chord_pattern
 
@@ -62,8 +62,8 @@ def test_sweeps_time_limit_and_refusals():
     A = _target(pat, vals)
     _, info = lifted_start(A, pat, sweeps=3)
     assert info["sweeps"] == 3 and info["stopped_because"] == "sweeps"
-    _, info = lifted_start(A, pat, time_limit=1e-6)
-    assert info["sweeps"] == 1 and info["stopped_because"] == "time_limit"
+    _, info = lifted_start(A, pat, time_limit=1e-6)  # the clock is read at each check
+    assert info["sweeps"] == CHECK_EVERY and info["stopped_because"] == "time_limit"
     with pytest.raises(SfaError, match="one unknown per path"):
         lifted_start(A, pat, max_paths=1000)
     full = chord_pattern(1024)  # 1024 x 11^10 paths
@@ -83,6 +83,15 @@ def test_fit_start_lifted_through_the_api():
     assert r.start == "lifted" and r.initial_rel_error < 1e-6
     assert relative_error(A, r.approximation) == pytest.approx(r.rel_error, rel=1e-3, abs=1e-7)
     assert r.rel_error < 1e-6
+
+
+def test_the_fit_callback_sees_the_sweeps_and_can_stop_them():
+    A = chord_product(64, factors=3, seed=1)
+    seen = []
+    r = fit(A, factors=3, start="lifted", device="cpu", callback=lambda step: seen.append(step) or len(seen) == 2)
+    assert seen[0].iteration == 0 and 0 < seen[0].rel_error < 1 and seen[1].seconds >= seen[0].seconds
+    assert r.stopped_because == "callback" and r.start == "lifted" and r.iterations <= 1
+    assert relative_error(A, r.approximation) == pytest.approx(r.rel_error, rel=1e-3)
 
 
 def test_fit_start_lifted_through_the_cli(run_cli, cli_error, tmp_path):
