@@ -14,7 +14,7 @@ writes JSON (default docs/bench/lifted.json).
 does the lifted start help on matrices that are not products? (docs/bench/lifted_real.json)
 
 Usage:
-    python scripts/bench_lifted.py                          # the grid below (~2 min)
+    python scripts/bench_lifted.py                          # the grid below (~3 min)
     python scripts/bench_lifted.py --cases 64:2,64:3 --sweeps 5000
     python scripts/bench_lifted.py --real --json docs/bench/lifted_real.json   # ~4 min
 """
@@ -77,8 +77,8 @@ def real(out: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default=CASES, help="comma-separated N:M[:positive]")
-    p.add_argument("--sweeps", type=int, default=5000)
-    p.add_argument("--seconds", type=float, default=30.0, help="time limit of each case")
+    p.add_argument("--sweeps", type=int, default=10000)
+    p.add_argument("--seconds", type=float, default=120.0, help="time limit of each case")
     p.add_argument("--real", action="store_true", help="the real matrices: default start against the lifted start")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench" / "lifted.json"))
     a = p.parse_args(argv)
