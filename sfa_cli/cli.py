@@ -14,7 +14,8 @@ import click
 from sfa_cli import limits
 from sfa_cli._version import __version__
 from sfa_cli.errors import SfaError, printable
-from sfa_cli.options import DEVICES, DTYPES, FIT_STARTS, OPTIMIZERS, PATTERN_NAMES, SampledSchedule, StopRules
+from sfa_cli.options import (DEVICES, DTYPES, FIT_STARTS, OPTIMIZERS, PATTERN_NAMES, SAMPLED_STARTS, SampledSchedule,
+                             StopRules)
 from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
 # The library (and torch) is imported inside the commands: `sfa --version` and every `--help`
@@ -436,6 +437,9 @@ def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
             raise click.UsageError("runs under torchrun need --sampled (the full-batch fit runs in one process)")
         if ctx.params["sampled"] and given & {"optimizer", "max_iter"}:
             raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
+        if ctx.params["sampled"] and ctx.params["start"] not in SAMPLED_STARTS + ("auto",):
+            raise click.UsageError(f"--start {ctx.params['start']} applies to the full-batch fit; --sampled takes "
+                                   f"{' or '.join(SAMPLED_STARTS)}")
         return
 
     def takes(name):

@@ -107,6 +107,8 @@ def test_fit_start_lifted_through_the_cli(run_cli, cli_error, tmp_path):
     assert json.loads(result.stdout)["rel_error"] < 1e-5
     line = cli_error("fit", path, "-o", tmp_path / "G.npz", "--start", "lifted")  # six factors: 64 x 7^6 paths
     assert "fewer factors" in line and not (tmp_path / "G.npz").exists()
+    usage = run_cli("fit", path, "-o", tmp_path / "G.npz", "--sampled", "--start", "lifted", "--factors", "2")
+    assert usage.exit_code == 2 and "--sampled takes identity or paper" in usage.stderr
 
 
 def test_sigint_in_the_lifted_start_keeps_its_factors_and_exits_130(tmp_path):
