@@ -15,7 +15,8 @@ case's time limit, in the same run:
             start="lifted")); refused where the pattern has more than sfa_cli.lifted.MAX_PATHS paths
 
 Shallow cases (``signed64-f2``, ``-f3``, ``-f4``, ``signed256-f2``): products of 2-4 Chord
-factors, fitted on the same shallow pattern (the depth study of docs/recovery.md).
+factors, fitted on the same shallow pattern (the depth study of docs/recovery.md); with noise
+(``signed64-f3-n0.01`` and so on, for the noise levels above) when named in ``--cases``.
 
 For each: the error reached, the seconds of the whole call, and the optimiser's seconds to
 first come within 1% of that error, and to reach the case's target when it has one (for
@@ -28,6 +29,7 @@ Usage:
     python scripts/bench_recovery_chord.py                  # every case (hours)
     python scripts/bench_recovery_chord.py --cases signed64,grid32 --methods old,lm
     python scripts/bench_recovery_chord.py --cases signed64-f2,signed64-f3,signed64-f4,signed256-f2 --out docs/bench/recovery_chord_shallow.json
+    python scripts/bench_recovery_chord.py --cases signed64-f3-n0.001,signed64-f3-n0.01,signed64-f3-n0.1 --out docs/bench/recovery_chord_shallow_noise.json
 """
 from __future__ import annotations
 
@@ -95,11 +97,17 @@ def make_cases(selected):
         yield {"name": name, "A": A, "limit": limit, "target": target_of(n, kind, noise, level),
                "noise_level": level}
     for n, factors in SHALLOW:
-        name = f"signed{n}-f{factors}"
-        if selected and name not in selected:
-            continue
-        yield {"name": name, "A": chord_product(n, factors=factors, seed=1), "limit": 60.0,
-               "target": target_of(n, "signed", 0.0, 0.0), "noise_level": 0.0, "factors": factors}
+        for noise in NOISES:
+            name = f"signed{n}-f{factors}" + (f"-n{noise:g}" if noise else "")
+            if (selected and name not in selected) or (noise and not selected):
+                continue  # the noisy shallow cases run when named
+            A = chord_product(n, factors=factors, noise=noise, seed=1)
+            level = 0.0
+            if noise:
+                clean = chord_product(n, factors=factors, seed=1)
+                level = float(np.linalg.norm(A - clean) / np.linalg.norm(A))
+            yield {"name": name, "A": A, "limit": 60.0, "target": target_of(n, "signed", noise, level),
+                   "noise_level": level, "factors": factors}
     if not selected or "grid32" in selected:
         yield {"name": "grid32", "A": grid_laplacian(32).toarray(), "limit": 120.0, "target": 0.40, "noise_level": 0.0}
     if not selected or "anchors" in selected:
