@@ -36,7 +36,7 @@ from sfa_cli.factors import SparseFactors  # noqa: E402
 from sfa_cli.fit import fit  # noqa: E402
 from sfa_cli.gauss_newton import chord_factors  # noqa: E402
 from sfa_cli.io import load_matrix  # noqa: E402
-from sfa_cli.lifted import MAX_PATHS, lifted_start, path_count  # noqa: E402
+from sfa_cli.lifted import LIFTED_DEFAULTS, MAX_PATHS, lifted_start, path_count  # noqa: E402
 from sfa_cli.patterns import chord_pattern  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
@@ -79,6 +79,8 @@ def main(argv=None) -> None:
     p.add_argument("--cases", default=CASES, help="comma-separated N:M[:positive]")
     p.add_argument("--sweeps", type=int, default=10000)
     p.add_argument("--seconds", type=float, default=120.0, help="time limit of each case")
+    p.add_argument("--beta", type=float, default=LIFTED_DEFAULTS["beta"], help="RAAR's relaxation (default: 0.99 up to 4 factors, 0.995 from 5)")
+    p.add_argument("--window", type=int, default=LIFTED_DEFAULTS["window"], help="stall window, in checks")
     p.add_argument("--real", action="store_true", help="the real matrices: default start against the lifted start")
     p.add_argument("--json", default=str(ROOT / "docs" / "bench" / "lifted.json"))
     a = p.parse_args(argv)
@@ -95,8 +97,9 @@ def main(argv=None) -> None:
         pat, vals = chord_factors(n, factors=m, kind=kind, seed=1)
         A = torch.as_tensor(SparseFactors.from_pattern(pat, vals).to_dense())
         t0 = time.perf_counter()
-        _, info = lifted_start(A / torch.linalg.vector_norm(A), pat, sweeps=a.sweeps, time_limit=a.seconds)
-        row = {"n": n, "factors": m, "kind": kind, "paths": path_count(pat), "offsets": covered(pat),
+        _, info = lifted_start(A / torch.linalg.vector_norm(A), pat, sweeps=a.sweeps, time_limit=a.seconds,
+                               beta=a.beta, window=a.window, max_paths=max(MAX_PATHS, path_count(pat)))
+        row = {"n": n, "factors": m, "kind": kind, "beta": a.beta or (0.99 if m <= 4 else 0.995), "paths": path_count(pat), "offsets": covered(pat),
                "wall_seconds": time.perf_counter() - t0, **info}
         rows.append(row)
         print(f"{n:5} {m:2} {kind:8} {row['paths']:9,} {row['offsets']:8} {info['sweeps']:6} {info['seconds']:8.2f} "

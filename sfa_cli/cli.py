@@ -285,8 +285,8 @@ optimizer_options = _stack(
                       "graph-like matrices in long runs; docs/engine.md)."),
     click.option("--start", type=click.Choice(FIT_STARTS), default="auto", show_default=True,
                  help="The factors' start: the paper's row averages, the identity plus noise, lifted (projections "
-                      "on the product's paths: exact on products of 2-4 Chord factors that leave some entries empty, for "
-                      "--factors 2 to 4), or auto (the identity when the diagonal holds a quarter of ||A||_F^2 or more, else the paper's)."),
+                      "on the product's paths: exact on products of 2-5 Chord factors that leave some entries empty, for "
+                      "--factors 2 to 5), or auto (the identity when the diagonal holds a quarter of ||A||_F^2 or more, else the paper's)."),
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Step size.  [default: 1 for lbfgs, 0.01 for adam]"),
     click.option("--max-iter", type=click.IntRange(min=1), default=None,

@@ -256,7 +256,7 @@ def fit(
         The optimiser's options as keywords (:class:`~sfa_cli.options.OptimizerSpec`); ``start``
         ``auto`` (default) takes the identity start when the diagonal holds at least a quarter of
         ||A||_F^2 and the pattern has the self link, the paper's start otherwise; ``lifted`` recovers
-        products of 2-4 Chord factors exactly (:mod:`sfa_cli.lifted`).
+        products of 2-5 Chord factors exactly (:mod:`sfa_cli.lifted`).
     seed, device, dtype
         The placement as keywords (:class:`~sfa_cli.options.Placement`).
 

@@ -13,11 +13,11 @@ unknown per path, T (N k^M of them for k non-zeros per row), and asks for two th
   prefix value times suffix value. Its projection is that matrix's top singular pair (a few
   warm-started power iterations).
 
-The sweeps are RAAR (relaxed averaged alternating reflections, Luke 2005; beta = 0.99, near
-Douglas-Rachford) in the product space, one copy of the paths per depth. They need no start: from
-A alone they reach signed Chord products of 2 factors (N = 16-1024), 3 (N = 64, 256) and 4
-(N = 64) to 1e-12, where plain alternating projections stall from 4 factors and the gradient
-engines from 2 (LM from the identity start: 0.05-0.1; docs/recovery.md, "Depth"). The factors are
+The sweeps are RAAR (relaxed averaged alternating reflections, Luke 2005; beta = 0.99-0.995,
+near Douglas-Rachford) in the product space, one copy of the paths per depth. They need no start:
+from A alone they reach signed Chord products of 2 factors (N = 16-1024), 3 (N = 32-256), 4 and 5
+(N = 64; five take some 15,000 sweeps, half an hour here) to 1e-12, where plain alternating
+projections stall from 4 factors and the gradient engines from 2 (LM from the identity start: 0.05-0.1; docs/recovery.md, "Depth"). The factors are
 read off the rank-one pairs of the best point checked (:func:`lifted_start`). Where the product is
 nearly dense the sweeps stall; the path count N k^M grows past what memory holds at full depth,
 so :data:`MAX_PATHS` bounds it.
@@ -52,7 +52,7 @@ __all__ = ["lifted_start", "path_count", "MAX_PATHS", "LIFTED_DEFAULTS", "CHECK_
 #: about 32 M bytes a path (two copies per inner depth, index tables), 0.5 GB at the cap with 4 factors.
 MAX_PATHS = 1 << 22
 #: Defaults of :func:`lifted_start`.
-LIFTED_DEFAULTS = {"sweeps": 10000, "tol": 1e-12, "beta": 0.99, "power_iterations": 2, "window": 20}
+LIFTED_DEFAULTS = {"sweeps": 10000, "tol": 1e-12, "beta": None, "power_iterations": 2, "window": 20}
 #: :func:`lifted_start` measures its progress every this many sweeps.
 CHECK_EVERY = 50
 
@@ -135,7 +135,7 @@ def _factors(T, paths: _Paths, us: list) -> list[torch.Tensor]:
 
 def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED_DEFAULTS["sweeps"],
                  time_limit: float | None = None, tol: float = LIFTED_DEFAULTS["tol"],
-                 beta: float = LIFTED_DEFAULTS["beta"], power_iterations: int = LIFTED_DEFAULTS["power_iterations"],
+                 beta: float | None = LIFTED_DEFAULTS["beta"], power_iterations: int = LIFTED_DEFAULTS["power_iterations"],
                  window: int = LIFTED_DEFAULTS["window"], max_paths: int = MAX_PATHS, callback=None):
     """Factor values of ``pattern`` whose product approximates ``target``, by the lifted problem.
 
@@ -153,9 +153,10 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
         Stop when the residual (checked every :data:`CHECK_EVERY` sweeps: the current point made
         rank one at every depth in turn, against the target's entries that paths reach, relative to
         ||target||_F) falls below it.
-    beta : float, default=0.99
-        RAAR's relaxation: 1 is Douglas-Rachford; 0.99 reaches four-factor products that 0.95 and
-        0.8 do not (docs/recovery.md).
+    beta : float, optional
+        RAAR's relaxation (1 is Douglas-Rachford). Default: 0.99 up to 4 factors, 0.995 from 5. At
+        N = 64, 0.99 reaches four-factor products that 0.95 and 0.8 do not, and 0.995 five-factor
+        ones where 0.99 stalls at 0.076; 0.995 is 1.5-2x slower on shallower ones (docs/recovery.md).
     power_iterations : int, default=2
         Per sweep and depth, warm-started.
     window : int, default=20
@@ -210,6 +211,8 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     X = torch.zeros(max(layers, 1), paths.entry.numel(), dtype=torch.float64, device=device)
     us, watch = fresh_state(), fresh_state()
     best = (math.inf, None, None)
+    if beta is None:
+        beta = 0.99 if pattern.factors <= 4 else 0.995
     residuals, stopped, sweep = [], "sweeps", 0
     try:
         for sweep in range(1, sweeps + 1):

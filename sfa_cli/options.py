@@ -181,7 +181,7 @@ class OptimizerSpec(_Options):
         The factors' start: the paper's row averages with 1% noise; every factor the identity plus
         small noise (the product scaled to unit norm; needs the self link); ``lifted`` the factors
         read off projections (RAAR) on the product's paths (:mod:`sfa_cli.lifted`: exact on
-        products of 2-4 Chord factors; its sweeps take at most half the time limit; refused above
+        products of 2-5 Chord factors; its sweeps take at most half the time limit; refused above
         :data:`sfa_cli.lifted.MAX_PATHS` paths);
         ``auto`` the identity start when A's diagonal holds at least a quarter of ||A||_F^2
         (Laplacians, covariances, kernels) and the pattern has the self link, else the paper's. A
