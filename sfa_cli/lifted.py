@@ -43,13 +43,14 @@ import torch
 
 from sfa_cli.errors import SfaError
 from sfa_cli.factors import pattern_structures
-from sfa_cli.kernels import chain_matmul
+from sfa_cli.objective import BlockObjective
 from sfa_cli.patterns import Pattern
 
 __all__ = ["lifted_start", "path_count", "MAX_PATHS", "LIFTED_DEFAULTS", "CHECK_EVERY"]
 
 #: The most paths (unknowns of the lifted problem) :func:`lifted_start` takes: 2^22. Its memory is
-#: about 32 M bytes a path (two copies per inner depth, index tables), 0.5 GB at the cap with 4 factors.
+#: about 24 M bytes a path (estimated from its arrays: two copies and a sort order per inner depth), 0.4 GB
+#: at the cap with 4 factors.
 MAX_PATHS = 1 << 22
 #: Defaults of :func:`lifted_start`.
 LIFTED_DEFAULTS = {"sweeps": 10000, "tol": 1e-12, "beta": None, "power_iterations": 2, "window": 20}
@@ -70,7 +71,7 @@ class _Paths:
         self.n, self.ks = n, [int(t.shape[1]) for t in pattern.tables]
         self.tables = [torch.as_tensor(np.array(t, dtype=np.int64), device=device) for t in pattern.tables]
         nodes = torch.arange(n, device=device)
-        self.layers = []  # per inner depth m = 1..M-1: (sort order of prefixes by node, inverse, group size)
+        self.layers = []  # per inner depth m = 1..M-1: (sort order of prefixes by node, group size)
         for m, table in enumerate(self.tables):
             nodes = table[nodes].reshape(-1)  # node at depth m + 1 of every prefix, prefixes in row-major order
             if m + 1 < len(self.tables):
@@ -79,9 +80,7 @@ class _Paths:
                 if bool((counts != counts[0]).any()):
                     raise SfaError("the lifted start needs every node to be reached by as many paths "
                                    f"(factor {m + 1} has columns of unequal counts)")
-                inverse = torch.empty_like(order)
-                inverse[order] = torch.arange(order.numel(), device=device)
-                self.layers.append((order, inverse, int(counts[0])))
+                self.layers.append((order, int(counts[0])))
         sources = torch.arange(n, device=device).repeat_interleave(nodes.numel() // n)
         # the entries (j0, jM) some path reaches, flat, and each path's index among them
         self.reached, self.entry = torch.unique(sources * n + nodes, return_inverse=True)
@@ -96,11 +95,16 @@ def _consistency(T, paths: _Paths, target_reached, inv_count) -> float:
     return float(torch.linalg.vector_norm(residual))
 
 
+def _node_matrices(T, paths: _Paths, m: int) -> torch.Tensor:
+    """T's paths grouped by their node at inner depth m: (n, prefixes, suffixes), a copy."""
+    order, group = paths.layers[m]
+    return T.view(order.numel(), -1)[order].view(paths.n, group, -1)
+
+
 def _rank_one(T, paths: _Paths, m: int, us: list, power_iterations: int) -> None:
     """Project the layer-m node matrices (prefixes x suffixes) of T on rank one, in place."""
-    order, _, group = paths.layers[m]
-    n = paths.n
-    X = T.view(order.numel(), -1)[order].view(n, group, -1)
+    order, _ = paths.layers[m]
+    X = _node_matrices(T, paths, m)
     u = us[m]
     for _ in range(power_iterations):
         v = torch.einsum("ngs,ng->ns", X, u)
@@ -118,12 +122,11 @@ def _factors(T, paths: _Paths, us: list) -> list[torch.Tensor]:
     if M == 1:
         return [T.view(n, paths.ks[0]).clone()]
     suffix = []  # per layer: (n, k(m+1) ... kM), the suffix values at each node
-    for m, (order, _, group) in enumerate(paths.layers):
-        X = T.view(order.numel(), -1)[order].view(n, group, -1)
-        suffix.append(torch.einsum("ngs,ng->ns", X, us[m]))
-    order, inverse, _ = paths.layers[0]
-    first = us[0].reshape(-1)[inverse].view(n, paths.ks[0])  # prefix (j0, t1)'s entry of u at node j1
-    out = [first]
+    for m in range(len(paths.layers)):
+        suffix.append(torch.einsum("ngs,ng->ns", _node_matrices(T, paths, m), us[m]))
+    first = torch.empty_like(us[0]).view(-1)  # prefix (j0, t1) takes its entry of u at node j1
+    first[paths.layers[0][0]] = us[0].reshape(-1)
+    out = [first.view(n, paths.ks[0])]
     for m in range(1, M - 1):
         here = suffix[m - 1].view(n, paths.ks[m], -1)  # node j at depth m: row t is W(m+1)[j, t] x suffix at next
         nxt = suffix[m][paths.tables[m]]  # (n, k, rest): the suffix at each next node
@@ -156,7 +159,8 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     beta : float, optional
         RAAR's relaxation (1 is Douglas-Rachford). Default: 0.99 up to 4 factors, 0.995 from 5. At
         N = 64, 0.99 reaches four-factor products that 0.95 and 0.8 do not, and 0.995 five-factor
-        ones where 0.99 stalls at 0.076; 0.995 is 1.5-2x slower on shallower ones (docs/recovery.md).
+        ones where 0.99 stalls at 0.076-0.078; 0.995 takes up to 1.9x the sweeps on shallower ones
+        (docs/recovery.md).
     power_iterations : int, default=2
         Per sweep and depth, warm-started.
     window : int, default=20
@@ -193,7 +197,7 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
 
     def fresh_state():
         return [torch.full((pattern.n, g), 1.0 / math.sqrt(g), dtype=torch.float64, device=device)
-                for _, _, g in paths.layers]
+                for _, g in paths.layers]
 
     def consistent(X):  # the projection on {every copy equal, paths summing to A}: a copy's value
         T = X.mean(0)
@@ -248,12 +252,6 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     table_values = _factors(T, paths, us)
     structs, orders = pattern_structures(pattern, device)
     values = [v.reshape(-1)[torch.as_tensor(o, device=device)] for v, o in zip(table_values, orders)]
-    sq = 0.0
-    for start in range(0, pattern.n, 1024):  # the product's error, by column blocks of the identity
-        cols = torch.arange(start, min(start + 1024, pattern.n), device=device)
-        E = torch.zeros(pattern.n, cols.numel(), dtype=torch.float64, device=device)
-        E[cols, torch.arange(cols.numel(), device=device)] = 1.0
-        sq += float(torch.linalg.vector_norm(A[:, cols] - chain_matmul(structs, values, E))) ** 2
-    err = math.sqrt(sq) / norm
+    err = math.sqrt(2.0 * BlockObjective(structs, A).loss(values)) / norm
     return values, {"sweeps": sweep, "seconds": time.perf_counter() - t0, "residual": residual,
                     "rel_error": err, "stopped_because": stopped, "paths": paths_total}
