@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sfa_cli.kernels import resolve_device
+from sfa_cli.approximations.kernels import resolve_device
 from sfa_cli.nn import SavedTensorBytes, SequenceModel
 
 TASKS = ("adding", "order")

@@ -44,12 +44,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.factors import SparseFactors, initial_values, pattern_structures  # noqa: E402
-from sfa_cli import kernels  # noqa: E402
-from sfa_cli.fit import fit  # noqa: E402
-from sfa_cli.objective import BlockObjective  # noqa: E402
-from sfa_cli.kernels import resolve_device  # noqa: E402
-from sfa_cli.patterns import chord_pattern  # noqa: E402
+from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures  # noqa: E402
+from sfa_cli.approximations import kernels  # noqa: E402
+from sfa_cli.engine.fit import fit  # noqa: E402
+from sfa_cli.engine.objective import BlockObjective  # noqa: E402
+from sfa_cli.approximations.kernels import resolve_device  # noqa: E402
+from sfa_cli.approximations.patterns import chord_pattern  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian  # noqa: E402
 
 ANCHORS = ROOT.parent / "shared" / "data" / "anchors"
@@ -326,7 +326,7 @@ def _old_objective_class(old_tree: Path):
     objective.BlockObjective), built on this tree's kernels: the two differ in the objective's code only."""
     import ast
 
-    from sfa_cli import kernels as k
+    from sfa_cli.approximations import kernels as k
 
     for rel in ("sfa_cli/objective.py", "sfa_cli/fit.py"):
         path = old_tree / rel

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: how deep a product the lifted start (sfa_cli.lifted) recovers, and how fast.
+"""Benchmark: how deep a product the lifted start (sfa_cli.engine.lifted) recovers, and how fast.
 
 For each N and number of factors M: the exact product of random Chord factors (signed normal /
 sqrt(k) entries, or positive row-stochastic rows; ``chord_factors(N, factors=M, seed=1)``), the
@@ -32,12 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.factors import SparseFactors  # noqa: E402
-from sfa_cli.fit import fit  # noqa: E402
-from sfa_cli.gauss_newton import chord_factors  # noqa: E402
+from sfa_cli.approximations.sparse_factors import SparseFactors  # noqa: E402
+from sfa_cli.engine.fit import fit  # noqa: E402
+from sfa_cli.engine.gauss_newton import chord_factors  # noqa: E402
 from sfa_cli.io import load_matrix  # noqa: E402
-from sfa_cli.lifted import LIFTED_DEFAULTS, MAX_PATHS, lifted_start, path_count  # noqa: E402
-from sfa_cli.patterns import chord_pattern  # noqa: E402
+from sfa_cli.engine.lifted import LIFTED_DEFAULTS, MAX_PATHS, lifted_start, path_count  # noqa: E402
+from sfa_cli.approximations.patterns import chord_pattern  # noqa: E402
 
 REAL = ROOT.parent / "shared" / "data" / "real"
 CASES = "16:2,64:2,256:2,1024:2,64:2:positive,16:3,32:3,64:3,256:3,64:4"

@@ -42,9 +42,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.baselines import NotApplicable  # noqa: E402
-from sfa_cli.compare import METHODS, resolve_budget  # noqa: E402
-from sfa_cli.learned import chord_plus_sparse, learned_sparse  # noqa: E402
+from sfa_cli.methods.baselines import NotApplicable  # noqa: E402
+from sfa_cli.methods.compare import METHODS, resolve_budget  # noqa: E402
+from sfa_cli.methods.learned import chord_plus_sparse, learned_sparse  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
 
 CAMERA = ROOT.parent / "shared" / "data" / "real" / "camera.npz"
@@ -374,7 +374,7 @@ the authors' N = 64 anchors. Its tables come from `scripts/bench_recovery.py`,
 
 ## How the learned-support method works
 
-`sfa_cli.learned.learned_sparse(A, budget)` (method `sparse`): A ~ S(1) S(2) with both supports
+`sfa_cli.methods.learned.learned_sparse(A, budget)` (method `sparse`): A ~ S(1) S(2) with both supports
 chosen by the fit under one total budget. It starts from a low-rank plus sparse split written as two
 sparse factors (U_r sqrt(s) and one slot column per residual row in S(1); sqrt(s) V_r^T and the residual
 rows in S(2); the better of two splits of the budget after one round each; A itself when all its entries
@@ -459,7 +459,7 @@ def markdown(report) -> str:
            "Machine: " + ", ".join(f"{k} {v}" for k, v in report["machine"].items()), "",
            "Relative Frobenius error ||A - A_hat||_F / ||A||_F (seconds in brackets) at an equal "
            "parameter budget: the Chord budget (M = ceil(log2 N) factors of floor(log2 N) + 1 non-zeros "
-           "per row), 5% and 1% of N^2. `sparse` is the learned-support method (`sfa_cli.learned.learned_sparse`), "
+           "per row), 5% and 1% of N^2. `sparse` is the learned-support method (`sfa_cli.methods.learned.learned_sparse`), "
            "`chord+sparse` the Chord + residual hybrid. pyfaust: hierarchical factorization with 2 or 3 factors, "
            "30 PALM iterations per stage, the budget split evenly (`sp` projections).", "", NOTES]
     for size in report["sizes"]:

@@ -11,7 +11,7 @@ Families (``--families``):
 
   butterfly  the Walsh-Hadamard matrix and random products on sfa's butterfly pattern
              (Gaussian values), N = 256 ... 4096, exact and with 1% noise; methods: the
-             closed form (:func:`sfa_cli.butterfly.butterfly_closed_form`), the closed form
+             closed form (:func:`sfa_cli.methods.butterfly.butterfly_closed_form`), the closed form
              with an L-BFGS polish (noisy cases), the gradient fit as ``compare`` ran it before
              (``fit(A, pattern="butterfly", time_limit=...)``, the old default) and, when
              available, pyfaust's hierarchical butterfly (Hadamard N = 1024).
@@ -53,12 +53,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli import butterfly as _butterfly  # noqa: E402
-from sfa_cli.butterfly import butterfly_closed_form  # noqa: E402
-from sfa_cli.factors import SparseFactors  # noqa: E402
-from sfa_cli.fit import fit  # noqa: E402
+from sfa_cli.methods import butterfly as _butterfly  # noqa: E402
+from sfa_cli.methods.butterfly import butterfly_closed_form  # noqa: E402
+from sfa_cli.approximations.sparse_factors import SparseFactors  # noqa: E402
+from sfa_cli.engine.fit import fit  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
-from sfa_cli.patterns import butterfly_pattern  # noqa: E402
+from sfa_cli.approximations.patterns import butterfly_pattern  # noqa: E402
 
 OUTPUT = ROOT / "docs" / "bench" / "recovery.json"
 

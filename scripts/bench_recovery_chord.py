@@ -7,12 +7,12 @@ Cases (issue 14, Chord rows): exact products of random Chord factors at N = 64, 
 (../shared/data/anchors/, errors of their MATLAB code in its README). Methods, each with the
 case's time limit, in the same run:
 
-  old       sfa_cli.fit.fit with its defaults (L-BFGS from the paper's start, float32)
-  lbfgs+id  the same L-BFGS from the identity start (sfa_cli.gauss_newton.start_values)
-  lm        Levenberg-Marquardt from the identity start (sfa_cli.gauss_newton.fit_lm, float32)
+  old       sfa_cli.engine.fit.fit with its defaults (L-BFGS from the paper's start, float32)
+  lbfgs+id  the same L-BFGS from the identity start (sfa_cli.engine.gauss_newton.start_values)
+  lm        Levenberg-Marquardt from the identity start (sfa_cli.engine.gauss_newton.fit_lm, float32)
   lm+paper  Levenberg-Marquardt from the paper's start (fit(optimizer="lm", start="paper"))
-  lifted    the lifted start (sfa_cli.lifted), then Levenberg-Marquardt (fit(optimizer="lm",
-            start="lifted")); refused where the pattern has more than sfa_cli.lifted.MAX_PATHS paths
+  lifted    the lifted start (sfa_cli.engine.lifted), then Levenberg-Marquardt (fit(optimizer="lm",
+            start="lifted")); refused where the pattern has more than sfa_cli.engine.lifted.MAX_PATHS paths
 
 Shallow cases (``signed64-f2``, ``-f3``, ``-f4``, ``signed256-f2``): products of 2-4 Chord
 factors, fitted on the same shallow pattern (the depth study of docs/recovery.md); with noise
@@ -48,10 +48,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sfa_cli.errors import SfaError  # noqa: E402
-from sfa_cli.factors import SparseFactors, pattern_structures  # noqa: E402
-from sfa_cli.fit import fit  # noqa: E402
-from sfa_cli.gauss_newton import chord_product, fit_lm, start_values  # noqa: E402
-from sfa_cli.patterns import chord_pattern  # noqa: E402
+from sfa_cli.approximations.sparse_factors import SparseFactors, pattern_structures  # noqa: E402
+from sfa_cli.engine.fit import fit  # noqa: E402
+from sfa_cli.engine.gauss_newton import chord_product, fit_lm, start_values  # noqa: E402
+from sfa_cli.approximations.patterns import chord_pattern  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian  # noqa: E402
 
 ANCHORS = ROOT.parent / "shared" / "data" / "anchors"

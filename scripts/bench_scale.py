@@ -12,7 +12,7 @@ Prints tables and writes JSON:
   (b) distributed: at a moderate N, one epoch with 1 process, 1 process with 2 threads,
       and 2 processes (torchrun, gloo), each thread count given per process;
   (c) chain: seconds for one block of columns (forward and backward) at the largest N,
-      with and without the compact start of sfa_cli.kernels.ColumnChain;
+      with and without the compact start of sfa_cli.approximations.kernels.ColumnChain;
   (d) --coverage: at N = 8192, for 20 seeds, whether the fit's reported 95% CI covers
       the exact error of its factors, and, for one fit, whether the CI of
       estimate_relative_error covers it for 20 sample seeds.
@@ -44,12 +44,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.fit import make_pattern  # noqa: E402
-from sfa_cli.factors import initial_values, pattern_structures  # noqa: E402
+from sfa_cli.engine.fit import make_pattern  # noqa: E402
+from sfa_cli.approximations.sparse_factors import initial_values, pattern_structures  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian, random_graph  # noqa: E402
-from sfa_cli.kernels import SPARSE_START_FRACTION, ColumnChain as _ColumnChain  # noqa: E402
-from sfa_cli.sampled import estimate_relative_error, fit_sampled, init_distributed  # noqa: E402
+from sfa_cli.approximations.kernels import SPARSE_START_FRACTION, ColumnChain as _ColumnChain  # noqa: E402
+from sfa_cli.engine.sampled import estimate_relative_error, fit_sampled, init_distributed  # noqa: E402
 
 KINDS = ("grid", "graph")
 

@@ -2,7 +2,7 @@
 """Why signed Chord products are not recovered: the basin of the truth, and where the fit stalls.
 
 For an exact product A of random signed Chord factors (``chord_factors(n, seed=1)``), this runs
-the Levenberg-Marquardt engine (:func:`sfa_cli.gauss_newton.lm_fit`, the same code as
+the Levenberg-Marquardt engine (:func:`sfa_cli.engine.gauss_newton.lm_fit`, the same code as
 ``sfa fit --optimizer lm``):
 
 1. **Basin.** From the true factors plus noise of relative size eps (each entry gets
@@ -40,8 +40,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.factors import SparseFactors, pattern_structures  # noqa: E402
-from sfa_cli.gauss_newton import chord_factors, lm_fit, start_values  # noqa: E402
+from sfa_cli.approximations.sparse_factors import SparseFactors, pattern_structures  # noqa: E402
+from sfa_cli.engine.gauss_newton import chord_factors, lm_fit, start_values  # noqa: E402
 
 
 def _left_products(pat, values) -> list[np.ndarray]:

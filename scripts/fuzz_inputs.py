@@ -79,7 +79,7 @@ def write_seeds(directory: Path) -> dict[str, list[Path]]:
     import scipy.io as sio
     import scipy.sparse as sp
 
-    from sfa_cli.baselines import truncated_svd
+    from sfa_cli.methods.baselines import truncated_svd
 
     rng = np.random.default_rng(0)
     n = 8
@@ -277,7 +277,7 @@ def run_forked(args: list[str], timeout: float, cap_mb: int, workdir: Path):
 
 
 def _run_fork(args: list[str], timeout: float, cap_mb: int, workdir: Path):
-    from sfa_cli.cli import cli
+    from sfa_cli.cli.commands import cli
 
     err_path = workdir / "stderr.txt"
     start_rss = 0
@@ -368,7 +368,7 @@ def _warm_up(seeds: dict, work: Path) -> None:
     The command line imports its libraries lazily; imported here, before the
     children fork, they are not imported again in every case.
     """
-    from sfa_cli.cli import cli
+    from sfa_cli.cli.commands import cli
 
     factors, matrix, vector = (str(seeds[k][0]) for k in ("factors", "matrix", "vector"))
     saved = os.dup(1), os.dup(2)
@@ -439,7 +439,7 @@ def main(argv=None) -> int:
     rnd = random.Random(opts.seed)
     runner = run_spawned if opts.spawn else run_forked
     if not opts.spawn:
-        import sfa_cli.cli  # noqa: F401 - imported once, before the children fork
+        import sfa_cli.cli.commands  # noqa: F401 - imported once, before the children fork
 
     with tempfile.TemporaryDirectory(prefix="sfa-fuzz-") as tmp:
         tmp = Path(tmp)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Reproduce the paper's comparison: every method at the Chord budget on real and synthetic matrices.
 
-Runs `sfa_cli.compare.compare` over the real matrices in ../shared/data/real/
+Runs `sfa_cli.methods.compare.compare` over the real matrices in ../shared/data/real/
 (when present) and over synthetic matrices of the paper's categories (sparse
 random graph, grid Laplacian, low rank plus noise, Gaussian, RBF kernel,
 gradient of an image), then writes docs/results.md (matrix, category, N, nnz,
@@ -25,7 +25,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.compare import METHODS, compare  # noqa: E402
+from sfa_cli.methods.compare import METHODS, compare  # noqa: E402
 from sfa_cli.info import matrix_info  # noqa: E402
 from sfa_cli.io import load_matrix  # noqa: E402
 from sfa_cli.synthetic import grid_laplacian  # noqa: E402

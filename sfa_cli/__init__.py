@@ -2,7 +2,7 @@
 
 Public API (re-exported names only); see the README for the command line.
 The fitting and comparison functions live in their modules, whose names they
-share: ``from sfa_cli.fit import fit``, ``from sfa_cli.compare import compare``.
+share: ``from sfa_cli.engine.fit import fit``, ``from sfa_cli.methods.compare import compare``.
 
 Importing the package is light (no numpy, scipy or torch): every name is
 imported on first use. :func:`load_approximation` reads files of every kind
@@ -25,14 +25,14 @@ __all__ = [
 
 # name -> module, imported on first access (PEP 562), so `import sfa_cli` stays light.
 _LAZY = {
-    "Approximation": "sfa_cli.approximation",
-    "load_approximation": "sfa_cli.approximation",
+    "Approximation": "sfa_cli.approximations.base",
+    "load_approximation": "sfa_cli.approximations.base",
     "relative_error": "sfa_cli.metrics",
     "as_square_matrix": "sfa_cli.validation",
-    "chord_pattern": "sfa_cli.patterns",
-    "butterfly_pattern": "sfa_cli.patterns",
-    "SparseFactors": "sfa_cli.factors",
-    "FitResult": "sfa_cli.fit",
+    "chord_pattern": "sfa_cli.approximations.patterns",
+    "butterfly_pattern": "sfa_cli.approximations.patterns",
+    "SparseFactors": "sfa_cli.approximations.sparse_factors",
+    "FitResult": "sfa_cli.engine.fit",
     "load_matrix": "sfa_cli.io",
     "save_matrix": "sfa_cli.io",
 }

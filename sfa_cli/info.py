@@ -23,7 +23,7 @@ import scipy.sparse as sp
 
 from sfa_cli import limits
 from sfa_cli.io import as_square_matrix
-from sfa_cli.patterns import chord_budget, tsvd_rank_at_budget
+from sfa_cli.approximations.patterns import chord_budget, tsvd_rank_at_budget
 
 __all__ = ["matrix_info", "is_symmetric", "EXACT_RANK_MAX_N", "STAGES"]
 

@@ -9,7 +9,7 @@ from a sample of columns, a refit of the residual).
 Example
 -------
 >>> import numpy as np
->>> from sfa_cli.approximations import LowRank
+>>> from sfa_cli.approximations.kinds import LowRank
 >>> A = np.diag([3.0, 4.0])
 >>> relative_error(A, LowRank(np.array([[0.0], [4.0]]), np.array([[0.0, 1.0]]), method="tsvd"))
 0.6
@@ -114,7 +114,7 @@ def relative_error(A, approx, *, block: int = BLOCK_COLUMNS) -> float:
     A : ndarray, sparse matrix, torch tensor or array-like of shape (n, n)
         Checked by :func:`~sfa_cli.validation.as_square_matrix` (square, real, finite).
     approx : Approximation
-        Anything with ``n`` and ``columns`` or ``matmul`` (see :class:`sfa_cli.approximation.Approximation`).
+        Anything with ``n`` and ``columns`` or ``matmul`` (see :class:`sfa_cli.approximations.base.Approximation`).
     block : int, default=512
         Columns per block of the streamed residual.
 

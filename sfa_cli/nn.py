@@ -10,7 +10,7 @@ with the Chord pattern (row i links i and i + b^k mod N), M = ceil(log_b N)
 and L = floor(log_b N). The product replaces the softmax attention matrix of a
 Transformer: every output token can depend on every input token, yet the layer
 costs O(N log^2 N) time and O(N log N) memory instead of O(N^2). The sparse
-products run through :func:`sfa_cli.kernels.sparse_matmul` (CSR on CPU and
+products run through :func:`sfa_cli.approximations.kernels.sparse_matmul` (CSR on CPU and
 CUDA for float32/float64; shifted row slices of the circulant Chord pattern for
 bfloat16).
 
@@ -39,8 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sfa_cli.errors import SfaError
-from sfa_cli.kernels import FactorStructure, sparse_matmul
-from sfa_cli.patterns import chord_budget, chord_pattern
+from sfa_cli.approximations.kernels import FactorStructure, sparse_matmul
+from sfa_cli.approximations.patterns import chord_budget, chord_pattern
 
 __all__ = ["ChordMixing", "SoftmaxAttention", "SequenceModel", "SavedTensorBytes", "MIXERS", "NORMALIZATIONS", "POOLINGS"]
 
@@ -113,7 +113,7 @@ class ChordMixing(nn.Module):
 
     ``Y = W(1)(x) ... W(M)(x) V(x)``: MLP m maps token x_i to the L+1 non-zero
     entries of row i of factor W(m) (columns i and i + base^k mod N, k < L, the
-    order of :func:`sfa_cli.patterns.chord_pattern`), and a value MLP gives V.
+    order of :func:`sfa_cli.approximations.patterns.chord_pattern`), and a value MLP gives V.
     With ``residual=True`` the value is added back after every factor, as in
     the paper's code: ``Y_M = W(M) V + V``, ``Y_m = W(m) Y_(m+1) + V``.
 

@@ -2,7 +2,7 @@
 import pytest
 from click.testing import CliRunner
 
-from sfa_cli.cli import cli
+from sfa_cli.cli.commands import cli
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def cli_error(run_cli):
 @pytest.fixture
 def compiled_path(monkeypatch):
     """The compiled circulant kernels switched on for small n (they start at COMPILE_MIN_N)."""
-    from sfa_cli import kernels
+    from sfa_cli.approximations import kernels
 
     monkeypatch.setattr(kernels, "COMPILE_MIN_N", 8)
     monkeypatch.setattr(kernels, "_compiled", {})

@@ -8,13 +8,13 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
-from sfa_cli import baselines
-from sfa_cli.approximation import KINDS, load_approximation
-from sfa_cli.approximations import LowRank, Monarch, SparseMatrix, SumApproximation
+from sfa_cli.methods import baselines
+from sfa_cli.approximations.base import KINDS, load_approximation
+from sfa_cli.approximations.kinds import LowRank, Monarch, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
+from sfa_cli.approximations.sparse_factors import SparseFactors
 from sfa_cli.metrics import relative_error, residual_blocks, residual_columns
-from sfa_cli.patterns import butterfly_pattern, chord_pattern
+from sfa_cli.approximations.patterns import butterfly_pattern, chord_pattern
 from sfa_cli.validation import as_square_matrix, check_budget
 
 N = 16
@@ -49,7 +49,7 @@ def _close(a, b, dtype):
 
 
 def test_scaled_is_the_same_kind_times_c(approx, tmp_path):
-    from sfa_cli.approximation import load_approximation
+    from sfa_cli.approximations.base import load_approximation
 
     twice = approx.scaled(-2.5)
     assert type(twice) is type(approx) and twice.params == approx.params

@@ -5,9 +5,9 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
-from sfa_cli import baselines
-from sfa_cli.approximation import load_approximation
-from sfa_cli.baselines import (
+from sfa_cli.methods import baselines
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.baselines import (
     LowRank,
     Monarch,
     NotApplicable,
@@ -23,7 +23,7 @@ from sfa_cli.baselines import (
 )
 from sfa_cli.errors import SfaError
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import chord_budget
+from sfa_cli.approximations.patterns import chord_budget
 
 METHODS = [truncated_svd, randomized_svd, top_k, monarch, lowrank_plus_sparse]
 
@@ -304,7 +304,7 @@ def test_save_and_load_round_trip(approx, suffix, tmp_path):
 
 def test_top_k_of_a_memory_map_streams_rows_and_matches(tmp_path, monkeypatch):
     """A read-only .npy map: top-k by blocks of rows (a running top-k), the same entries as in memory."""
-    from sfa_cli import baselines
+    from sfa_cli.methods import baselines
 
     rng = np.random.default_rng(5)
     A = rng.standard_normal((1100, 1100)).astype(np.float32)

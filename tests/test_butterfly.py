@@ -4,12 +4,12 @@ import pytest
 import scipy.linalg
 import scipy.sparse as sp
 
-from sfa_cli.approximation import load_approximation
-from sfa_cli.butterfly import butterfly_closed_form
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.butterfly import butterfly_closed_form
 from sfa_cli.errors import NotApplicable, SfaError
-from sfa_cli.factors import SparseFactors
+from sfa_cli.approximations.sparse_factors import SparseFactors
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import butterfly_pattern
+from sfa_cli.approximations.patterns import butterfly_pattern
 
 
 def random_butterfly(n, factors=None, seed=0):
@@ -161,7 +161,7 @@ def test_memory_guard_names_the_work_and_the_way_out(monkeypatch):
 
 def test_compare_polishes_the_closed_form_by_default():
     """Far from any butterfly the closed form is only a start: `compare` polishes it unasked."""
-    from sfa_cli.compare import compare
+    from sfa_cli.methods.compare import compare
 
     pts = np.random.default_rng(4).random((64, 2))
     A = np.exp(-((pts[:, None] - pts[None]) ** 2).sum(-1) / 0.02)  # an RBF kernel

@@ -7,9 +7,9 @@ import pytest
 import scipy.io as sio
 import scipy.sparse as sp
 
-from sfa_cli import jobs
-from sfa_cli.approximation import load_approximation
-from sfa_cli.compare import Comparison, MethodResult
+from sfa_cli.cli import jobs
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.compare import Comparison, MethodResult
 
 
 @pytest.fixture
@@ -129,7 +129,7 @@ def test_piped_tables_are_not_squeezed(run_cli, small):
 def test_compare_shows_each_method_as_it_finishes(run_cli, small):
     from rich.console import Console
 
-    import sfa_cli.cli as cli_module
+    import sfa_cli.cli.commands as cli_module
 
     screen = __import__("io").StringIO()
     cli_module._consoles._err = Console(file=screen, force_terminal=True, width=200)
@@ -163,8 +163,8 @@ def test_library_fit_matrix_decides_the_path_and_the_baseline():
 
 def test_no_method_reports_an_error_above_one(run_cli, tmp_path):
     # a fit stopped after one iteration is worse than the zero matrix here; what is reported is its best multiple
-    from sfa_cli.compare import compare
-    from sfa_cli.fit import fit
+    from sfa_cli.methods.compare import compare
+    from sfa_cli.engine.fit import fit
     from sfa_cli.metrics import relative_error
 
     A = np.random.default_rng(0).standard_normal((32, 32))
@@ -223,7 +223,7 @@ def test_a_second_writer_of_one_name_refuses_without_force(run_cli, small, tmp_p
 
 
 def test_the_start_follows_the_diagonal_and_lm_runs_through_the_cli(run_cli, tmp_path):
-    from sfa_cli.fit import fit
+    from sfa_cli.engine.fit import fit
     from sfa_cli.synthetic import grid_laplacian, random_graph
 
     laplacian, adjacency = grid_laplacian(8), random_graph(64, seed=0)
@@ -267,16 +267,16 @@ def test_dense_inputs_take_the_column_block_path_when_large_or_short_of_memory(m
     monkeypatch.setattr(limits, "DENSE_FIT_MAX_N", 8192)
     monkeypatch.setattr(memory, "available_bytes", lambda device="cpu": 1000)  # n x n does not fit
     assert jobs.uses_sampled_fit(A)
-    from sfa_cli.compare import compare
+    from sfa_cli.methods.compare import compare
 
-    monkeypatch.setattr("sfa_cli.compare.SCALE_ABOVE", 32)
+    monkeypatch.setattr("sfa_cli.methods.compare.SCALE_ABOVE", 32)
     c = compare(A, methods=["tsvd", "monarch"], error_sample=16)
     assert c.scale and c.results[1].status == "not applicable" and c.results[0].rel_error_is_estimate
 
 
 def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
-    import sfa_cli.learned as learned
-    from sfa_cli.compare import run_method
+    import sfa_cli.methods.learned as learned
+    from sfa_cli.methods.compare import run_method
     from sfa_cli.metrics import relative_error
 
     A = sp.random(64, 64, density=0.05, random_state=1, format="csr") + sp.eye(64)
@@ -288,7 +288,7 @@ def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
 
     monkeypatch.setattr(learned, "learned_sparse", poor)
     r = run_method(A, "sparse", 0.02)
-    from sfa_cli.baselines import top_k
+    from sfa_cli.methods.baselines import top_k
 
     assert r.rel_error == pytest.approx(relative_error(A, top_k(A, r.budget)))
     assert "largest entries" in r.note and r.approximation.num_factors == 1
@@ -298,8 +298,8 @@ def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
 
 
 def test_dense_tsvd_above_the_lapack_size_is_randomized_and_says_so(monkeypatch):
-    import sfa_cli.baselines as baselines
-    from sfa_cli.baselines import tsvd_at_rank
+    import sfa_cli.methods.baselines as baselines
+    from sfa_cli.methods.baselines import tsvd_at_rank
     from sfa_cli.metrics import relative_error
 
     rng = np.random.default_rng(0)
@@ -313,9 +313,9 @@ def test_dense_tsvd_above_the_lapack_size_is_randomized_and_says_so(monkeypatch)
 
 
 def test_a_memory_mapped_matrix_is_read_by_blocks_that_give_their_pages_back(tmp_path, monkeypatch):
-    import sfa_cli.baselines as baselines
+    import sfa_cli.methods.baselines as baselines
     import sfa_cli.io as sfa_io
-    from sfa_cli.baselines import randomized_svd
+    from sfa_cli.methods.baselines import randomized_svd
     from sfa_cli.io import load_matrix
     from sfa_cli.metrics import relative_error
 

@@ -13,7 +13,7 @@ import pytest
 import scipy.io as sio
 import scipy.sparse as sp
 
-from sfa_cli.approximation import load_approximation
+from sfa_cli.approximations.base import load_approximation
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY_KEYS = {"path", "n", "factors", "params", "compression", "rel_error", "iterations", "evaluations", "seconds",

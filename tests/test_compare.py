@@ -7,11 +7,11 @@ import pytest
 import scipy.io as sio
 import scipy.sparse as sp
 
-from sfa_cli.approximation import load_approximation
-from sfa_cli.compare import METHODS, chord_at_budget, compare, resolve_budget
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.compare import METHODS, chord_at_budget, compare, resolve_budget
 from sfa_cli.errors import SfaError
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import chord_budget
+from sfa_cli.approximations.patterns import chord_budget
 
 FAST = {"max_iter": 30}
 
@@ -136,7 +136,7 @@ def test_cli_plot(run_cli, matrices, tmp_path):
 
 
 def test_run_method_is_compares_code_path_with_method_options():
-    from sfa_cli.compare import run_method
+    from sfa_cli.methods.compare import run_method
 
     rng = np.random.default_rng(0)  # low rank plus the identity: learned factors beat the largest entries
     A = rng.standard_normal((32, 2)) @ rng.standard_normal((2, 32)) + np.eye(32)

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from sfa_cli.cli import cli
-from sfa_cli.compare import METHODS
+from sfa_cli.cli.commands import cli
+from sfa_cli.methods.compare import METHODS
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -31,13 +31,13 @@ def test_every_method_is_documented():
 
 
 def test_readme_method_table_is_the_registry():
-    from sfa_cli.registry import method_table
+    from sfa_cli.methods.registry import method_table
 
-    assert method_table() in README, "the README's method table differs from sfa_cli.registry (paste method_table())"
+    assert method_table() in README, "the README's method table differs from sfa_cli.methods.registry (paste method_table())"
 
 
 def test_cli_choices_come_from_the_registry(run_cli):
-    from sfa_cli.registry import METHODS as RECORDS
+    from sfa_cli.methods.registry import METHODS as RECORDS
 
     fit_help = run_cli("fit", "--help").output
     compare_help = run_cli("compare", "--help").output
@@ -50,7 +50,7 @@ def test_importing_the_cli_leaves_torch_out():
     import subprocess
     import sys
 
-    code = "import sys, sfa_cli.cli; print('torch' in sys.modules)"
+    code = "import sys, sfa_cli.cli.commands; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -64,8 +64,8 @@ def test_readme_factor_file_recipe_rebuilds_the_factors(tmp_path, monkeypatch):
     # the README's numpy/scipy-only recipe, run as written on a file sfa wrote
     import numpy as np
 
-    from sfa_cli.approximation import load_approximation
-    from sfa_cli.fit import fit
+    from sfa_cli.approximations.base import load_approximation
+    from sfa_cli.engine.fit import fit
     from sfa_cli.io import load_matrix
 
     section = README.split("## Factor files")[1]

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sfa_cli.approximation import load_approximation
+from sfa_cli.approximations.base import load_approximation
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.patterns import chord_pattern
+from sfa_cli.approximations.sparse_factors import SparseFactors
+from sfa_cli.approximations.patterns import chord_pattern
 
 
 @pytest.fixture

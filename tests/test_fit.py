@@ -5,7 +5,7 @@ import scipy.sparse as sp
 import torch
 
 from sfa_cli.errors import SfaError
-from sfa_cli.fit import DEFAULTS, default_max_iter, fit
+from sfa_cli.engine.fit import DEFAULTS, default_max_iter, fit
 from sfa_cli.metrics import relative_error
 
 
@@ -92,7 +92,7 @@ def test_bad_options():
 def test_documented_defaults():
     import inspect
 
-    from sfa_cli.options import OptimizerSpec, Placement, StopRules
+    from sfa_cli.engine.options import OptimizerSpec, Placement, StopRules
 
     sig = inspect.signature(fit)
     # the loose keywords default to None: "the typed option's default", pinned here and in the docstring
@@ -106,7 +106,7 @@ def test_documented_defaults():
 
 
 def test_typed_options_and_loose_keywords_give_the_same_fit():
-    from sfa_cli.options import OptimizerSpec, PatternSpec, Placement, StopRules
+    from sfa_cli.engine.options import OptimizerSpec, PatternSpec, Placement, StopRules
 
     A = _graph(32)
     loose = fit(A, factors=3, max_iter=15, tol=0, optimizer="adam", lr=0.02, seed=2, device="cpu", dtype="float64")
@@ -134,7 +134,7 @@ def test_fit_validates_the_matrix_on_entry(bad, message):
 
 def test_time_limit_is_honoured_within_an_evaluation(monkeypatch):
     """A slow evaluation stops at the next column block once the limit has passed."""
-    import sfa_cli.objective as objective
+    import sfa_cli.engine.objective as objective
 
     A = _graph(64)
     real = objective.BlockObjective._residual
@@ -167,7 +167,7 @@ def test_cuda_matches_cpu():
 
 
 def test_runaway_line_search_restarts_from_the_best_point(monkeypatch):
-    import sfa_cli.optimize as optimize
+    import sfa_cli.engine.optimize as optimize
 
     A = _graph(32)
     normal = fit(A, max_iter=5, device="cpu")
@@ -180,7 +180,7 @@ def test_runaway_line_search_restarts_from_the_best_point(monkeypatch):
 
 
 def test_auto_device_stays_on_cpu_for_small_n(monkeypatch):
-    from sfa_cli.kernels import AUTO_CUDA_MIN_N, resolve_device
+    from sfa_cli.approximations.kernels import AUTO_CUDA_MIN_N, resolve_device
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_device("auto", AUTO_CUDA_MIN_N - 1).type == "cpu"

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sfa_cli.approximation import KINDS, load_approximation
-from sfa_cli.approximations import LowRank, Monarch, SparseMatrix, SumApproximation
+from sfa_cli.approximations.base import KINDS, load_approximation
+from sfa_cli.approximations.kinds import LowRank, Monarch, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
+from sfa_cli.approximations.sparse_factors import SparseFactors
 from sfa_cli.io import save_matrix
-from sfa_cli.patterns import butterfly_pattern, chord_pattern
+from sfa_cli.approximations.patterns import butterfly_pattern, chord_pattern
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "formats.md"
 N = 16
@@ -233,7 +233,7 @@ def test_damaged_npz_is_refused_naming_the_file(case, tmp_path):
 def test_damaged_h5_is_refused_naming_the_file(case, tmp_path):
     import h5py
 
-    from sfa_cli.approximation import _h5_path
+    from sfa_cli.approximations.base import _h5_path
 
     kind, mutate, message = CORRUPT[case]
     arrays, meta = _stored(kind)
@@ -438,7 +438,8 @@ def test_commands_refuse_damaged_factor_files_in_one_line(cli_error, damaged, tm
 
 
 def test_large_reads_are_checked_against_the_memory_available(tmp_path, monkeypatch):
-    from sfa_cli import approximation, memory
+    from sfa_cli import memory
+    from sfa_cli.approximations import base as approximation
 
     path = tmp_path / "L.npz"
     EXAMPLES["low_rank"].save(path)

@@ -1,4 +1,4 @@
-"""Levenberg-Marquardt for fixed patterns (sfa_cli.gauss_newton): products, steps, rules, starts."""
+"""Levenberg-Marquardt for fixed patterns (sfa_cli.engine.gauss_newton): products, steps, rules, starts."""
 import math
 import time
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors, pattern_structures
-from sfa_cli.gauss_newton import ChainLeastSquares, chord_factors, chord_product, fit_lm, lm_fit, start_values
+from sfa_cli.approximations.sparse_factors import SparseFactors, pattern_structures
+from sfa_cli.engine.gauss_newton import ChainLeastSquares, chord_factors, chord_product, fit_lm, lm_fit, start_values
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import butterfly_pattern, chord_pattern
+from sfa_cli.approximations.patterns import butterfly_pattern, chord_pattern
 
 
 def _dense_chain(structs, values, n):

@@ -22,7 +22,7 @@ import scipy.sparse as sp
 
 from sfa_cli import io as sfa_io
 from sfa_cli import memory
-from sfa_cli.baselines import truncated_svd
+from sfa_cli.methods.baselines import truncated_svd
 from sfa_cli.errors import SfaError, printable
 from sfa_cli.io import atomic_output, check_output, load_array, load_matrix, save_matrix
 

@@ -4,8 +4,8 @@ from functools import reduce
 import pytest
 import torch
 
-from sfa_cli.kernels import FactorStructure, chain_matmul, sparse_matmul
-from sfa_cli.patterns import butterfly_pattern, chord_pattern
+from sfa_cli.approximations.kernels import FactorStructure, chain_matmul, sparse_matmul
+from sfa_cli.approximations.patterns import butterfly_pattern, chord_pattern
 
 
 def _dense_factor(struct, values, n):
@@ -16,7 +16,7 @@ def _dense_factor(struct, values, n):
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
 def test_kernel_matches_dense_products_and_gradients(pattern, transpose, fused_up_to, monkeypatch):
-    from sfa_cli import kernels
+    from sfa_cli.approximations import kernels
 
     monkeypatch.setattr(kernels, "FUSED_CHAIN_MAX_N", fused_up_to)
     n = pattern.n
@@ -104,7 +104,7 @@ def test_compiled_path_falls_back_to_csr_when_compiling_fails(compiled_path, mon
 
 
 def test_factor_columns_is_the_dense_factors_columns_and_differentiable():
-    from sfa_cli.kernels import chain_columns, factor_columns
+    from sfa_cli.approximations.kernels import chain_columns, factor_columns
 
     pattern = chord_pattern(16, symmetric=True, permute=5)
     structs = [FactorStructure.from_table(t)[0] for t in pattern.tables]
@@ -119,7 +119,7 @@ def test_factor_columns_is_the_dense_factors_columns_and_differentiable():
 
 @pytest.mark.parametrize("fused_up_to", [0, 10**9], ids=["per-factor nodes", "one node"])
 def test_chain_gradient_matches_finite_differences_batched_and_shared(monkeypatch, fused_up_to):
-    from sfa_cli import kernels
+    from sfa_cli.approximations import kernels
 
     monkeypatch.setattr(kernels, "FUSED_CHAIN_MAX_N", fused_up_to)
     structs = [FactorStructure.from_table(t)[0] for t in chord_pattern(10).tables[:3]]

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sfa_cli.approximation import load_approximation
-from sfa_cli.baselines import NotApplicable, SumApproximation, lowrank_plus_sparse, top_k
-from sfa_cli.compare import METHODS, chord_at_budget
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.baselines import NotApplicable, SumApproximation, lowrank_plus_sparse, top_k
+from sfa_cli.methods.compare import METHODS, chord_at_budget
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.learned import chord_plus_sparse, learned_sparse
+from sfa_cli.approximations.sparse_factors import SparseFactors
+from sfa_cli.methods.learned import chord_plus_sparse, learned_sparse
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import chord_budget
+from sfa_cli.approximations.patterns import chord_budget
 
 FAST = {"max_iter": 30}
 
@@ -163,7 +163,7 @@ def test_learned_and_hybrid_validate_the_matrix_on_entry(method, bad, message):
 
 
 def test_learned_options_are_checked_when_built():
-    from sfa_cli.learned import LearnedOptions
+    from sfa_cli.methods.learned import LearnedOptions
 
     assert LearnedOptions().M == 2 and not LearnedOptions(factors=3).hierarchical
     assert LearnedOptions(factors=3, order="hierarchical").hierarchical

@@ -1,4 +1,4 @@
-"""The learned-support method fitted from blocks of A (sfa_cli.learned_scale): exact errors, the budget,
+"""The learned-support method fitted from blocks of A (sfa_cli.methods.learned_scale): exact errors, the budget,
 never worse than its starts or top-k, memory maps, options it refuses, the time limit, and the CLI."""
 import json
 import time
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from sfa_cli import learned
-from sfa_cli.baselines import NotApplicable, top_k, truncated_svd
-from sfa_cli.approximation import load_approximation
-from sfa_cli.learned import learned_sparse
-from sfa_cli.learned_scale import learned_at_scale
+from sfa_cli.methods import learned
+from sfa_cli.methods.baselines import NotApplicable, top_k, truncated_svd
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.learned import learned_sparse
+from sfa_cli.methods.learned_scale import learned_at_scale
 from sfa_cli.metrics import relative_error
 
 
@@ -91,7 +91,7 @@ def test_fit_cli_runs_the_method_from_blocks_above_the_limit(run_cli, tmp_path, 
 
 
 def test_running_top_k_keeps_exactly_the_largest():
-    from sfa_cli.learned_scale import _TopK
+    from sfa_cli.methods.learned_scale import _TopK
 
     rng = np.random.default_rng(4)
     scores = rng.random(50_000)
@@ -108,7 +108,7 @@ def test_an_als_sweep_leaves_every_column_of_the_second_factor_optimal(monkeypat
     """Dense atoms (BLAS), sparse atoms sharing lines (indexed reads, Gram pairs): after a sweep each
     column of S(2) is the exact least-squares fit given S(1). With no Gram pairs allowed (pair_limit 0)
     the refit is Jacobi-like, and only the loss is checked (it is the rounds' acceptance test that guards)."""
-    from sfa_cli import learned_scale as L
+    from sfa_cli.methods import learned_scale as L
 
     rng = np.random.default_rng(2)
     n = 40
@@ -135,7 +135,7 @@ def test_an_als_sweep_leaves_every_column_of_the_second_factor_optimal(monkeypat
 
 
 def test_lines_above_the_system_cap_keep_their_values(monkeypatch):
-    from sfa_cli import learned_scale as L
+    from sfa_cli.methods import learned_scale as L
 
     rng = np.random.default_rng(3)
     n = 30

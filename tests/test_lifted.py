@@ -1,4 +1,4 @@
-"""The lifted start (sfa_cli.lifted): exact recovery of shallow products, its limits and its errors."""
+"""The lifted start (sfa_cli.engine.lifted): exact recovery of shallow products, its limits and its errors."""
 import json
 import os
 import signal
@@ -12,14 +12,14 @@ import pytest
 import scipy.io
 import torch
 
-from sfa_cli.approximation import load_approximation
+from sfa_cli.approximations.base import load_approximation
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import fit
-from sfa_cli.gauss_newton import chord_factors, chord_product
-from sfa_cli.lifted import CHECK_EVERY, MAX_PATHS, lifted_start, path_count
+from sfa_cli.approximations.sparse_factors import SparseFactors
+from sfa_cli.engine.fit import fit
+from sfa_cli.engine.gauss_newton import chord_factors, chord_product
+from sfa_cli.engine.lifted import CHECK_EVERY, MAX_PATHS, lifted_start, path_count
 from sfa_cli.metrics import relative_error
-from sfa_cli.patterns import Pattern, butterfly_pattern, chord_pattern
+from sfa_cli.approximations.patterns import Pattern, butterfly_pattern, chord_pattern
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -4,7 +4,7 @@ import torch
 
 from sfa_cli.errors import SfaError
 from sfa_cli.nn import ChordMixing, SavedTensorBytes, SequenceModel, SoftmaxAttention
-from sfa_cli.patterns import chord_pattern
+from sfa_cli.approximations.patterns import chord_pattern
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
 

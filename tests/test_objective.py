@@ -4,10 +4,10 @@ from functools import reduce
 import pytest
 import torch
 
-from sfa_cli.kernels import FactorStructure
-from sfa_cli.objective import BlockObjective, DenseColumns, column_blocks
-from sfa_cli.optimize import Adam, FitStep, Run, Stop, minimize
-from sfa_cli.patterns import butterfly_pattern, chord_pattern
+from sfa_cli.approximations.kernels import FactorStructure
+from sfa_cli.engine.objective import BlockObjective, DenseColumns, column_blocks
+from sfa_cli.engine.optimize import Adam, FitStep, Run, Stop, minimize
+from sfa_cli.approximations.patterns import butterfly_pattern, chord_pattern
 
 
 def _dense_factor(struct, values, n):

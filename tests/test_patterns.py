@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from sfa_cli.errors import SfaError
-from sfa_cli.patterns import butterfly_pattern, chord_budget, chord_offsets, chord_pattern, tsvd_rank_at_budget
+from sfa_cli.approximations.patterns import butterfly_pattern, chord_budget, chord_offsets, chord_pattern, tsvd_rank_at_budget
 
 
 def _mask(table, n):
@@ -81,7 +81,7 @@ def test_info_fit_and_compare_size_the_tsvd_baseline_by_one_rule():
     # ceil(M^2 / 2) gave lesmis rank 25, 3850 numbers > the budget 3773
     from pathlib import Path
 
-    from sfa_cli.compare import compare
+    from sfa_cli.methods.compare import compare
     from sfa_cli.info import matrix_info
     from sfa_cli.io import load_matrix
 

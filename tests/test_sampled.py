@@ -12,15 +12,15 @@ import scipy.sparse as sp
 import torch
 
 from sfa_cli import memory
-from sfa_cli.baselines import truncated_svd
+from sfa_cli.methods.baselines import truncated_svd
 from sfa_cli.errors import SfaError
 from sfa_cli.synthetic import grid_laplacian, random_graph
-from sfa_cli.factors import pattern_structures
-from sfa_cli.fit import make_pattern
-from sfa_cli.kernels import ColumnChain, chain_matmul
+from sfa_cli.approximations.sparse_factors import pattern_structures
+from sfa_cli.engine.fit import make_pattern
+from sfa_cli.approximations.kernels import ColumnChain, chain_matmul
 from sfa_cli.metrics import relative_error
-from sfa_cli.options import Placement, SampledSchedule
-from sfa_cli.sampled import (
+from sfa_cli.engine.options import Placement, SampledSchedule
+from sfa_cli.engine.sampled import (
     EXACT_ERROR_UP_TO,
     SampledFitResult,
     error_report,
@@ -253,7 +253,7 @@ HELPER = """
 import json, sys
 import numpy as np
 import scipy.sparse as sp
-from sfa_cli.sampled import fit_sampled, init_distributed
+from sfa_cli.engine.sampled import fit_sampled, init_distributed
 
 rank, world = init_distributed("cpu")
 A = sp.load_npz(sys.argv[1])

@@ -10,15 +10,16 @@ import scipy.sparse as sp
 import torch
 from rich.console import Console
 
-from sfa_cli import cli as cli_module
-from sfa_cli import compare as compare_module
-from sfa_cli import memory, sampled
-from sfa_cli.approximation import load_approximation
-from sfa_cli.compare import DENSE_ONLY, compare
+from sfa_cli.cli import commands as cli_module
+from sfa_cli.methods import compare as compare_module
+from sfa_cli import memory
+from sfa_cli.engine import sampled
+from sfa_cli.approximations.base import load_approximation
+from sfa_cli.methods.compare import DENSE_ONLY, compare
 from sfa_cli.errors import SfaError
-from sfa_cli.fit import _dense_target, dense_target_bytes, fit
+from sfa_cli.engine.fit import _dense_target, dense_target_bytes, fit
 from sfa_cli.metrics import relative_error
-from sfa_cli.sampled import estimate_relative_error
+from sfa_cli.engine.sampled import estimate_relative_error
 from sfa_cli.synthetic import grid_laplacian, random_graph
 
 

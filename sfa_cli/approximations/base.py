@@ -12,7 +12,7 @@ all methods alike through it, so adding a method touches one module.
 Example
 -------
 >>> import numpy as np, scipy.sparse.linalg as sla
->>> from sfa_cli.approximations import LowRank
+>>> from sfa_cli.approximations.kinds import LowRank
 >>> A_hat = LowRank(np.ones((4, 1)), np.arange(4.0)[None, :], method="tsvd")
 >>> A_hat.shape, A_hat.dtype
 ((4, 4), dtype('float64'))
@@ -66,11 +66,11 @@ DENSE_LIMIT = limits.DENSE_LIMIT  # the one definition is in sfa_cli/limits.py
 #: Every kind a file can hold and the module that defines it: :func:`load_approximation`
 #: imports the module on first use, so every kind loads whatever the caller imported.
 KINDS = {
-    "sparse_factors": "sfa_cli.factors",
-    "low_rank": "sfa_cli.approximations",
-    "sparse": "sfa_cli.approximations",
-    "sum": "sfa_cli.approximations",
-    "monarch": "sfa_cli.approximations",
+    "sparse_factors": "sfa_cli.approximations.sparse_factors",
+    "low_rank": "sfa_cli.approximations.kinds",
+    "sparse": "sfa_cli.approximations.kinds",
+    "sum": "sfa_cli.approximations.kinds",
+    "monarch": "sfa_cli.approximations.kinds",
 }
 _CLASSES: dict[str, type["Approximation"]] = {}
 

@@ -1,6 +1,6 @@
 """Closed-form butterfly factorization: hierarchical two-factor splits solved by rank-1 SVDs.
 
-The butterfly pattern (:func:`sfa_cli.patterns.butterfly_pattern`) has, for n = 2^L, M <= L
+The butterfly pattern (:func:`sfa_cli.approximations.patterns.butterfly_pattern`) has, for n = 2^L, M <= L
 factors; factor m (0 = leftmost, W(1)) links row i with columns i and i XOR 2^(L-1-m), so
 W(1) mixes the most significant bit of the index. These are the "butterfly supports"
 S_l = I_{2^(l-1)} (x) 1_{2x2} (x) I_{n/2^l} of Le, Zheng, Riccietti and Gribonval, "Fast
@@ -48,12 +48,12 @@ import numpy as np
 import scipy.sparse as sp
 
 from sfa_cli.errors import NotApplicable, SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import fit
+from sfa_cli.approximations.sparse_factors import SparseFactors
+from sfa_cli.engine.fit import fit
 from sfa_cli.io import as_square_matrix
 from sfa_cli.memory import require_memory
-from sfa_cli.optimize import EXACT_REL_ERROR
-from sfa_cli.patterns import butterfly_pattern
+from sfa_cli.engine.optimize import EXACT_REL_ERROR
+from sfa_cli.approximations.patterns import butterfly_pattern
 
 __all__ = ["butterfly_closed_form"]
 
@@ -83,7 +83,7 @@ def butterfly_closed_form(
     dtype : {np.float64, np.float32}, default=np.float64
         dtype of the returned factors; the SVDs always run in float64.
     polish_iter : int, default=0
-        L-BFGS iterations of :func:`sfa_cli.fit.fit` started from the closed form; the
+        L-BFGS iterations of :func:`sfa_cli.engine.fit.fit` started from the closed form; the
         better of the two (exact relative error, float64) is returned. A closed form within
         the fit's exact stop (relative error 1e-7) is not polished.
     time_limit : float, optional

@@ -108,7 +108,7 @@ class PatternSpec(_Options):
 
     def entries(self, n: int) -> tuple[int, int]:
         """(factors M, non-zeros per row k) of the pattern for size n, computed without building it."""
-        from sfa_cli.patterns import _ceil_log, chord_offsets
+        from sfa_cli.approximations.patterns import _ceil_log, chord_offsets
 
         if self.name == "butterfly":
             return (self.factors or max(1, int(n).bit_length() - 1)), 2
@@ -117,10 +117,10 @@ class PatternSpec(_Options):
         return (self.factors or _ceil_log(n, base)), max(1, k)
 
     def build(self, n: int):
-        """The :class:`~sfa_cli.patterns.Pattern` for size n (its memory checked first: a file that
+        """The :class:`~sfa_cli.approximations.patterns.Pattern` for size n (its memory checked first: a file that
         declares a huge n must not make the pattern's index tables before anything refuses it)."""
         from sfa_cli.memory import require_memory
-        from sfa_cli.patterns import butterfly_pattern, chord_pattern
+        from sfa_cli.approximations.patterns import butterfly_pattern, chord_pattern
 
         M, k = self.entries(n)
         # the shared index table (int64), and per non-zero its CSR index, its structure's gather
@@ -144,7 +144,7 @@ class StopRules(_Options):
     Parameters
     ----------
     max_iter : int, optional
-        Iterations; default :func:`sfa_cli.fit.default_max_iter` of n.
+        Iterations; default :func:`sfa_cli.engine.fit.default_max_iter` of n.
     time_limit : float, optional
         Seconds of fitting.
     tol : float, default=1e-5
@@ -172,7 +172,7 @@ class OptimizerSpec(_Options):
     Parameters
     ----------
     optimizer : {"lbfgs", "adam", "lm"}, default="lbfgs"
-        L-BFGS, Adam, or Levenberg-Marquardt with matrix-free CG (:mod:`sfa_cli.gauss_newton`).
+        L-BFGS, Adam, or Levenberg-Marquardt with matrix-free CG (:mod:`sfa_cli.engine.gauss_newton`).
     lr : float, optional
         Step size: 1 for L-BFGS (its line search scales it), 0.01 for Adam (unused by lm).
     history_size : int, default=20
@@ -180,9 +180,9 @@ class OptimizerSpec(_Options):
     start : {"auto", "paper", "identity", "lifted"}, default="auto"
         The factors' start: the paper's row averages with 1% noise; every factor the identity plus
         small noise (the product scaled to unit norm; needs the self link); ``lifted`` the factors
-        read off projections (RAAR) on the product's paths (:mod:`sfa_cli.lifted`: exact on
+        read off projections (RAAR) on the product's paths (:mod:`sfa_cli.engine.lifted`: exact on
         products of 2-5 Chord factors; its sweeps take at most half the time limit; refused above
-        :data:`sfa_cli.lifted.MAX_PATHS` paths);
+        :data:`sfa_cli.engine.lifted.MAX_PATHS` paths);
         ``auto`` the identity start when A's diagonal holds at least a quarter of ||A||_F^2
         (Laplacians, covariances, kernels) and the pattern has the self link, else the paper's. A
         warm start (``init``) replaces it.
@@ -232,7 +232,7 @@ class SampledSchedule(_Options):
     epochs : int, default=10
         Passes over all columns.
     lr : float, optional
-        Adam's peak step size (default :func:`sfa_cli.sampled.default_lr`).
+        Adam's peak step size (default :func:`sfa_cli.engine.sampled.default_lr`).
     error_sample : int, default=1024
         Columns of the seeded sample that estimates the error.
     confidence : float, default=0.95

@@ -25,8 +25,8 @@ so :data:`MAX_PATHS` bounds it.
 Example
 -------
 >>> import torch
->>> from sfa_cli.factors import SparseFactors
->>> from sfa_cli.gauss_newton import chord_factors
+>>> from sfa_cli.approximations.sparse_factors import SparseFactors
+>>> from sfa_cli.engine.gauss_newton import chord_factors
 >>> pat, vals = chord_factors(64, factors=2, seed=1)
 >>> A = torch.as_tensor(SparseFactors.from_pattern(pat, vals).to_dense())
 >>> values, info = lifted_start(A / A.norm(), pat, sweeps=2000)
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import pattern_structures
-from sfa_cli.objective import BlockObjective
-from sfa_cli.patterns import Pattern
+from sfa_cli.approximations.sparse_factors import pattern_structures
+from sfa_cli.engine.objective import BlockObjective
+from sfa_cli.approximations.patterns import Pattern
 
 __all__ = ["lifted_start", "path_count", "MAX_PATHS", "LIFTED_DEFAULTS", "CHECK_EVERY"]
 
@@ -173,7 +173,7 @@ def lifted_start(target: torch.Tensor, pattern: Pattern, *, sweeps: int = LIFTED
     Returns
     -------
     values : list of Tensor
-        One 1-D tensor per factor, in CSR order (:meth:`sfa_cli.kernels.FactorStructure.from_table`),
+        One 1-D tensor per factor, in CSR order (:meth:`sfa_cli.approximations.kernels.FactorStructure.from_table`),
         float64, on the target's device.
     info : dict
         ``sweeps``, ``seconds``, ``residual`` (the best checked residual, whose point gives the factors),

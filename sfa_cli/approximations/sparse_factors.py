@@ -3,7 +3,7 @@
 Example
 -------
 >>> import numpy as np
->>> from sfa_cli.patterns import chord_pattern
+>>> from sfa_cli.approximations.patterns import chord_pattern
 >>> F = SparseFactors.from_pattern(chord_pattern(16), seed=0)   # paper's initial factors
 >>> F
 <SparseFactors chord n=16 factors=4 params=320 float64>
@@ -23,21 +23,21 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-from sfa_cli.approximation import Approximation, StoredArrays
+from sfa_cli.approximations.base import Approximation, StoredArrays
 from sfa_cli.errors import SfaError
-from sfa_cli.patterns import Pattern
+from sfa_cli.approximations.patterns import Pattern
 from sfa_cli.validation import as_csr
 
 __all__ = ["SparseFactors", "pattern_structures", "initial_values"]
 
 
 def pattern_structures(pattern: Pattern, device="cpu") -> tuple[list, list[np.ndarray]]:
-    """Kernel structures (:class:`~sfa_cli.kernels.FactorStructure`) for every factor of a pattern,
+    """Kernel structures (:class:`~sfa_cli.approximations.kernels.FactorStructure`) for every factor of a pattern,
     and each factor's table->CSR order.
 
     Factors that share one table (Chord) share one structure.
     """
-    from sfa_cli.kernels import FactorStructure
+    from sfa_cli.approximations.kernels import FactorStructure
 
     cache: dict[int, tuple] = {}
     structs, orders = [], []
@@ -133,7 +133,7 @@ class SparseFactors(Approximation):
         """(structures, values) of the factors as torch tensors on a device (cached)."""
         import torch
 
-        from sfa_cli.kernels import FactorStructure
+        from sfa_cli.approximations.kernels import FactorStructure
 
         dtype = dtype or torch.from_numpy(np.zeros(0, self.dtype)).dtype
         key = (str(device), dtype)
@@ -160,7 +160,7 @@ class SparseFactors(Approximation):
         if not vector and keep and dtype in (np.float32, np.float64):
             import torch
 
-            from sfa_cli.kernels import chain_matmul, csr_only
+            from sfa_cli.approximations.kernels import chain_matmul, csr_only
 
             structs, values = self.torch_chain(dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
             with torch.no_grad(), csr_only():

@@ -15,7 +15,7 @@ pattern. It alternates two steps:
   row or per column; a new entry starts at a damped Newton step 0.25 g / c;
 * **fit the values on the supports**: for two factors, alternating least
   squares (every row of S(1), then every column of S(2), solved exactly on its
-  support); for more, L-BFGS over column blocks, the engine of :mod:`sfa_cli.fit`.
+  support); for more, L-BFGS over column blocks, the engine of :mod:`sfa_cli.engine.fit`.
 
 A round whose refit is not better than the last accepted one is undone and new
 entries are discounted (their scores divided by 4) in the next, so the error
@@ -33,7 +33,7 @@ budget instead.
 
 :func:`chord_plus_sparse` spends part of the budget on Chord factors and the
 rest on the largest entries of the residual, with the split chosen like
-:func:`sfa_cli.baselines.lowrank_plus_sparse`.
+:func:`sfa_cli.methods.baselines.lowrank_plus_sparse`.
 
 Example
 -------
@@ -58,19 +58,19 @@ import torch
 
 from dataclasses import dataclass
 
-from sfa_cli import baselines
-from sfa_cli.baselines import NotApplicable, SparseMatrix, SumApproximation
+from sfa_cli.methods import baselines
+from sfa_cli.methods.baselines import NotApplicable, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.fit import DENSE_FIT_LIMIT, default_max_iter, fit
+from sfa_cli.approximations.sparse_factors import SparseFactors
+from sfa_cli.engine.fit import DENSE_FIT_LIMIT, default_max_iter, fit
 from sfa_cli.io import as_square_matrix
-from sfa_cli.kernels import FactorStructure, chain_matmul, factor_columns, resolve_device, resolve_dtype
+from sfa_cli.approximations.kernels import FactorStructure, chain_matmul, factor_columns, resolve_device, resolve_dtype
 from sfa_cli.memory import available_bytes
 from sfa_cli.metrics import frobenius_norm, residual_columns
-from sfa_cli.objective import BlockObjective, column_blocks
-from sfa_cli.optimize import Run, minimize
-from sfa_cli.options import OptimizerSpec, PatternSpec, Placement, StopRules
-from sfa_cli.patterns import chord_at_budget
+from sfa_cli.engine.objective import BlockObjective, column_blocks
+from sfa_cli.engine.optimize import Run, minimize
+from sfa_cli.engine.options import OptimizerSpec, PatternSpec, Placement, StopRules
+from sfa_cli.approximations.patterns import chord_at_budget
 
 __all__ = ["learned_sparse", "chord_plus_sparse", "LearnedOptions", "INITS", "PROJECTIONS", "ORDERS", "REFITS",
            "LEARNED_DEFAULTS"]
@@ -633,7 +633,7 @@ class LearnedOptions:
                            "factor: it takes neither init='chord', a row/column projection nor factor_budgets")
 
     def scale_obstacle(self) -> str | None:
-        """Why these options cannot run from blocks of A (:mod:`sfa_cli.learned_scale`), or None when they can."""
+        """Why these options cannot run from blocks of A (:mod:`sfa_cli.methods.learned_scale`), or None when they can."""
         if self.M != 2:
             return f"factors={self.M}"
         for name, value, ok in (("init", self.init, ("auto", "lowrank+sparse")), ("projection", self.projection,
@@ -668,7 +668,7 @@ class LearnedOptions:
 
 @dataclass(frozen=True)
 class _FitSettings:
-    """A method's ``fit_options`` dict as the typed options of :func:`sfa_cli.fit.fit`, plus the Chord variant."""
+    """A method's ``fit_options`` dict as the typed options of :func:`sfa_cli.engine.fit.fit`, plus the Chord variant."""
 
     stop: StopRules
     optimizer: OptimizerSpec
@@ -730,7 +730,7 @@ def learned_sparse(
         Seeds the randomized SVD of the start (n > 1024) and the Chord warm start;
         the same seed gives the same factors on the same device.
     fit_options : dict, optional
-        Keywords of :func:`sfa_cli.fit.fit` (an unknown one is an error):
+        Keywords of :func:`sfa_cli.engine.fit.fit` (an unknown one is an error):
         ``device``, ``dtype``, ``time_limit`` (seconds for the whole method; the
         best factors so far are returned) and ``max_iter`` (caps the final
         L-BFGS iterations) are used here; the Chord warm start also takes the
@@ -777,7 +777,7 @@ def learned_sparse(
         ``callback(round, rel_error)`` after the start and after each accepted
         round; returning True stops.
     at_scale : bool, optional
-        Fit from blocks of A, nothing n x n formed (:func:`sfa_cli.learned_scale.learned_at_scale`:
+        Fit from blocks of A, nothing n x n formed (:func:`sfa_cli.methods.learned_scale.learned_at_scale`:
         two factors, the total projection, a low-rank + sparse start, exact ALS refits; on the CPU);
         None: when n > DENSE_FIT_LIMIT, or when the dense fit's peak (about 120 bytes per entry
         of A) does not fit in the memory available. ``rounds`` and ``sweeps`` apply there too.
@@ -926,7 +926,7 @@ _DENSE_BYTES_PER_ENTRY = 120
 
 def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, seed, rounds, sweeps, callback):
     """The fit from blocks of A, for the options it takes."""
-    from sfa_cli.learned_scale import learned_at_scale
+    from sfa_cli.methods.learned_scale import learned_at_scale
 
     obstacle = opts.scale_obstacle()
     if obstacle is not None:
@@ -977,7 +977,7 @@ def chord_plus_sparse(
     """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
 
     For each split f the Chord pattern is sized to f * budget
-    (:func:`sfa_cli.patterns.chord_at_budget`) and fitted to A; the rest of the
+    (:func:`sfa_cli.approximations.patterns.chord_at_budget`) and fitted to A; the rest of the
     budget keeps the largest entries S of A - C; then, ``alternations - 1``
     times, the Chord factors are refitted to A - S (warm start) and S is taken
     again. The split f = 0 (the budget's largest entries alone, :func:`top_k`) is
@@ -991,10 +991,10 @@ def chord_plus_sparse(
     seed : int, default=0
         Seed of the Chord fits.
     fit_options : dict, optional
-        Options of :func:`sfa_cli.fit.fit` for the Chord fits (max_iter,
+        Options of :func:`sfa_cli.engine.fit.fit` for the Chord fits (max_iter,
         time_limit per fit, device, ...); ``symmetric`` and ``self_link`` choose
         the Chord variant. Without max_iter each fit runs a tenth of
-        :func:`sfa_cli.fit.default_max_iter` (at least 100): the method makes
+        :func:`sfa_cli.engine.fit.default_max_iter` (at least 100): the method makes
         ``len(splits) * alternations`` fits.
     splits : sequence of float, default=(0.5, 1.0)
         Fractions of the budget offered to the Chord part.

@@ -3,7 +3,7 @@
 A pattern gives, for each of the M factors, an ``(n, k)`` integer table: row
 ``i`` of factor ``m`` has its non-zeros at columns ``tables[m][i, :]``. This
 "ELL" layout (a fixed number of non-zeros per row) is what the kernels in
-:mod:`sfa_cli.kernels` gather from, on CPU and CUDA alike.
+:mod:`sfa_cli.approximations.kernels` gather from, on CPU and CUDA alike.
 
 Example
 -------

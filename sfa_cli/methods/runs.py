@@ -2,8 +2,8 @@
 
 Every function has the signature ``run(A, budget, *, seed=0, options=None, scale=False,
 schedule=None) -> (Approximation, note)``: ``options`` holds only the options the method's
-record takes (:mod:`sfa_cli.registry`), ``scale`` asks for the column-block path (nothing
-n x n formed), ``schedule`` is the sampled fit's :class:`~sfa_cli.options.SampledSchedule`
+record takes (:mod:`sfa_cli.methods.registry`), ``scale`` asks for the column-block path (nothing
+n x n formed), ``schedule`` is the sampled fit's :class:`~sfa_cli.engine.options.SampledSchedule`
 options, and ``note`` says what the method chose (a smaller pattern, a split, ...).
 A method that cannot run at this n or budget raises :class:`~sfa_cli.errors.NotApplicable`.
 
@@ -11,7 +11,7 @@ The functions import their implementations when called, so the registry stays li
 """
 from __future__ import annotations
 
-from sfa_cli.patterns import butterfly_at_budget, chord_at_budget
+from sfa_cli.approximations.patterns import butterfly_at_budget, chord_at_budget
 
 __all__ = ["chord", "butterfly", "tsvd", "rsvd", "topk", "monarch", "lowrank_plus_sparse", "learned_sparse",
            "chord_plus_sparse"]
@@ -24,7 +24,7 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
     """The full-batch fit, or at scale the sampled fit (its note says with how many epochs)."""
     options = {k: v for k, v in options.items() if v is not None}
     if scale:
-        from sfa_cli.sampled import fit_sampled
+        from sfa_cli.engine.sampled import fit_sampled
 
         run = {k: v for k, v in options.items() if k not in _FULL_FIT_ONLY
                and not (k == "start" and v == "auto")}  # the sampled fit's own default start
@@ -33,7 +33,7 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
         done = f"sampled fit, {epochs} x {result.batch_columns} columns"
         note = f"{done}; {note}" if note else done
     else:
-        from sfa_cli.fit import fit
+        from sfa_cli.engine.fit import fit
 
         result = fit(A, pattern=pattern, seed=seed, **sizes, **options)
     if result.interrupted:
@@ -42,7 +42,7 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
 
 
 def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
-    """The Chord factorization sized to the budget (:func:`sfa_cli.patterns.chord_at_budget`)."""
+    """The Chord factorization sized to the budget (:func:`sfa_cli.approximations.patterns.chord_at_budget`)."""
     options = dict(options or {})
     variant = {k: options[k] for k in ("symmetric", "self_link") if options.get(k) is not None}
     sizes, note = chord_at_budget(A.shape[0], budget, **variant)
@@ -51,15 +51,15 @@ def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
 def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The butterfly pattern, as many factors as the budget holds: the closed-form hierarchical
-    factorization (:func:`sfa_cli.butterfly.butterfly_closed_form`; exact on butterfly products), then an
-    L-BFGS polish from it (``max_iter`` iterations, default :func:`sfa_cli.fit.default_max_iter`, with the
+    factorization (:func:`sfa_cli.methods.butterfly.butterfly_closed_form`; exact on butterfly products), then an
+    L-BFGS polish from it (``max_iter`` iterations, default :func:`sfa_cli.engine.fit.default_max_iter`, with the
     fit's tol stop; the better of the two is kept); at scale the sampled fit."""
     sizes, note = butterfly_at_budget(A.shape[0], budget)
     options = dict(options or {})
     if scale:
         return _fit_at(A, "butterfly", sizes, note, seed, options, scale, schedule)
-    from sfa_cli.butterfly import butterfly_closed_form
-    from sfa_cli.fit import default_max_iter
+    from sfa_cli.methods.butterfly import butterfly_closed_form
+    from sfa_cli.engine.fit import default_max_iter
 
     polish = options.get("max_iter") or default_max_iter(A.shape[0])
     approx = butterfly_closed_form(A, factors=sizes["factors"], polish_iter=polish,
@@ -71,13 +71,13 @@ def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
 def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Truncated SVD; at scale by svds on the (sparse) matrix."""
-    from sfa_cli.baselines import truncated_svd
+    from sfa_cli.methods.baselines import truncated_svd
 
     import scipy.sparse as sp
 
     if scale and sp.issparse(A):
         return truncated_svd(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
-    from sfa_cli.baselines import EXACT_SVD_LIMIT
+    from sfa_cli.methods.baselines import EXACT_SVD_LIMIT
 
     if scale or A.shape[0] > EXACT_SVD_LIMIT:  # dense above LAPACK's size: the randomized range finder
         return truncated_svd(A, budget, seed=seed, solver="randomized"), "randomized range finder, 4 power iterations"
@@ -86,41 +86,41 @@ def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
 def rsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Randomized SVD; at scale torch.svd_lowrank on the sparse tensor."""
-    from sfa_cli.baselines import randomized_svd
+    from sfa_cli.methods.baselines import randomized_svd
 
     return randomized_svd(A, budget, seed=seed, keep_sparse=scale), ""
 
 
 def topk(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The budget's largest entries."""
-    from sfa_cli.baselines import top_k
+    from sfa_cli.methods.baselines import top_k
 
     return top_k(A, budget, seed=seed), ""
 
 
 def monarch(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The closed-form Monarch projection."""
-    from sfa_cli.baselines import monarch as project
+    from sfa_cli.methods.baselines import monarch as project
 
     return project(A, budget, seed=seed), ""
 
 
 def lowrank_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Low rank plus the residual's largest entries."""
-    from sfa_cli.baselines import lowrank_plus_sparse as split
+    from sfa_cli.methods.baselines import lowrank_plus_sparse as split
 
     return split(A, budget, seed=seed), ""
 
 
 def _fit_options(options: dict) -> dict:
-    from sfa_cli.registry import FIT_OPTIONS, VARIANT_OPTIONS
+    from sfa_cli.methods.registry import FIT_OPTIONS, VARIANT_OPTIONS
 
     return {k: v for k, v in options.items() if k in FIT_OPTIONS + VARIANT_OPTIONS and v is not None}
 
 
 def learned_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Sparse factors with learned supports."""
-    from sfa_cli.learned import learned_sparse as learn
+    from sfa_cli.methods.learned import learned_sparse as learn
 
     options = dict(options or {})
     own = {k: options[k] for k in ("factors", "order") if options.get(k) is not None}
@@ -134,8 +134,8 @@ def _not_worse_than_top_k(A, budget, approx):
     """The learned factors, or the budget's largest entries when those are closer to A (a one-factor
     chain: the same kind and file format). The learned method starts from low rank + sparse and never
     ends above its start; this also holds it to top-k, the other start a user would try."""
-    from sfa_cli.baselines import top_k
-    from sfa_cli.factors import SparseFactors
+    from sfa_cli.methods.baselines import top_k
+    from sfa_cli.approximations.sparse_factors import SparseFactors
     from sfa_cli.metrics import relative_error
 
     learned_error = relative_error(A, approx)
@@ -152,7 +152,7 @@ def _not_worse_than_top_k(A, budget, approx):
 
 def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Chord factors plus the residual's largest entries."""
-    from sfa_cli.learned import chord_plus_sparse as hybrid
+    from sfa_cli.methods.learned import chord_plus_sparse as hybrid
 
     approx = hybrid(A, budget, seed=seed, fit_options=_fit_options(dict(options or {})))
     return approx, approx.info.get("note", "")

@@ -13,7 +13,7 @@ what was not measured, and sets ``interrupted`` as well.
 Example
 -------
 >>> import numpy as np
->>> from sfa_cli.jobs import fit_matrix
+>>> from sfa_cli.cli.jobs import fit_matrix
 >>> A = np.random.default_rng(0).standard_normal((16, 16))
 >>> outcome = fit_matrix(A, method="tsvd", budget=0.25)
 >>> outcome.summary["method"], outcome.summary["params"] <= 64, outcome.interrupted
@@ -29,7 +29,7 @@ import scipy.sparse as sp
 
 from sfa_cli import limits
 from sfa_cli.errors import SfaError
-from sfa_cli.registry import FIT_OPTIONS, method_record
+from sfa_cli.methods.registry import FIT_OPTIONS, method_record
 
 __all__ = ["FitOutcome", "fit_matrix", "tsvd_baseline", "uses_sampled_fit"]
 
@@ -65,7 +65,7 @@ class FitOutcome:
 def uses_sampled_fit(A, sampled: bool | None = None) -> bool:
     """Whether the fit of A works from column blocks: when asked (True/False), else for n above
     :data:`sfa_cli.limits.DENSE_FIT_MAX_N` (sparse or dense), or when the full fit's n x n work copies
-    (:func:`sfa_cli.fit.dense_target_bytes` in float32) do not fit in the memory available."""
+    (:func:`sfa_cli.engine.fit.dense_target_bytes` in float32) do not fit in the memory available."""
     if sampled is not None:
         return bool(sampled)
     n = A.shape[0]
@@ -83,12 +83,12 @@ def tsvd_baseline(A, params: int, **estimate) -> dict:
 
     Exact, or with ``estimate`` (error_report's exact_error, sample, seed) measured as the sampled fit is.
     """
-    from sfa_cli.baselines import tsvd_at_rank
+    from sfa_cli.methods.baselines import tsvd_at_rank
     from sfa_cli.metrics import relative_error
-    from sfa_cli.patterns import tsvd_rank_at_budget
-    from sfa_cli.sampled import error_report
+    from sfa_cli.approximations.patterns import tsvd_rank_at_budget
+    from sfa_cli.engine.sampled import error_report
 
-    from sfa_cli.baselines import EXACT_SVD_LIMIT
+    from sfa_cli.methods.baselines import EXACT_SVD_LIMIT
 
     n = A.shape[0]
     rank = max(1, tsvd_rank_at_budget(n, params))
@@ -127,10 +127,10 @@ def fit_matrix(
     ----------
     A : ndarray or sparse matrix of shape (n, n)
     method : str, default="chord"
-        A name of :data:`sfa_cli.registry.METHODS`.
+        A name of :data:`sfa_cli.methods.registry.METHODS`.
     budget : int or float, optional
         Parameters allowed (a count, or a fraction of n^2 below 1). Chord: sizes the pattern
-        (:func:`sfa_cli.patterns.chord_at_budget`; default its full pattern); other methods:
+        (:func:`sfa_cli.approximations.patterns.chord_at_budget`; default its full pattern); other methods:
         default the Chord budget.
     pattern : {"chord", "butterfly"}, default="chord"
         The fixed pattern of ``method="chord"``.
@@ -176,7 +176,7 @@ def _fit_matrix(A, method, budget, pattern, pattern_options, fit_options, method
     if method != "chord":
         return _fit_method(A, record, budget, fit_options, pattern_options, method_options, seed, baseline, head,
                            stage, sampled)
-    from sfa_cli.patterns import chord_at_budget, resolve_budget
+    from sfa_cli.approximations.patterns import chord_at_budget, resolve_budget
 
     n = A.shape[0]
     extra = {}
@@ -217,7 +217,7 @@ def _interruptible(outcome_parts: dict, stage, steps) -> bool:
 
 
 def _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, callback, stage) -> FitOutcome:
-    from sfa_cli.fit import fit
+    from sfa_cli.engine.fit import fit
     from sfa_cli.metrics import relative_error
 
     result = fit(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
@@ -241,7 +241,7 @@ def _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, ca
 
 def _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule, baseline, head, callback,
                  stage) -> FitOutcome:
-    from sfa_cli.sampled import fit_sampled, init_distributed
+    from sfa_cli.engine.sampled import fit_sampled, init_distributed
 
     rank, _world = init_distributed(fit_options.get("device", "auto"))
     if fit_options.get("optimizer", "lbfgs") != "lbfgs" or fit_options.get("max_iter") is not None:
@@ -263,8 +263,8 @@ def _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule, basel
 
 def _fit_method(A, record, budget, fit_options, pattern_options, method_options, seed, baseline, head, stage,
                 sampled) -> FitOutcome:
-    from sfa_cli.compare import run_method
-    from sfa_cli.factors import SparseFactors
+    from sfa_cli.methods.compare import run_method
+    from sfa_cli.approximations.sparse_factors import SparseFactors
     from sfa_cli.memory import peak_rss_bytes
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -2,17 +2,17 @@
 
 A matrix (sparse or dense) with n above :data:`SCALE_ABOVE` is compared *at scale*:
 nothing n x n is formed. Chord and butterfly are fitted by the sampled fit
-(:func:`sfa_cli.sampled.fit_sampled`), tsvd by ``svds`` and rsvd by
+(:func:`sfa_cli.engine.sampled.fit_sampled`), tsvd by ``svds`` and rsvd by
 ``torch.svd_lowrank`` on the sparse matrix, topk keeps the sparse matrix
 (itself when nnz <= budget), and the methods that need dense n x n work are
 reported as not applicable with the reason. Every method's error is then an
-estimate from the same seeded column sample (:func:`sfa_cli.sampled.error_report`),
+estimate from the same seeded column sample (:func:`sfa_cli.engine.sampled.error_report`),
 with its confidence interval.
 
 Example
 -------
 >>> import numpy as np
->>> from sfa_cli.compare import compare
+>>> from sfa_cli.methods.compare import compare
 >>> A = np.random.default_rng(0).standard_normal((32, 32))
 >>> c = compare(A, methods=["tsvd", "topk"])
 >>> [r.method for r in c.results], c.budget["params"]
@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 
 
 from sfa_cli import limits
-from sfa_cli.approximation import Approximation
+from sfa_cli.approximations.base import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.io import as_square_matrix
 from sfa_cli.metrics import never_worse_than_zero
 from sfa_cli.validation import count_nonzero
-from sfa_cli.patterns import chord_at_budget, chord_budget, resolve_budget
-from sfa_cli.registry import METHODS as RECORDS
-from sfa_cli.registry import check_methods, method_record
-from sfa_cli.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report
+from sfa_cli.approximations.patterns import chord_at_budget, chord_budget, resolve_budget
+from sfa_cli.methods.registry import METHODS as RECORDS
+from sfa_cli.methods.registry import check_methods, method_record
+from sfa_cli.engine.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report
 
 __all__ = ["compare", "run_method", "resolve_budget", "chord_at_budget", "METHODS", "MethodResult", "Comparison",
            "SCALE_ABOVE", "DENSE_ONLY", "TIE", "check_methods"]
@@ -220,7 +220,7 @@ def compare(
     ----------
     A : ndarray or sparse matrix of shape (n, n)
     methods : list of str, optional
-        Names from the registry, :data:`sfa_cli.registry.METHODS` (default: all of them).
+        Names from the registry, :data:`sfa_cli.methods.registry.METHODS` (default: all of them).
     budget : int or float, optional
         Parameter count, or a fraction of n^2 when below 1; default the Chord budget.
     sweep : list of int or float, optional
@@ -228,7 +228,7 @@ def compare(
     seed : int, default=0
         Seeds the methods and the error sample.
     fit_options : dict, optional
-        Options of :func:`sfa_cli.fit.fit` for the fitted methods (max_iter, time_limit, device, ...);
+        Options of :func:`sfa_cli.engine.fit.fit` for the fitted methods (max_iter, time_limit, device, ...);
         at scale those the sampled fit takes (lr, time_limit, device, dtype, pattern variants).
     keep : bool, default=False
         Keep every approximation in its MethodResult (for saving).
@@ -242,7 +242,7 @@ def compare(
     scale : bool, optional
         Compare at scale (see the module docstring); None: when n > SCALE_ABOVE (sparse or dense).
     sampled_options : dict, optional
-        ``epochs``, ``batch_columns`` of :func:`sfa_cli.sampled.fit_sampled` at scale.
+        ``epochs``, ``batch_columns`` of :func:`sfa_cli.engine.sampled.fit_sampled` at scale.
     exact_error : bool, optional
         True: exact errors (streaming over all columns); False: estimates from
         ``error_sample`` seeded columns, the same columns for every method; None:
@@ -293,7 +293,7 @@ def run_method(A, method: str, budget: float | int | None = None, *, seed: int =
                options: dict | None = None, scale: bool = False, sampled_options: dict | None = None) -> MethodResult:
     """Run one method of the registry at a budget, as :func:`compare` does, keeping its approximation.
 
-    ``budget`` as in :func:`sfa_cli.patterns.resolve_budget`; ``fit_options`` the shared fitting
+    ``budget`` as in :func:`sfa_cli.approximations.patterns.resolve_budget`; ``fit_options`` the shared fitting
     options (those the method does not take are ignored); ``options`` the method's own options
     (``MethodRecord.own``). A method that does not apply gives status "not applicable" and the
     reason in ``note``; MethodResult.approximation holds the result otherwise.

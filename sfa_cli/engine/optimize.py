@@ -8,7 +8,7 @@ parameters seen, so whichever rule fires (Ctrl-C included) the best iterate is
 what the caller returns.
 
 The time limit can also be checked *inside* an evaluation (:meth:`Run.check_time`,
-which :class:`sfa_cli.objective.BlockObjective` calls between column blocks), so
+which :class:`sfa_cli.engine.objective.BlockObjective` calls between column blocks), so
 one slow evaluation at large n overruns it by at most a block.
 
 Example

@@ -34,13 +34,13 @@ from sfa_cli.errors import SfaError
 __all__ = ["MethodRecord", "MethodOption", "METHODS", "method_record", "check_methods", "FIT_OPTIONS",
            "VARIANT_OPTIONS", "PATTERN_OPTIONS", "SAMPLED_OPTIONS", "method_table"]
 
-#: The shared options of the gradient fits (sfa_cli.options.StopRules, OptimizerSpec, Placement).
+#: The shared options of the gradient fits (sfa_cli.engine.options.StopRules, OptimizerSpec, Placement).
 FIT_OPTIONS = ("optimizer", "lr", "max_iter", "time_limit", "tol", "device", "dtype", "start")
 #: Chord variants a method sized by chord_at_budget can take.
 VARIANT_OPTIONS = ("symmetric", "self_link")
 #: The pattern's own size options (the Chord fit of `sfa fit`; a budget replaces factors and base).
 PATTERN_OPTIONS = ("pattern", "factors", "base", "permute")
-#: The column-block fit's schedule (sfa_cli.options.SampledSchedule).
+#: The column-block fit's schedule (sfa_cli.engine.options.SampledSchedule).
 SAMPLED_OPTIONS = ("sampled", "batch_columns", "epochs", "exact_error")
 
 
@@ -126,33 +126,33 @@ _ORDER = MethodOption("order", str, "joint", "joint supports, or FAuST's hierarc
 _SPARSE_FACTORS = MethodOption("factors", int, 2, "number of sparse factors M")
 
 _RECORDS = (
-    MethodRecord("chord", "sfa_cli.methods:chord",
+    MethodRecord("chord", "sfa_cli.methods.runs:chord",
                  "the paper's sparse factorization (fewer factors or a larger base when the budget is smaller; "
                  "the note says which)", "non-zeros of the factors",
                  shared=FIT_OPTIONS + VARIANT_OPTIONS + PATTERN_OPTIONS + SAMPLED_OPTIONS),
-    MethodRecord("butterfly", "sfa_cli.methods:butterfly",
+    MethodRecord("butterfly", "sfa_cli.methods.runs:butterfly",
                  "closed-form hierarchical butterfly (Le, Zheng, Riccietti, Gribonval 2022; N a power of two), "
                  "exact on butterfly products, then an L-BFGS polish (`--max-iter`, the fit's default)", "2 N log2 N",
                  shared=FIT_OPTIONS + SAMPLED_OPTIONS),
-    MethodRecord("tsvd", "sfa_cli.methods:tsvd",
+    MethodRecord("tsvd", "sfa_cli.methods.runs:tsvd",
                  "truncated SVD, rank floor(budget / 2N) (LAPACK up to N = 4096; above, `svds` for a sparse "
                  "matrix, a randomized range finder with 4 power iterations for a dense one)", "2 N r"),
-    MethodRecord("rsvd", "sfa_cli.methods:rsvd",
+    MethodRecord("rsvd", "sfa_cli.methods.runs:rsvd",
                  "randomized SVD at the same rank (`torch.svd_lowrank`)", "2 N r"),
-    MethodRecord("topk", "sfa_cli.methods:topk",
+    MethodRecord("topk", "sfa_cli.methods.runs:topk",
                  "the `budget` largest-magnitude entries (exact when nnz <= budget)", "k"),
-    MethodRecord("monarch", "sfa_cli.methods:monarch",
+    MethodRecord("monarch", "sfa_cli.methods.runs:monarch",
                  "closed-form Monarch projection (Dao et al. 2022), N = s0 s1", "N (s0 + s1)",
                  dense_only="reads all n^2 entries of A as dense blocks"),
-    MethodRecord("lowrank+sparse", "sfa_cli.methods:lowrank_plus_sparse",
+    MethodRecord("lowrank+sparse", "sfa_cli.methods.runs:lowrank_plus_sparse",
                  "TSVD plus the largest entries of the residual, alternated, best split of the budget", "2 N r + k",
                  dense_only="reads all n^2 entries of A - L"),
-    MethodRecord("sparse", "sfa_cli.methods:learned_sparse",
+    MethodRecord("sparse", "sfa_cli.methods.runs:learned_sparse",
                  "learned-support sparse factors: the fit also chooses where the non-zeros go (projected steps on "
                  "the structured kernels; `sfa_cli/learned.py`, see docs/quality.md; above N = 8192 two factors "
                  "fitted from blocks of A, `sfa_cli/learned_scale.py`)", "non-zeros of the factors",
                  shared=("max_iter", "time_limit", "device", "dtype"), own=(_SPARSE_FACTORS, _ORDER)),
-    MethodRecord("chord+sparse", "sfa_cli.methods:chord_plus_sparse",
+    MethodRecord("chord+sparse", "sfa_cli.methods.runs:chord_plus_sparse",
                  "Chord factors on part of the budget plus the largest entries of the residual",
                  "non-zeros + k", shared=FIT_OPTIONS + VARIANT_OPTIONS,
                  dense_only="needs all n^2 entries of A - P"),

@@ -14,9 +14,9 @@ import click
 from sfa_cli import limits
 from sfa_cli._version import __version__
 from sfa_cli.errors import SfaError, printable
-from sfa_cli.options import (DEVICES, DTYPES, FIT_STARTS, OPTIMIZERS, PATTERN_NAMES, SAMPLED_STARTS, SampledSchedule,
+from sfa_cli.engine.options import (DEVICES, DTYPES, FIT_STARTS, OPTIMIZERS, PATTERN_NAMES, SAMPLED_STARTS, SampledSchedule,
                              StopRules)
-from sfa_cli.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
+from sfa_cli.methods.registry import FIT_OPTIONS, METHODS, PATTERN_OPTIONS, SAMPLED_OPTIONS, method_record
 
 # The library (and torch) is imported inside the commands: `sfa --version` and every `--help`
 # answer without it (tests/test_cli_fit.py checks that importing this module leaves torch out).
@@ -191,7 +191,7 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool, quiet: bo
     """
     from sfa_cli.info import matrix_info
     from sfa_cli.io import load_matrix
-    from sfa_cli.report import info_notes, info_tables
+    from sfa_cli.cli.report import info_notes, info_tables
 
     infos, failed = [], False
     with _Spinner(not quiet) as spinner:
@@ -353,7 +353,7 @@ class _FitProgress:
         self._timer.daemon = True
         self._timer.start()
         # the first evaluation of a size may compile kernels for seconds: say so on the progress line
-        from sfa_cli import kernels
+        from sfa_cli.approximations import kernels
 
         self._notifier = kernels.compile_notifier(
             lambda message: self.progress.update(self.task, description=f"{self.label}: {message}"))
@@ -522,7 +522,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
     approximation; sfa eval, apply and reconstruct read every one.
     """
     from sfa_cli.io import load_matrix
-    from sfa_cli.jobs import fit_matrix, uses_sampled_fit
+    from sfa_cli.cli.jobs import fit_matrix, uses_sampled_fit
 
     _check_fit_method_options(click.get_current_context(), method, budget)
     _check_outputs(output, report, force, (".npz", ".h5", ".hdf5"))
@@ -539,7 +539,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
                 "error_sample": error_sample}
     is_sampled = method == "chord" and uses_sampled_fit(A, sampled)
     if is_sampled:
-        from sfa_cli.sampled import init_distributed
+        from sfa_cli.engine.sampled import init_distributed
 
         rank, _world = init_distributed(kw["device"])
         per_epoch = -(-n // min(batch_columns, n))
@@ -547,7 +547,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         start_line = (f"fitting {printable(matrix)} by column blocks: n={n}, {pattern} pattern, {epochs} epochs of "
                       f"{per_epoch} steps x {min(batch_columns, n)} columns (Ctrl-C stops and keeps the best factors)")
     else:
-        from sfa_cli.fit import default_max_iter
+        from sfa_cli.engine.fit import default_max_iter
 
         rank = 0
         total, unit = kw["max_iter"] or default_max_iter(n), "it"
@@ -570,13 +570,13 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         return
     outcome.approximation.save(output, info=outcome.facts, force=force)
     if report:
-        from sfa_cli.report import write_json
+        from sfa_cli.cli.report import write_json
 
         write_json(report, outcome.report, force=force)
     if as_json:
         emit_json(outcome.summary)
     else:
-        from sfa_cli.report import fit_table
+        from sfa_cli.cli.report import fit_table
 
         _consoles.out.print(fit_table(outcome.summary))
     if not quiet:
@@ -616,9 +616,9 @@ def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_
     an estimate. The same --seed and --error-sample give the same columns as
     `sfa fit --sampled` and `sfa compare`.
     """
-    from sfa_cli.approximation import load_approximation
+    from sfa_cli.approximations.base import load_approximation
     from sfa_cli.io import load_matrix
-    from sfa_cli.sampled import error_report
+    from sfa_cli.engine.sampled import error_report
 
     if estimate and exact_error:
         raise click.UsageError("--sampled and --exact-error exclude each other")
@@ -634,7 +634,7 @@ def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_
     if as_json:
         emit_json(row)
     else:
-        from sfa_cli.report import eval_table
+        from sfa_cli.cli.report import eval_table
 
         _consoles.out.print(eval_table(row))
 
@@ -657,7 +657,7 @@ def apply_command(factors, x, output, transpose, force):
     """Y = W(1)...W(M) X for a vector or block X stored as .npy."""
     import numpy as np
 
-    from sfa_cli.approximation import load_approximation
+    from sfa_cli.approximations.base import load_approximation
     from sfa_cli.io import atomic_output, load_array
 
     _check_outputs(output, None, force, (".npy",))
@@ -687,7 +687,7 @@ Example:
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 def reconstruct_command(factors, output, max_n, force):
     """Form the dense matrix A_hat of saved FACTORS (size-guarded)."""
-    from sfa_cli.approximation import load_approximation
+    from sfa_cli.approximations.base import load_approximation
     from sfa_cli.io import save_matrix
 
     _check_outputs(output, None, force, (".npz", ".npy", ".mtx", ".mtx.gz", ".h5", ".hdf5", ".mat"))
@@ -763,9 +763,9 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
     """
     import time
 
-    from sfa_cli.compare import compare
+    from sfa_cli.methods.compare import compare
     from sfa_cli.io import check_writable, load_matrix
-    from sfa_cli.report import compare_rows, compare_table, plot_comparisons, require_matplotlib, \
+    from sfa_cli.cli.report import compare_rows, compare_table, plot_comparisons, require_matplotlib, \
         save_approximations, unique_stems, write_csv
 
     for path, suffixes in ((csv_path, (".csv",)), (plot_path, (".png", ".pdf", ".svg"))):

@@ -5,7 +5,7 @@ factor values x. Its Jacobian J (n^2 residuals x nnz unknowns) is never formed:
 
 * ``J v`` is the directional derivative of the product, sum over m of
   W(1)..V(m)..W(M): one forward pass that carries (X, dX) through the chain,
-  dX <- W(m) dX + V(m) X, with the kernels of :mod:`sfa_cli.kernels`;
+  dX <- W(m) dX + V(m) X, with the kernels of :mod:`sfa_cli.approximations.kernels`;
 * ``J^T R`` of a residual-like block R is the gradient's backward pass.
 
 Both run over column blocks of n x b, as the fit's block objective does, so the
@@ -21,7 +21,7 @@ convenience entry point on a matrix.
 Example
 -------
 >>> import numpy as np
->>> from sfa_cli.gauss_newton import chord_product, fit_lm
+>>> from sfa_cli.engine.gauss_newton import chord_product, fit_lm
 >>> A = chord_product(16, seed=0)                      # an exact product of 4 Chord factors
 >>> result = fit_lm(A, seed=0, max_iter=30, device="cpu")
 >>> result.rel_error < 0.05 * result.initial_rel_error, result.optimizer
@@ -39,13 +39,13 @@ import scipy.sparse as sp
 import torch
 
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.kernels import (FactorStructure, chain_backward, chain_forward, chain_matmul, column_entries,
+from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures
+from sfa_cli.approximations.kernels import (FactorStructure, chain_backward, chain_forward, chain_matmul, column_entries,
                              factor_columns, resolve_device, resolve_dtype)
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes
-from sfa_cli.objective import column_blocks
-from sfa_cli.optimize import Run, Stop
-from sfa_cli.patterns import Pattern, chord_pattern
+from sfa_cli.engine.objective import column_blocks
+from sfa_cli.engine.optimize import Run, Stop
+from sfa_cli.approximations.patterns import Pattern, chord_pattern
 
 __all__ = ["ChainLeastSquares", "Linearization", "conjugate_gradient", "lm_fit", "fit_lm", "start_values", "STARTS",
            "LM_DEFAULTS", "chord_factors", "chord_product"]
@@ -314,7 +314,7 @@ def lm_fit(structs, values, target: torch.Tensor, *, max_iter: int = 1000, time_
         The best values found.
     history : list of dict
         One entry per evaluation (iteration, evaluations, seconds, rel_error) as in
-        :func:`sfa_cli.fit.fit`, with ``lambda``, ``cg_iterations`` and ``accepted`` for the steps.
+        :func:`sfa_cli.engine.fit.fit`, with ``lambda``, ``cg_iterations`` and ``accepted`` for the steps.
     stopped_because : str
         ``max_iter``, ``time_limit``, ``tol``, ``exact``, ``callback``, ``diverged`` or ``interrupted``.
     """
@@ -398,7 +398,7 @@ def start_values(structs, start: str = "identity", *, seed: int = 0, dtype=torch
 
     ``identity``: W(m) = I plus normal entries of standard deviation ``noise`` (default
     0.1 / sqrt(k), k non-zeros per row) off the diagonal; ``paper``: each row averages its
-    non-zeros with 1% noise (:func:`sfa_cli.factors.initial_values`, the L-BFGS fit's start);
+    non-zeros with 1% noise (:func:`sfa_cli.approximations.sparse_factors.initial_values`, the L-BFGS fit's start);
     ``random``: normal / sqrt(k) entries. Drawn on the CPU from ``seed`` (same start on every
     device). Every factor needs its diagonal in the pattern for ``identity`` (Chord's self link).
     """
@@ -491,10 +491,10 @@ def fit_lm(A, pattern: str | Pattern = "chord", *, factors: int | None = None, s
     Returns
     -------
     FitResult
-        As :func:`sfa_cli.fit.fit` returns, with ``optimizer="lm"``. A is scaled to unit
+        As :func:`sfa_cli.engine.fit.fit` returns, with ``optimizer="lm"``. A is scaled to unit
         Frobenius norm for the fit and the scale spread evenly over the returned factors.
     """
-    from sfa_cli.fit import FitResult, make_pattern  # here: fit may import this module for optimizer="lm"
+    from sfa_cli.engine.fit import FitResult, make_pattern  # here: fit may import this module for optimizer="lm"
 
     t0 = time.perf_counter()
     n = A.shape[0]

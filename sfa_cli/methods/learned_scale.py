@@ -1,6 +1,6 @@
 """The learned-support method at large n: two sparse factors fitted from blocks of A, nothing n x n formed.
 
-:func:`sfa_cli.learned.learned_sparse` keeps dense n x n residuals, scores and
+:func:`sfa_cli.methods.learned.learned_sparse` keeps dense n x n residuals, scores and
 Gram matrices, which is right up to n = 8192 and impossible at n = 16384-65536
 (one n x n array of float32 is 1-16 GiB). :func:`learned_at_scale` fits the same
 model, A ~ S(1) S(2) with at most ``budget`` non-zeros over both factors whose
@@ -12,7 +12,7 @@ hands back its pages after each block):
   S(1) = [U sqrt(s) | slots], S(2) = [sqrt(s) V^T ; residual rows], for the
   budget splits 0.5, 0.9 and 1 (the last is the truncated SVD at the budget,
   plus the few residual entries its rounding leaves room for). One randomized
-  SVD (:func:`sfa_cli.baselines._randomized_low_rank`, by row blocks for a
+  SVD (:func:`sfa_cli.methods.baselines._randomized_low_rank`, by row blocks for a
   memory map) serves every split, and one pass over the rows of A keeps the
   largest residual entries of each (a running top-k). Each start gets one
   refit; the best continues.
@@ -34,7 +34,7 @@ hands back its pages after each block):
   a running top-``budget`` keeps the best new entries, and the budget keeps
   the best of held and new ones together. A round whose refit is not better is
   undone and new entries discounted by 4 (three such rounds end the fit), as
-  in :func:`~sfa_cli.learned.learned_sparse`, so the error never increases and
+  in :func:`~sfa_cli.methods.learned.learned_sparse`, so the error never increases and
   the result is never worse than its start, which is never worse than the
   truncated SVD at the budget (up to the randomized SVD's accuracy). The
   budget's largest entries (top-k, from the start's pass) are returned instead
@@ -66,8 +66,8 @@ import numpy as np
 import scipy.sparse as sp
 
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors
-from sfa_cli.patterns import tsvd_rank_at_budget
+from sfa_cli.approximations.sparse_factors import SparseFactors
+from sfa_cli.approximations.patterns import tsvd_rank_at_budget
 from sfa_cli.validation import as_square_matrix, check_budget, is_memory_mapped, mapped_columns, release_pages
 
 __all__ = ["learned_at_scale", "SCALE_SPLITS"]
@@ -512,7 +512,7 @@ def _slot_start(n, left, right, cand, values, k) -> tuple[_Pair, float]:
 def _starts(A, blocks: _Blocks, budget: int, seed: int, splits):
     """The low-rank plus sparse starts of every split as (info, pair, squared error), one pass over the rows;
     and (flat indices, values, squared error) of the budget's largest entries (top-k, always computed)."""
-    from sfa_cli.baselines import _randomized_low_rank
+    from sfa_cli.methods.baselines import _randomized_low_rank
 
     n = A.shape[0]
     plans = {}
@@ -595,7 +595,7 @@ def learned_at_scale(A, budget: int, *, seed: int = 0, time_limit: float | None 
     A = as_square_matrix(A, "A")
     n, budget = A.shape[0], check_budget(budget)
     if budget < 2:
-        from sfa_cli.baselines import NotApplicable
+        from sfa_cli.methods.baselines import NotApplicable
 
         raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
     deadline = t0 + time_limit if time_limit else math.inf

@@ -2,7 +2,7 @@
 
 Every method takes the matrix and a budget (stored numbers: non-zeros plus
 dense factor entries, not bytes), never spends more than the budget, and
-returns an :class:`~sfa_cli.approximation.Approximation` like the Chord fit,
+returns an :class:`~sfa_cli.approximations.base.Approximation` like the Chord fit,
 so ``compare`` and the reports treat them all alike. A method that cannot run
 at this n or budget raises :class:`NotApplicable` with a one-line reason.
 
@@ -35,11 +35,11 @@ import numpy as np
 import scipy.linalg
 import scipy.sparse as sp
 
-# The approximation classes live in sfa_cli.approximations; importing them from here keeps working.
-from sfa_cli.approximations import LowRank, Monarch, SparseMatrix, SumApproximation
+# The approximation classes live in sfa_cli.approximations.kinds; importing them from here keeps working.
+from sfa_cli.approximations.kinds import LowRank, Monarch, SparseMatrix, SumApproximation
 from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import column_block, frobenius_norm
-from sfa_cli.patterns import tsvd_rank_at_budget
+from sfa_cli.approximations.patterns import tsvd_rank_at_budget
 from sfa_cli.validation import as_square_matrix, check_budget, count_nonzero, is_memory_mapped, release_pages
 
 __all__ = [

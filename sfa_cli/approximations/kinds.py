@@ -1,9 +1,9 @@
 """The baselines' approximations: low rank, one sparse matrix, Monarch, and sums of them.
 
-Each is an :class:`~sfa_cli.approximation.Approximation`: ``A_hat @ x``,
+Each is an :class:`~sfa_cli.approximations.base.Approximation`: ``A_hat @ x``,
 ``A_hat.T``, ``columns(cols)``, ``to_dense()``, ``save(path)``; the methods
-that build them live in :mod:`sfa_cli.baselines`. The chain of sparse factors
-is :class:`~sfa_cli.factors.SparseFactors`.
+that build them live in :mod:`sfa_cli.methods.baselines`. The chain of sparse factors
+is :class:`~sfa_cli.approximations.sparse_factors.SparseFactors`.
 
 Example
 -------
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfa_cli.approximation import Approximation, StoredArrays, kind_class
+from sfa_cli.approximations.base import Approximation, StoredArrays, kind_class
 from sfa_cli.errors import SfaError
 from sfa_cli.validation import as_csr, check_values
 

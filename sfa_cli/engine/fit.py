@@ -1,9 +1,9 @@
 """The fitting engine: minimise 0.5 ||A - W(1)...W(M)||_F^2 over the pattern's entries.
 
-The objective (:class:`sfa_cli.objective.BlockObjective`) is evaluated over
-column blocks on the structured kernels of :mod:`sfa_cli.kernels` (no n x n x n
+The objective (:class:`sfa_cli.engine.objective.BlockObjective`) is evaluated over
+column blocks on the structured kernels of :mod:`sfa_cli.approximations.kernels` (no n x n x n
 products, no dense factors), in torch on CPU or CUDA, and the optimiser loop is
-:mod:`sfa_cli.optimize`'s (stopping rules, callback, best iterate). A is
+:mod:`sfa_cli.engine.optimize`'s (stopping rules, callback, best iterate). A is
 scaled to unit Frobenius norm for the optimisation (the objective is then
 half the squared relative error, so tolerances do not depend on A's scale);
 the scale is put back into the factors at the end, spread evenly over them.
@@ -11,7 +11,7 @@ the scale is put back into the factors at the end, spread evenly over them.
 Example
 -------
 >>> import numpy as np
->>> from sfa_cli.fit import fit
+>>> from sfa_cli.engine.fit import fit
 >>> A = np.random.default_rng(0).standard_normal((32, 32))
 >>> result = fit(A, max_iter=50, seed=0)
 >>> result.rel_error < 0.9, result.approximation.num_factors
@@ -30,19 +30,19 @@ import torch
 
 from sfa_cli import limits
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
+from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures
 from sfa_cli.io import as_square_matrix
-from sfa_cli.kernels import resolve_device, resolve_dtype
+from sfa_cli.approximations.kernels import resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
-from sfa_cli.objective import BlockObjective
-from sfa_cli.optimize import ADAM_LR, EXACT_REL_ERROR, FitStep, Run, minimize
-from sfa_cli.options import OPTIMIZERS, OptimizerSpec, PatternSpec, Placement, StopRules
-from sfa_cli.patterns import Pattern
+from sfa_cli.engine.objective import BlockObjective
+from sfa_cli.engine.optimize import ADAM_LR, EXACT_REL_ERROR, FitStep, Run, minimize
+from sfa_cli.engine.options import OPTIMIZERS, OptimizerSpec, PatternSpec, Placement, StopRules
+from sfa_cli.approximations.patterns import Pattern
 
 __all__ = ["fit", "FitResult", "FitStep", "OPTIMIZERS", "DENSE_FIT_LIMIT", "make_pattern", "default_max_iter"]
 
 #: Largest n for which a sparse input is densified for the full-batch fit (8192^2 float32 = 0.25 GiB);
-#: above it sfa fits from column blocks (:mod:`sfa_cli.sampled`), and ``compare`` compares at scale.
+#: above it sfa fits from column blocks (:mod:`sfa_cli.engine.sampled`), and ``compare`` compares at scale.
 DENSE_FIT_LIMIT = limits.DENSE_FIT_MAX_N  # the one definition is in sfa_cli/limits.py
 #: ``start="auto"`` takes the identity start when the diagonal holds at least this share of ||A||_F^2.
 IDENTITY_START_SHARE = 0.25
@@ -239,7 +239,7 @@ def fit(
         The time limit is checked between the column blocks of every evaluation.
     optimizer : {"lbfgs", "adam", "lm"} or OptimizerSpec, default="lbfgs"
         L-BFGS with a strong-Wolfe line search (step 1), Adam (step 0.01), or Levenberg-Marquardt
-        with matrix-free CG (:func:`sfa_cli.gauss_newton.lm_fit`; goes further on graph-like
+        with matrix-free CG (:func:`sfa_cli.engine.gauss_newton.lm_fit`; goes further on graph-like
         matrices in long runs, docs/engine.md).
     placement : Placement, optional
         Device (``auto``), dtype (``float32``) and the seed of the initial noise (0); the same seed
@@ -249,16 +249,16 @@ def fit(
     callback : callable, optional
         ``callback(step: FitStep)`` after every evaluation; returning True stops the fit.
     factors, base, symmetric, self_link, permute
-        The pattern's options as keywords (:class:`~sfa_cli.options.PatternSpec`).
+        The pattern's options as keywords (:class:`~sfa_cli.engine.options.PatternSpec`).
     max_iter, time_limit, tol, window
-        The stopping rules as keywords (:class:`~sfa_cli.options.StopRules`).
+        The stopping rules as keywords (:class:`~sfa_cli.engine.options.StopRules`).
     lr, history_size, start
-        The optimiser's options as keywords (:class:`~sfa_cli.options.OptimizerSpec`); ``start``
+        The optimiser's options as keywords (:class:`~sfa_cli.engine.options.OptimizerSpec`); ``start``
         ``auto`` (default) takes the identity start when the diagonal holds at least a quarter of
         ||A||_F^2 and the pattern has the self link, the paper's start otherwise; ``lifted`` recovers
-        products of 2-5 Chord factors exactly (:mod:`sfa_cli.lifted`).
+        products of 2-5 Chord factors exactly (:mod:`sfa_cli.engine.lifted`).
     seed, device, dtype
-        The placement as keywords (:class:`~sfa_cli.options.Placement`).
+        The placement as keywords (:class:`~sfa_cli.engine.options.Placement`).
 
     Returns
     -------
@@ -324,7 +324,7 @@ class _FullFit:
             share = float(torch.linalg.vector_norm(torch.diagonal(self.target).double())) ** 2  # ||A||_F = 1
             wanted = "identity" if has_diagonal and share >= IDENTITY_START_SHARE else "paper"
         if wanted == "lifted":
-            from sfa_cli.lifted import LIFTED_DEFAULTS, lifted_start
+            from sfa_cli.engine.lifted import LIFTED_DEFAULTS, lifted_start
 
             # in float32 the target itself is rounded at about 1e-8: stop the sweeps at the fit's exact stop
             tol = LIFTED_DEFAULTS["tol"] if self.dtype == torch.float64 else EXACT_REL_ERROR
@@ -340,7 +340,7 @@ class _FullFit:
                 self.start_stopped = info["stopped_because"]
             return "lifted", [v.to(self.dtype) for v in values]
         if wanted == "identity":
-            from sfa_cli.gauss_newton import start_values
+            from sfa_cli.engine.gauss_newton import start_values
 
             return "identity", start_values(self.structs, "identity", seed=self.seed, dtype=self.dtype,
                                             device=self.dev)
@@ -350,7 +350,7 @@ class _FullFit:
         """One optimiser run from ``start``; its book-keeping as a dict (best values, history, counts)."""
         spec = self.optimizer
         if spec.optimizer == "lm":
-            from sfa_cli.gauss_newton import lm_fit
+            from sfa_cli.engine.gauss_newton import lm_fit
 
             values, history, stopped = lm_fit(self.structs, start, self.target, max_iter=max_iter,
                                               time_limit=time_limit, tol=self.stop.tol, window=self.stop.window,

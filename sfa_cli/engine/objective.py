@@ -1,9 +1,9 @@
 """The block objective of every fit: 0.5 ||T - W(1)...W(M)||_F^2 and its gradient, over column blocks of T.
 
 The loss is a sum over columns, so it is evaluated block by block: W(M)'s
-columns of the block, the other M - 1 products (:mod:`sfa_cli.kernels`), the
+columns of the block, the other M - 1 products (:mod:`sfa_cli.approximations.kernels`), the
 residual, and the backward pass by hand; nothing n x n is formed. The factor
-structures may be any :class:`~sfa_cli.kernels.FactorStructure` (the fixed
+structures may be any :class:`~sfa_cli.approximations.kernels.FactorStructure` (the fixed
 Chord and butterfly patterns, or the learned method's free CSR supports), and
 the target T either a dense (n, n) tensor or a *column source*: anything with
 ``shape`` and ``block(cols) -> (n, |cols|) tensor`` (:class:`DenseColumns` is the
@@ -12,8 +12,8 @@ dense one), so a sampled or out-of-core input only has to hand out its blocks.
 Example
 -------
 >>> import torch
->>> from sfa_cli.factors import initial_values, pattern_structures
->>> from sfa_cli.patterns import chord_pattern
+>>> from sfa_cli.approximations.sparse_factors import initial_values, pattern_structures
+>>> from sfa_cli.approximations.patterns import chord_pattern
 >>> structs, _ = pattern_structures(chord_pattern(16), "cpu")
 >>> values = initial_values(structs, seed=0, dtype=torch.float64)
 >>> objective = BlockObjective(structs, torch.eye(16, dtype=torch.float64))
@@ -28,7 +28,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from sfa_cli.kernels import chain_backward, chain_forward, column_entries, factor_columns
+from sfa_cli.approximations.kernels import chain_backward, chain_forward, column_entries, factor_columns
 
 __all__ = ["BlockObjective", "ColumnSetObjective", "ColumnSource", "DenseColumns", "block_columns", "column_blocks"]
 

@@ -27,7 +27,7 @@ processes (up to floating-point summation order).
 Example
 -------
 >>> import scipy.sparse as sp
->>> from sfa_cli.sampled import fit_sampled
+>>> from sfa_cli.engine.sampled import fit_sampled
 >>> A = sp.random(512, 512, density=0.01, random_state=0, format="csr")
 >>> r = fit_sampled(A, epochs=2, batch_columns=128, device="cpu", error_sample=256)
 >>> r.rel_error_is_estimate, len(r.rel_error_ci), r.epochs
@@ -47,16 +47,16 @@ import torch
 
 from sfa_cli import limits
 from sfa_cli.errors import SfaError
-from sfa_cli.factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.fit import FitResult, make_pattern, typed_options
+from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures
+from sfa_cli.engine.fit import FitResult, make_pattern, typed_options
 from sfa_cli.io import as_square_matrix, is_memory_mapped, release_pages
 from sfa_cli.validation import mapped_columns, mapped_trace
-from sfa_cli.kernels import ColumnChain, resolve_device, resolve_dtype
+from sfa_cli.approximations.kernels import ColumnChain, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
-from sfa_cli.objective import ColumnSetObjective
-from sfa_cli.optimize import EXACT_REL_ERROR, Adam, FitStep, Run, Stop
-from sfa_cli.options import PatternSpec, Placement, SampledSchedule, StopRules
-from sfa_cli.patterns import Pattern
+from sfa_cli.engine.objective import ColumnSetObjective
+from sfa_cli.engine.optimize import EXACT_REL_ERROR, Adam, FitStep, Run, Stop
+from sfa_cli.engine.options import PatternSpec, Placement, SampledSchedule, StopRules
+from sfa_cli.approximations.patterns import Pattern
 
 __all__ = [
     "fit_sampled",
@@ -72,7 +72,7 @@ __all__ = [
 ]
 
 #: Defaults, chosen from scripts/bench_scale.py measurements (see docs/scale.md); the ones that are
-#: options come from :class:`~sfa_cli.options.SampledSchedule`.
+#: options come from :class:`~sfa_cli.engine.options.SampledSchedule`.
 SAMPLED_DEFAULTS = {
     "batch_columns": SampledSchedule.batch_columns,
     "epochs": SampledSchedule.epochs,
@@ -531,7 +531,7 @@ def fit_sampled(
     A : scipy sparse matrix or ndarray of shape (n, n)
         The target; a sparse A is used as CSC (copied once if it is not).
     pattern, factors, base, symmetric, self_link, permute
-        As in :func:`sfa_cli.fit.fit`.
+        As in :func:`sfa_cli.engine.fit.fit`.
     batch_columns : int, default=256
         Columns per step over all processes together (the global batch);
         results do not depend on how many processes share it.
@@ -566,7 +566,7 @@ def fit_sampled(
         The initial factors: ``identity`` makes every factor the identity with
         1% noise on its other entries, scaled so that ||W(1)...W(M)||_F =
         ||A||_F; ``paper`` is the authors' row-averaging start of
-        :func:`sfa_cli.fit.fit`. From the averaging start Adam made slower
+        :func:`sfa_cli.engine.fit.fit`. From the averaging start Adam made slower
         progress on sparse graphs and Laplacians (docs/scale.md). A pattern
         without a self link always uses ``paper``.
     init : SparseFactors, optional
