@@ -42,9 +42,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sfa_cli.methods.baselines import NotApplicable  # noqa: E402
+from sfa_cli.errors import NotApplicable  # noqa: E402
 from sfa_cli.methods.compare import METHODS, resolve_budget  # noqa: E402
-from sfa_cli.methods.learned import chord_plus_sparse, learned_sparse  # noqa: E402
+from sfa_cli.methods.chord_sparse import chord_plus_sparse  # noqa: E402
+from sfa_cli.methods.learned import learned_sparse  # noqa: E402
 from sfa_cli.metrics import relative_error  # noqa: E402
 
 CAMERA = ROOT.parent / "shared" / "data" / "real" / "camera.npz"

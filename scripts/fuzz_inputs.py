@@ -6,7 +6,8 @@ array, .mtx.gz, .h5 dataset and CSR group, .mat v5 plain and compressed, .mat
 v7.3, and X vectors for ``apply``), mutates them (flipped, inserted and
 truncated bytes; integers in text headers and binary words replaced by huge or
 negative values; .npy headers given other shapes; the text inside .mtx.gz and
-the members inside .npz mutated and repacked), and runs ``sfa info``,
+the members inside .npz mutated and repacked; a sparse index array of an .npz
+or .h5 CSR group stored as floats), and runs ``sfa info``,
 ``sfa eval`` or ``sfa apply`` on each case with a time limit and a memory cap.
 
 Each run is classified:
@@ -18,6 +19,8 @@ Each run is classified:
   unnamed    an error line that does not name the input file
   lines      more than one line on stderr (warnings included)
   memory     peak resident memory more than --memory-flag-mb above an empty run (sfa --version)
+  lenient    exit 0 on a file that must be refused (sparse indices stored as floats, which
+             scipy would truncate: 1.5 read as 1)
   refused    exit 1 with one ``Error:`` line naming the file (the wanted refusal)
   accepted   exit 0 (the mutation left a readable matrix)
 
@@ -62,7 +65,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FLAGGED = ("crash", "hang", "traceback", "generic", "unnamed", "lines", "memory")
+FLAGGED = ("crash", "hang", "traceback", "generic", "unnamed", "lines", "memory", "lenient")
 CLASSES = FLAGGED + ("refused", "accepted")
 GENERIC = re.compile(r"\b[A-Z][A-Za-z]*(Error|Exception|Warning)\b: |run with --debug")
 HUGE = (0, 1, -1, 2**31 - 1, 2**31, 2**32 - 1, 2**40, 2**62, 10**7, 10**9)
@@ -79,7 +82,7 @@ def write_seeds(directory: Path) -> dict[str, list[Path]]:
     import scipy.io as sio
     import scipy.sparse as sp
 
-    from sfa_cli.methods.baselines import truncated_svd
+    from sfa_cli.methods.low_rank import truncated_svd
 
     rng = np.random.default_rng(0)
     n = 8
@@ -226,6 +229,69 @@ def inside_zip(data, rnd, name):
     return out.getvalue(), f"member {members[k][0].filename}: {what}"
 
 
+_INDEX_ARRAYS = ("indices", "indptr", "row", "col")
+
+
+def _as_floats(values, rnd):
+    """An integer index array as float64 or float32: whole numbers, or one of them plus 0.5."""
+    dtype = np.dtype(rnd.choice((np.float64, np.float32)))
+    out = values.astype(dtype)
+    if out.size and rnd.random() < 0.5:
+        at = rnd.randrange(out.size)
+        out[at] += 0.5
+        return out, f"-> {dtype} (+0.5 at {at})"
+    return out, f"-> {dtype} (whole numbers)"
+
+
+def float_indices(data, rnd, name):
+    """Store one sparse index array as floats: an .npz member (indices, indptr, row, col) or an .h5 CSR dataset.
+
+    sfa must refuse the file (scipy.sparse would truncate 1.5 to 1 without a word); applied
+    alone to a valid seed, so that exit 0 on it is flagged ``lenient``.
+    """
+    if name.endswith(".h5"):
+        return _float_indices_h5(data, rnd, name)
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            members = {info.filename: archive.read(info) for info in archive.infolist()}
+    except Exception:  # noqa: BLE001
+        return data, "unchanged (not a zip archive)"
+    targets = [member for member in members if member.removesuffix(".npy") in _INDEX_ARRAYS]
+    if not targets:
+        return data, "unchanged (no sparse index member)"
+    target = rnd.choice(targets)
+    values, what = _as_floats(np.load(io.BytesIO(members[target]), allow_pickle=False), rnd)
+    body = io.BytesIO()
+    np.save(body, values)
+    members[target] = body.getvalue()
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compression=rnd.choice((zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED))) as archive:
+        for member, content in members.items():
+            archive.writestr(member, content)
+    return out.getvalue(), f"float indices: member {target.removesuffix('.npy')} {what}"
+
+
+def _float_indices_h5(data, rnd, name):
+    """The .h5 file rebuilt in memory with one CSR group's indices or indptr stored as floats."""
+    import h5py
+
+    with h5py.File(io.BytesIO(data), "r") as src:
+        groups = []
+        src.visititems(lambda path, node: groups.append(path) if isinstance(node, h5py.Group)
+                       and {"data", "indices", "indptr"} <= set(node) else None)
+        if not groups:
+            return data, "unchanged (no CSR group)"
+        field = f"{rnd.choice(groups)}/{rnd.choice(('indices', 'indptr'))}"
+        values, what = _as_floats(src[field][()], rnd)
+        out = io.BytesIO()
+        with h5py.File(out, "w") as dst:
+            for key in src:
+                src.copy(src[key], dst, name=key)
+            del dst[field]
+            dst[field] = values
+    return out.getvalue(), f"float indices: /{field} {what}"
+
+
 GENERAL = (flip_bytes, flip_header_bytes, truncate, insert_bytes, huge_word)
 BY_FORMAT = {
     ".npy": (npy_shape, npy_shape, huge_word),
@@ -235,17 +301,30 @@ BY_FORMAT = {
     ".h5": (huge_word, huge_word),
     ".mat": (huge_word, huge_word, huge_number_text),
 }
+# Mutations that turn a valid file into one sfa must refuse, applied alone to a valid seed
+# (one case in MUST_REFUSE_SHARE for these formats): exit 0 on the result is flagged ``lenient``.
+MUST_REFUSE = {
+    ".npz": (float_indices,),
+    ".h5": (float_indices,),
+}
+MUST_REFUSE_SHARE = 8
 
 
-def mutate(data: bytes, rnd: random.Random, name: str) -> tuple[bytes, str]:
-    """One or two mutations, half of them aimed at the format's header."""
+def mutate(data: bytes, rnd: random.Random, name: str) -> tuple[bytes, str, bool]:
+    """One or two mutations, half of them aimed at the format's header; or one MUST_REFUSE mutation.
+
+    Returns the bytes, what was done, and whether sfa must refuse the result.
+    """
     suffix = Path(name).suffix
+    if suffix in MUST_REFUSE and rnd.randrange(MUST_REFUSE_SHARE) == 0:
+        data, what = rnd.choice(MUST_REFUSE[suffix])(data, rnd, name)
+        return data, what, not what.startswith("unchanged")
     steps = []
     for _ in range(rnd.choice((1, 1, 2))):
         choices = GENERAL + BY_FORMAT.get(suffix, ())
         data, what = rnd.choice(choices)(data, rnd, name)
         steps.append(what)
-    return data, "; ".join(steps)
+    return data, "; ".join(steps), False
 
 
 # ---------------------------------------------------------------------------
@@ -389,8 +468,9 @@ def _warm_up(seeds: dict, work: Path) -> None:
             os.close(fd)
 
 
-def classify(code, stderr: str, peak_mb: float, shown_path: str, memory_flag_mb: float) -> str:
-    """The class of one run (the first flagged class that applies)."""
+def classify(code, stderr: str, peak_mb: float, shown_path: str, memory_flag_mb: float,
+             must_refuse: bool = False) -> str:
+    """The class of one run (the first flagged class that applies); `must_refuse`: exit 0 is ``lenient``."""
     lines = stderr.splitlines()
     errors = [line for line in lines if line.startswith("Error:")]
     if code is None:
@@ -408,7 +488,7 @@ def classify(code, stderr: str, peak_mb: float, shown_path: str, memory_flag_mb:
     if peak_mb > memory_flag_mb:
         return "memory"
     if code == 0:
-        return "accepted"
+        return "lenient" if must_refuse else "accepted"
     return "refused" if errors else "unnamed"
 
 
@@ -457,7 +537,7 @@ def main(argv=None) -> int:
             command = commands[case % len(commands)]
             pool = seeds["vector"] if command == "apply" else seeds["matrix"]
             seed_file = rnd.choice(pool)
-            data, what = mutate(seed_file.read_bytes(), rnd, seed_file.name)
+            data, what, must_refuse = mutate(seed_file.read_bytes(), rnd, seed_file.name)
             target = work / f"case{case}_{seed_file.name}"
             target.write_bytes(data)
             factors = str(seeds["factors"][0])
@@ -465,7 +545,7 @@ def main(argv=None) -> int:
                     "eval": ["eval", factors, str(target)],
                     "apply": ["apply", factors, str(target), "-o", str(work / "y.npy"), "--force"]}[command]
             code, stderr, peak, took = runner(args, opts.timeout, opts.memory_cap_mb, work)
-            kind = classify(code, stderr, peak, str(target), opts.memory_flag_mb)
+            kind = classify(code, stderr, peak, str(target), opts.memory_flag_mb, must_refuse)
             counts[command][kind] += 1
             peaks.append(peak)
             seconds.append(took)

@@ -23,24 +23,45 @@ OUTPUT = ROOT / "docs" / "api.md"
 #: What the reference holds, in order: "module:name" for a function or class,
 #: "module" for a module's own docstring (an introduction to the names after it).
 ENTRIES = (
-    "sfa_cli.io:load_matrix",
-    "sfa_cli.info:matrix_info",
-    "sfa_cli.engine.fit:fit",
-    "sfa_cli.engine.sampled:fit_sampled",
-    "sfa_cli.engine.lifted:lifted_start",
-    "sfa_cli.methods.compare:compare",
-    "sfa_cli.methods.compare:run_method",
-    "sfa_cli.approximations.base:load_approximation",
-    "sfa_cli.approximations.base:Approximation",
-    "sfa_cli.approximations.sparse_factors:SparseFactors",
-    "sfa_cli.nn:ChordMixing",
+    "sfa_cli:load_matrix",
+    "sfa_cli:save_matrix",
+    "sfa_cli:matrix_info",
+    "sfa_cli:as_square_matrix",
+    "sfa_cli:fit",
+    "sfa_cli:FitResult",
+    "sfa_cli:fit_sampled",
+    "sfa_cli:lifted_start",
+    "sfa_cli:compare",
+    "sfa_cli:run_method",
+    "sfa_cli:truncated_svd",
+    "sfa_cli:randomized_svd",
+    "sfa_cli:top_k",
+    "sfa_cli:lowrank_plus_sparse",
+    "sfa_cli:monarch",
+    "sfa_cli:butterfly_closed_form",
+    "sfa_cli:learned_sparse",
+    "sfa_cli:learned_at_scale",
+    "sfa_cli:chord_plus_sparse",
+    "sfa_cli:relative_error",
+    "sfa_cli:best_scale",
+    "sfa_cli:error_report",
+    "sfa_cli:load_approximation",
+    "sfa_cli:Approximation",
+    "sfa_cli:SparseFactors",
+    "sfa_cli:LowRank",
+    "sfa_cli:SparseMatrix",
+    "sfa_cli:Monarch",
+    "sfa_cli:SumApproximation",
+    "sfa_cli:chord_pattern",
+    "sfa_cli:butterfly_pattern",
+    "sfa_cli:ChordMixing",
     "sfa_cli.nn:SequenceModel",
     "sfa_cli.engine.options",
-    "sfa_cli.engine.options:PatternSpec",
-    "sfa_cli.engine.options:StopRules",
-    "sfa_cli.engine.options:OptimizerSpec",
-    "sfa_cli.engine.options:Placement",
-    "sfa_cli.engine.options:SampledSchedule",
+    "sfa_cli:PatternSpec",
+    "sfa_cli:StopRules",
+    "sfa_cli:OptimizerSpec",
+    "sfa_cli:Placement",
+    "sfa_cli:SampledSchedule",
 )
 
 #: numpydoc sections whose entries are "name : type" lines with indented descriptions.
@@ -92,8 +113,10 @@ def _module_section(module_name: str) -> str:
 
 def _object_section(module: str, name: str, obj) -> str:
     kind = "class" if inspect.isclass(obj) else "def"
+    home = getattr(obj, "__module__", module)
+    where = f"`from {module} import {name}`" + (f" (defined in `{home}`)" if home != module else "")
     lines = [f"## `{name}`", "",
-             f"`from {module} import {name}`", "",
+             where, "",
              "```python", _signature(f"{kind} {name}", obj, drop_self=False), "```", "",
              _markdown(inspect.getdoc(obj) or "(no docstring)")]
     if inspect.isclass(obj):

@@ -1,8 +1,9 @@
 """sfa: sparse factorization of large square matrices.
 
-Public API (re-exported names only); see the README for the command line.
-The fitting and comparison functions live in their modules, whose names they
-share: ``from sfa_cli.engine.fit import fit``, ``from sfa_cli.methods.compare import compare``.
+The public API: what a scientist calls, re-exported here so that ``import sfa_cli`` is all
+one needs (``sfa_cli.fit(A)``, ``sfa_cli.compare(A)``, ``sfa_cli.load_matrix(path)``); the
+command line is described in the README. The modules behind these names live in folders by
+layer (``cli``, ``methods``, ``engine``, ``approximations``, ``io``; docs/architecture.md).
 
 Importing the package is light (no numpy, scipy or torch): every name is
 imported on first use. :func:`load_approximation` reads files of every kind
@@ -18,24 +19,53 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from sfa_cli._version import __version__  # noqa: E402
 from sfa_cli.errors import SfaError  # noqa: E402
 
-__all__ = [
-    "__version__", "SfaError", "Approximation", "load_approximation", "SparseFactors", "FitResult",
-    "load_matrix", "save_matrix", "relative_error", "as_square_matrix", "chord_pattern", "butterfly_pattern",
-]
-
 # name -> module, imported on first access (PEP 562), so `import sfa_cli` stays light.
 _LAZY = {
-    "Approximation": "sfa_cli.approximations.base",
-    "load_approximation": "sfa_cli.approximations.base",
-    "relative_error": "sfa_cli.metrics",
-    "as_square_matrix": "sfa_cli.validation",
-    "chord_pattern": "sfa_cli.approximations.patterns",
-    "butterfly_pattern": "sfa_cli.approximations.patterns",
-    "SparseFactors": "sfa_cli.approximations.sparse_factors",
-    "FitResult": "sfa_cli.engine.fit",
+    # reading, writing, measuring
     "load_matrix": "sfa_cli.io",
     "save_matrix": "sfa_cli.io",
+    "as_square_matrix": "sfa_cli.validation",
+    "relative_error": "sfa_cli.metrics",
+    "best_scale": "sfa_cli.metrics",
+    "error_report": "sfa_cli.engine.sampled",
+    "matrix_info": "sfa_cli.info",
+    # approximations
+    "Approximation": "sfa_cli.approximations.base",
+    "load_approximation": "sfa_cli.approximations.base",
+    "SparseFactors": "sfa_cli.approximations.sparse_factors",
+    "LowRank": "sfa_cli.approximations.kinds",
+    "SparseMatrix": "sfa_cli.approximations.kinds",
+    "Monarch": "sfa_cli.approximations.kinds",
+    "SumApproximation": "sfa_cli.approximations.kinds",
+    "chord_pattern": "sfa_cli.approximations.patterns",
+    "butterfly_pattern": "sfa_cli.approximations.patterns",
+    # fitting sparse factors
+    "fit": "sfa_cli.engine.fit",
+    "fit_sampled": "sfa_cli.engine.sampled",
+    "lifted_start": "sfa_cli.engine.lifted",
+    "FitResult": "sfa_cli.engine.result",
+    "PatternSpec": "sfa_cli.engine.options",
+    "StopRules": "sfa_cli.engine.options",
+    "OptimizerSpec": "sfa_cli.engine.options",
+    "Placement": "sfa_cli.engine.options",
+    "SampledSchedule": "sfa_cli.engine.options",
+    # the methods sfa compares
+    "compare": "sfa_cli.methods.compare",
+    "run_method": "sfa_cli.methods.compare",
+    "truncated_svd": "sfa_cli.methods.low_rank",
+    "randomized_svd": "sfa_cli.methods.low_rank",
+    "top_k": "sfa_cli.methods.sparse",
+    "lowrank_plus_sparse": "sfa_cli.methods.sparse",
+    "monarch": "sfa_cli.methods.monarch",
+    "butterfly_closed_form": "sfa_cli.methods.butterfly",
+    "learned_sparse": "sfa_cli.methods.learned",
+    "learned_at_scale": "sfa_cli.methods.learned_scale",
+    "chord_plus_sparse": "sfa_cli.methods.chord_sparse",
+    # torch modules
+    "ChordMixing": "sfa_cli.nn",
 }
+
+__all__ = ["__version__", "SfaError", *_LAZY]
 
 
 def __getattr__(name):

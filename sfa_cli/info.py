@@ -22,7 +22,7 @@ import scipy.linalg
 import scipy.sparse as sp
 
 from sfa_cli import limits
-from sfa_cli.io import as_square_matrix
+from sfa_cli.validation import validates_matrix
 from sfa_cli.approximations.patterns import chord_budget, tsvd_rank_at_budget
 
 __all__ = ["matrix_info", "is_symmetric", "EXACT_RANK_MAX_N", "STAGES"]
@@ -47,6 +47,7 @@ _ROW_BLOCK = 1024
 _SEED = 0  # a fixed start: the same answer every run
 
 
+@validates_matrix(name_from="path")
 def matrix_info(A, path: str | None = None, *, callback=None) -> dict:
     """Describe a square matrix and its equal-budget Chord / truncated-SVD figures.
 
@@ -81,7 +82,6 @@ def matrix_info(A, path: str | None = None, *, callback=None) -> dict:
         range finder's values never exceed the true ones, so it errs low);
         ``sparse_is_exact`` says that storing the non-zeros fits the budget.
     """
-    A = as_square_matrix(A, name=path or "A")
     report = callback if callback is not None else _ignore
     n = A.shape[0]
     budget = chord_budget(n)
@@ -108,9 +108,9 @@ def matrix_info(A, path: str | None = None, *, callback=None) -> dict:
     }
 
 
+@validates_matrix
 def is_symmetric(A) -> bool:
     """Whether ``max|A - A^T| <= 1e-12 * max|A|`` (exactly symmetric up to roundoff)."""
-    A = as_square_matrix(A)
     return _is_symmetric(A, _norm(A, _ignore)[2], _ignore)
 
 

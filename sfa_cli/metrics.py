@@ -22,7 +22,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from sfa_cli.errors import SfaError
-from sfa_cli.validation import MAPPED_ROWS, as_square_matrix, mapped_columns, release_pages
+from sfa_cli.validation import MAPPED_ROWS, mapped_columns, release_pages, validates_matrix
 
 __all__ = ["relative_error", "residual_blocks", "best_scale", "never_worse_than_zero", "residual_columns", "frobenius_norm", "column_block", "BLOCK_COLUMNS"]
 
@@ -69,6 +69,7 @@ def residual_columns(A, approx, cols) -> np.ndarray:
     return column_block(A, cols) - _approx_columns(approx, cols)
 
 
+@validates_matrix
 def residual_blocks(A, approx, cols=None, *, block: int = BLOCK_COLUMNS) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """The residual A - A_hat over column blocks: yields (J, A[:, J] - A_hat[:, J]).
 
@@ -88,7 +89,6 @@ def residual_blocks(A, approx, cols=None, *, block: int = BLOCK_COLUMNS) -> Iter
     J : ndarray of int64, shape (b,)
     R : ndarray of float64, shape (n, b)
     """
-    A = as_square_matrix(A)
     _check_pair(A, approx)
     if isinstance(block, bool) or int(block) != block or block < 1:
         raise SfaError(f"block must be a positive number of columns; got {block!r}")
@@ -106,6 +106,7 @@ def _blocks(A, approx, cols, block: int):
         yield J, column_block(A, J) - _approx_columns(approx, J)
 
 
+@validates_matrix
 def relative_error(A, approx, *, block: int = BLOCK_COLUMNS) -> float:
     """Relative Frobenius error of approx against A.
 
@@ -128,7 +129,6 @@ def relative_error(A, approx, *, block: int = BLOCK_COLUMNS) -> float:
     SfaError
         A fails validation, the sizes differ, or A is all zeros.
     """
-    A = as_square_matrix(A)
     _check_pair(A, approx)
     norm = frobenius_norm(A)
     if norm == 0.0:
@@ -156,13 +156,13 @@ def _approx_columns(approx, cols: np.ndarray) -> np.ndarray:
     return np.asarray(approx.matmul(E), dtype=np.float64)
 
 
+@validates_matrix
 def best_scale(A, approx, *, block: int = BLOCK_COLUMNS) -> tuple[float, float]:
     """The scalar c minimising ||A - c A_hat||_F, and the relative error of c A_hat.
 
     c = <A, A_hat> / ||A_hat||_F^2 (0 when A_hat = 0), so the error sqrt(1 - cos^2) is never above 1:
     no method need report a result worse than the zero matrix. Streams over column blocks.
     """
-    A = as_square_matrix(A)
     _check_pair(A, approx)
     norm = frobenius_norm(A)
     if norm == 0.0:
@@ -184,7 +184,7 @@ def never_worse_than_zero(A, approx, rel_error: float) -> tuple[object, float, s
     is replaced by its best multiple c A_hat (:func:`best_scale`), which never is; the note says so."""
     if not rel_error > 1.0:
         return approx, rel_error, ""
-    c, error = best_scale(A, approx)
+    c, error = best_scale.trusted(A, approx)
     note = (f"rescaled by {c:.3g}: the fit's error {rel_error:.4g} was worse than the zero matrix"
             if c != 0.0 else f"the fit's error {rel_error:.4g} was worse than the zero matrix")
     return approx.scaled(c), error, note

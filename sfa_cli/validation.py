@@ -21,6 +21,7 @@ sfa_cli.errors.SfaError: K: matrix has 9 NaN and 0 Inf entries; the first is at 
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import sys
 
@@ -30,6 +31,7 @@ import scipy.sparse as sp
 from sfa_cli.errors import SfaError, printable
 
 __all__ = [
+    "validates_matrix",
     "as_square_matrix",
     "as_csr",
     "check_budget",
@@ -75,6 +77,35 @@ def as_square_matrix(obj, name: str = "A"):
     _check_square(A.shape, name)
     _check_finite(A, name)
     return A
+
+
+def validates_matrix(func=None, *, name_from: str | None = None, check=None):
+    """Make ``func(A, ...)`` a public entry point that validates ``A`` once, on entry.
+
+    The decorated function runs ``as_square_matrix(A)`` and then its body, which trusts ``A``.
+    ``func.trusted(A, ...)`` is the body alone: the library calls it with a matrix it has
+    validated already (as scikit-learn's ``check_input=False``), so one command reads a
+    memory-mapped file for validation once, not once per function it passes through.
+    ``name_from`` names the keyword argument that holds the matrix's name in messages (a path);
+    ``check(A, name)`` replaces ``as_square_matrix`` where a function keeps another form.
+
+    >>> @validates_matrix
+    ... def trace(A):
+    ...     return float(A.trace())
+    >>> trace([[1, 2], [3, 4]]), trace.trusted(np.eye(2))
+    (5.0, 2.0)
+    """
+    if func is None:
+        return functools.partial(validates_matrix, name_from=name_from, check=check)
+    convert = as_square_matrix if check is None else check
+
+    @functools.wraps(func)
+    def validated(A, *args, **kwargs):
+        name = (kwargs.get(name_from) if name_from else None) or "A"
+        return func(convert(A, name), *args, **kwargs)
+
+    validated.trusted = func
+    return validated
 
 
 def check_budget(budget, name: str = "budget") -> int:

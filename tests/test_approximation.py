@@ -8,7 +8,9 @@ import pytest
 import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 
-from sfa_cli.methods import baselines
+from sfa_cli.methods.low_rank import randomized_svd, truncated_svd, tsvd_at_rank
+from sfa_cli.methods.monarch import monarch
+from sfa_cli.methods.sparse import lowrank_plus_sparse, top_k
 from sfa_cli.approximations.base import KINDS, load_approximation
 from sfa_cli.approximations.kinds import LowRank, Monarch, SparseMatrix, SumApproximation
 from sfa_cli.errors import SfaError
@@ -199,8 +201,7 @@ def test_a_fresh_process_loads_every_kind_without_torch(tmp_path):
 NAN = np.full((8, 8), np.nan)
 
 
-@pytest.mark.parametrize("method", [baselines.truncated_svd, baselines.randomized_svd, baselines.top_k,
-                                    baselines.monarch, baselines.lowrank_plus_sparse])
+@pytest.mark.parametrize("method", [truncated_svd, randomized_svd, top_k, monarch, lowrank_plus_sparse])
 def test_baselines_refuse_nan_and_non_square_input(method):
     with pytest.raises(SfaError, match=r"A: matrix has 64 NaN and 0 Inf entries"):
         method(NAN, 40)
@@ -214,7 +215,7 @@ def test_tsvd_at_rank_refuses_inf():
     A = np.eye(8)
     A[2, 5] = np.inf
     with pytest.raises(SfaError, match=r"0 NaN and 1 Inf entries; the first is at \(row 2, col 5\)"):
-        baselines.tsvd_at_rank(A, 2)
+        tsvd_at_rank(A, 2)
 
 
 def test_metrics_refuse_bad_matrices():

@@ -5,23 +5,15 @@ import scipy.linalg
 import scipy.sparse as sp
 import torch
 
-from sfa_cli.methods import baselines
+from sfa_cli.methods import low_rank
+from sfa_cli.methods import monarch as monarch_module
+from sfa_cli.methods import sparse as sparse_module
 from sfa_cli.approximations.base import load_approximation
-from sfa_cli.methods.baselines import (
-    LowRank,
-    Monarch,
-    NotApplicable,
-    SparseMatrix,
-    SumApproximation,
-    lowrank_plus_sparse,
-    monarch,
-    monarch_blocks,
-    randomized_svd,
-    top_k,
-    truncated_svd,
-    tsvd_at_rank,
-)
-from sfa_cli.errors import SfaError
+from sfa_cli.approximations.kinds import LowRank, Monarch, SparseMatrix, SumApproximation
+from sfa_cli.methods.low_rank import randomized_svd, truncated_svd, tsvd_at_rank
+from sfa_cli.methods.monarch import monarch, monarch_blocks
+from sfa_cli.methods.sparse import lowrank_plus_sparse, top_k
+from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import relative_error
 from sfa_cli.approximations.patterns import chord_budget
 
@@ -73,7 +65,7 @@ def test_tsvd_at_rank_matches_truncated_svd():
 
 
 def test_tsvd_above_the_exact_limit_uses_arpack(monkeypatch):
-    monkeypatch.setattr(baselines, "EXACT_SVD_LIMIT", 10)
+    monkeypatch.setattr(low_rank, "EXACT_SVD_LIMIT", 10)
     A = _random(40)
     approx = tsvd_at_rank(sp.csr_matrix(A), 5)
     assert relative_error(A, approx) == pytest.approx(_tsvd_error(A, 5), rel=1e-8)
@@ -118,7 +110,7 @@ def test_randomized_svd_is_close_to_tsvd_seeded_and_leaves_torch_state_alone():
 
 
 def test_randomized_svd_on_a_torch_sparse_tensor(monkeypatch):
-    monkeypatch.setattr(baselines, "ALTERNATION_EXACT_LIMIT", 10)  # forces the sparse-tensor path
+    monkeypatch.setattr(low_rank, "ALTERNATION_EXACT_LIMIT", 10)  # forces the sparse-tensor path
     A = sp.random(60, 60, density=0.1, format="csr", random_state=2)
     err = relative_error(A, randomized_svd(A, 2 * 60 * 5))
     assert err <= 1.1 * _tsvd_error(A.toarray(), 5)
@@ -183,7 +175,7 @@ def test_monarch_error_matches_an_independent_projection():
 
 
 def test_monarch_projection_is_blocked_for_large_inputs(monkeypatch):
-    monkeypatch.setattr(baselines, "_BLOCK_ENTRIES", 100)  # one j0 per batch
+    monkeypatch.setattr(monarch_module, "_BLOCK_ENTRIES", 100)  # one j0 per batch
     A = _random(48, seed=7)
     assert np.allclose(monarch(A, 10_000).to_dense(), _monarch_unblocked(A), atol=1e-12)
 
@@ -248,8 +240,9 @@ def test_lowrank_plus_sparse_alternations_never_hurt():
 def test_lowrank_plus_sparse_large_path_agrees_with_the_exact_one(monkeypatch, as_input):
     A = _low_rank_plus_spikes(48, seed=2)
     exact = lowrank_plus_sparse(A, 2000, splits=(0.5,))
-    monkeypatch.setattr(baselines, "ALTERNATION_EXACT_LIMIT", 10)  # randomized SVD, blocked top-k
-    monkeypatch.setattr(baselines, "_BLOCK_ENTRIES", 48 * 7)
+    monkeypatch.setattr(sparse_module, "ALTERNATION_EXACT_LIMIT", 10)  # randomized SVD, blocked top-k
+    monkeypatch.setattr(low_rank, "ALTERNATION_EXACT_LIMIT", 10)  # a sparse A goes to torch as a sparse tensor
+    monkeypatch.setattr(sparse_module, "_BLOCK_ENTRIES", 48 * 7)
     approx = lowrank_plus_sparse(as_input(A), 2000, splits=(0.5,))
     assert approx.params <= 2000
     assert relative_error(A, approx) == pytest.approx(approx.info["rel_error"], rel=1e-6)
@@ -304,15 +297,13 @@ def test_save_and_load_round_trip(approx, suffix, tmp_path):
 
 def test_top_k_of_a_memory_map_streams_rows_and_matches(tmp_path, monkeypatch):
     """A read-only .npy map: top-k by blocks of rows (a running top-k), the same entries as in memory."""
-    from sfa_cli.methods import baselines
-
     rng = np.random.default_rng(5)
     A = rng.standard_normal((1100, 1100)).astype(np.float32)
     np.save(tmp_path / "a.npy", A)
     mapped = np.load(tmp_path / "a.npy", mmap_mode="r")
-    monkeypatch.setattr(baselines, "_BLOCK_ENTRIES", 1100 * 7)  # 7 rows per block
+    monkeypatch.setattr(sparse_module, "_BLOCK_ENTRIES", 1100 * 7)  # 7 rows per block
     for k in (1, 5000, 200_000):
-        got, want = baselines.top_k(mapped, k).matrix, baselines.top_k(A, k).matrix
+        got, want = sparse_module.top_k(mapped, k).matrix, sparse_module.top_k(A, k).matrix
         assert got.nnz == want.nnz == k
         assert abs(got - want).max() == 0
     B = np.zeros((1100, 1100), dtype=np.float32)
@@ -320,6 +311,6 @@ def test_top_k_of_a_memory_map_streams_rows_and_matches(tmp_path, monkeypatch):
     np.save(tmp_path / "b.npy", B)
     nnz = np.count_nonzero(B)
     for k, exact in ((nnz + 5, True), (nnz, True), (nnz - 1, False)):
-        got = baselines.top_k(np.load(tmp_path / "b.npy", mmap_mode="r"), k)
+        got = sparse_module.top_k(np.load(tmp_path / "b.npy", mmap_mode="r"), k)
         assert got.matrix.nnz == min(k, nnz)
         assert (got.info.get("note") == "exact: nnz <= budget") == exact

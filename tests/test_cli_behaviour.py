@@ -62,7 +62,7 @@ def test_outputs_are_checked_before_the_matrix_is_read(run_cli, cli_error, tmp_p
 def test_a_file_that_fails_unexpectedly_does_not_abort_the_batch(run_cli, small, tmp_path, monkeypatch):
     import sfa_cli.info as info_module
 
-    real = info_module.matrix_info
+    real = info_module.matrix_info.trusted  # the CLI calls the body: load_matrix validated A
     bad = tmp_path / "bad.npz"
     np.savez(bad, A=np.eye(4))
 
@@ -71,6 +71,7 @@ def test_a_file_that_fails_unexpectedly_does_not_abort_the_batch(run_cli, small,
             raise RuntimeError("vector::_M_default_append")
         return real(A, path=path, **kw)
 
+    flaky.trusted = flaky
     monkeypatch.setattr(info_module, "matrix_info", flaky)
     result = run_cli("info", small, bad, small, "--json")
     assert result.exit_code == 1
@@ -208,13 +209,14 @@ def test_a_huge_declared_pattern_is_refused_before_it_is_built():
 
 def test_a_second_writer_of_one_name_refuses_without_force(run_cli, small, tmp_path, monkeypatch):
     out = tmp_path / "F.npz"
-    real = jobs.fit_matrix
+    real = jobs.fit_matrix.trusted  # the CLI calls the body: load_matrix validated A
 
     def meanwhile(*args, **kwargs):  # another run writes the same name while this one fits
         outcome = real(*args, **kwargs)
         out.write_bytes(b"the other run's factors")
         return outcome
 
+    meanwhile.trusted = meanwhile
     monkeypatch.setattr(jobs, "fit_matrix", meanwhile)
     result = run_cli("fit", small, "-o", out, "--max-iter", "3", "--quiet")
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
@@ -288,7 +290,7 @@ def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
 
     monkeypatch.setattr(learned, "learned_sparse", poor)
     r = run_method(A, "sparse", 0.02)
-    from sfa_cli.methods.baselines import top_k
+    from sfa_cli.methods.sparse import top_k
 
     assert r.rel_error == pytest.approx(relative_error(A, top_k(A, r.budget)))
     assert "largest entries" in r.note and r.approximation.num_factors == 1
@@ -298,24 +300,24 @@ def test_the_learned_method_never_ends_worse_than_top_k(monkeypatch):
 
 
 def test_dense_tsvd_above_the_lapack_size_is_randomized_and_says_so(monkeypatch):
-    import sfa_cli.methods.baselines as baselines
-    from sfa_cli.methods.baselines import tsvd_at_rank
+    import sfa_cli.methods.low_rank as low_rank
+    from sfa_cli.methods.low_rank import tsvd_at_rank
     from sfa_cli.metrics import relative_error
 
     rng = np.random.default_rng(0)
     A = rng.standard_normal((200, 8)) @ rng.standard_normal((8, 200)) + 1e-3 * rng.standard_normal((200, 200))
     exact, fast = tsvd_at_rank(A, 8), tsvd_at_rank(A, 8, solver="randomized")
     assert relative_error(A, fast) == pytest.approx(relative_error(A, exact), rel=1e-3)
-    monkeypatch.setattr(baselines, "EXACT_SVD_LIMIT", 100)
+    monkeypatch.setattr(low_rank, "EXACT_SVD_LIMIT", 100)
     shown = jobs.tsvd_baseline(A, 2 * 200 * 8)
     assert shown["tsvd_solver"] == "randomized" and shown["tsvd_rank"] == 8
     assert shown["tsvd_rel_error"] == pytest.approx(relative_error(A, exact), rel=1e-3)
 
 
 def test_a_memory_mapped_matrix_is_read_by_blocks_that_give_their_pages_back(tmp_path, monkeypatch):
-    import sfa_cli.methods.baselines as baselines
+    import sfa_cli.methods.low_rank as low_rank
     import sfa_cli.io as sfa_io
-    from sfa_cli.methods.baselines import randomized_svd
+    from sfa_cli.methods.low_rank import randomized_svd
     from sfa_cli.io import load_matrix
     from sfa_cli.metrics import relative_error
 
@@ -326,7 +328,7 @@ def test_a_memory_mapped_matrix_is_read_by_blocks_that_give_their_pages_back(tmp
     released = []
     real = sfa_io.release_pages
     monkeypatch.setattr(sfa_io, "release_pages", lambda X: (released.append(1), real(X)))
-    monkeypatch.setattr(baselines, "_BLOCK_ENTRIES", 300 * 64)  # blocks of 64 rows
+    monkeypatch.setattr(low_rank, "_BLOCK_ENTRIES", 300 * 64)  # blocks of 64 rows
     blocked = randomized_svd(M, 2 * 300 * 6)
     assert len(released) >= 5 * 6  # 5 blocks per pass, several passes
     in_memory = randomized_svd(np.array(M), 2 * 300 * 6)

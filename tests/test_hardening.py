@@ -18,13 +18,16 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import scipy.io
 import scipy.sparse as sp
 
 from sfa_cli import io as sfa_io
 from sfa_cli import memory
-from sfa_cli.methods.baselines import truncated_svd
+from sfa_cli.methods.low_rank import truncated_svd
 from sfa_cli.errors import SfaError, printable
 from sfa_cli.io import atomic_output, check_output, load_array, load_matrix, save_matrix
+from sfa_cli.io import guards as io_guards
+from sfa_cli.io import output as io_output
 
 MTX = "%%MatrixMarket matrix coordinate real general\n"
 
@@ -238,6 +241,86 @@ def test_hostile_file_through_the_cli(tmp_path, cli_error, make, expected):
     assert expected in line and sfa_io.split_spec(spec)[0] in line
 
 
+# ---------------------------------------------------------------------------
+# Sparse index arrays must hold integers (scipy would truncate 1.5 to 1)
+# ---------------------------------------------------------------------------
+
+_CSR = sp.csr_matrix(np.array([[1.0, 0, 2], [0, 3, 0], [4, 0, 5]]))
+_HALF = np.array([0.0, 1.5, 2.0, 0.0, 2.0])  # indices with a fraction: column 1.5 does not exist
+
+
+def _npz_members(path, fmt="csr", **members):
+    """A scipy.sparse-layout .npz of _CSR (or its COO) with some members replaced."""
+    A = _CSR.tocoo() if fmt == "coo" else _CSR
+    names = ("data", "row", "col") if fmt == "coo" else ("data", "indices", "indptr")
+    arrays = {name: members.get(name, getattr(A, name)) for name in names}
+    np.savez(path, format=np.array(fmt), shape=np.array(A.shape), **arrays)
+    return path
+
+
+def _h5_csr_members(path, **members):
+    """An HDF5 file whose CSR group /X holds _CSR with some datasets replaced."""
+    with h5py.File(path, "w") as f:
+        g = f.create_group("X")
+        for name in ("data", "indices", "indptr"):
+            g[name] = members.get(name, getattr(_CSR, name))
+        g.attrs["shape"] = _CSR.shape
+    return path
+
+
+def _mat73_sparse_ir(path, ir):
+    """A MATLAB v7.3 file whose sparse variable A stores its row indices `ir`."""
+    csc = _CSR.tocsc()
+    with h5py.File(path, "w", userblock_size=512) as f:
+        g = f.create_group("A")
+        g["data"], g["ir"], g["jc"] = csc.data, ir, csc.indptr.astype(np.uint64)
+        g.attrs["MATLAB_class"] = np.bytes_("double")
+        g.attrs["MATLAB_sparse"] = np.uint64(3)
+    with open(path, "r+b") as fh:
+        fh.write(b"MATLAB 7.3 MAT-file")
+    return path
+
+
+FLOAT_INDICES = [
+    # (id, builder taking the directory, the array named, its dtype)
+    ("npz csr indices 1.5", lambda d: _npz_members(d / "m.npz", indices=_HALF), "indices", "float64"),
+    ("npz csr indptr whole floats", lambda d: _npz_members(d / "p.npz", indptr=_CSR.indptr.astype(float)),
+     "indptr", "float64"),
+    ("npz coo row float32", lambda d: _npz_members(d / "c.npz", "coo", row=_CSR.tocoo().row.astype(np.float32)),
+     "row", "float32"),
+    ("npz coo col bool", lambda d: _npz_members(d / "b.npz", "coo", col=_CSR.tocoo().col.astype(bool)),
+     "col", "bool"),
+    ("h5 CSR indices 1.5", lambda d: _h5_csr_members(d / "m.h5", indices=_HALF), "/X/indices", "float64"),
+    ("h5 CSR indptr whole floats", lambda d: _h5_csr_members(d / "p.h5", indptr=_CSR.indptr.astype(float)),
+     "/X/indptr", "float64"),
+    ("mat v7.3 sparse ir 1.5", lambda d: _mat73_sparse_ir(d / "s.mat", np.array([0.0, 2.5, 1.0, 0.0, 2.0])),
+     "/A/ir", "float64"),
+]
+
+
+@pytest.mark.parametrize("make, array, dtype", [c[1:] for c in FLOAT_INDICES], ids=[c[0] for c in FLOAT_INDICES])
+def test_sparse_indices_that_are_not_integers_are_refused(tmp_path, cli_error, make, array, dtype):
+    path = make(tmp_path)
+    line = cli_error("info", path)
+    assert line == f"Error: {path}: '{array}' holds {dtype} values; sparse indices must be integers"
+
+
+def test_float_indices_are_refused_by_fit_too(tmp_path, cli_error):
+    path = _npz_members(tmp_path / "m.npz", indices=_HALF)
+    line = cli_error("fit", path, "-o", tmp_path / "F.npz")
+    assert line == f"Error: {path}: 'indices' holds float64 values; sparse indices must be integers"
+    assert not (tmp_path / "F.npz").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint16, np.uint64])
+def test_sparse_indices_of_every_integer_dtype_are_read(tmp_path, dtype):
+    npz = _npz_members(tmp_path / "m.npz", indices=_CSR.indices.astype(dtype), indptr=_CSR.indptr.astype(dtype))
+    h5 = _h5_csr_members(tmp_path / "m.h5", indices=_CSR.indices.astype(dtype), indptr=_CSR.indptr.astype(dtype))
+    coo = _npz_members(tmp_path / "c.npz", "coo", row=_CSR.tocoo().row.astype(dtype))
+    for path in (npz, h5, coo):
+        np.testing.assert_array_equal(load_matrix(path).toarray(), _CSR.toarray())
+
+
 def test_a_refused_file_does_not_stop_the_batch(tmp_path, run_cli):
     good = tmp_path / "good.npy"
     np.save(good, np.eye(4) + 1)
@@ -317,7 +400,7 @@ def test_npy_is_memory_mapped_and_checked_block_by_block(tmp_path, monkeypatch):
     sfa_io.release_pages(M)
     np.testing.assert_array_equal(M, A)  # read again from the page cache after the release
     assert sfa_io.is_memory_mapped(M[2:]) and not sfa_io.is_memory_mapped(np.array(M))
-    monkeypatch.setattr(sfa_io, "_BLOCK_BYTES", 64)  # one row per block
+    monkeypatch.setattr(io_guards, "_BLOCK_BYTES", 64)  # one row per block
     A[6, 3], A[2, 5], A[7, 0] = np.nan, np.inf, np.nan
     np.save(tmp_path / "bad.npy", A)
     with pytest.raises(SfaError, match=r"bad.npy: matrix has 2 NaN and 1 Inf entries; the first is at \(row 2, col 5\)"):
@@ -328,7 +411,7 @@ def test_mat5_compressed_variable_is_inflated_once_within_its_shape(tmp_path, mo
     ok = _mat5_compressed_lying(tmp_path / "ok.mat", dims=(3, 3), values=9)
     calls = []
     real = zlib.decompressobj
-    monkeypatch.setattr(sfa_io.zlib, "decompressobj", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(zlib, "decompressobj", lambda *a: calls.append(1) or real(*a))
     np.testing.assert_array_equal(load_matrix(ok), np.zeros((3, 3)))
     assert len(calls) == 2  # one peek at the header, one capped inflation; scipy inflates nothing
 
@@ -416,7 +499,7 @@ def test_a_writer_failing_with_enospc_leaves_nothing(tmp_path, monkeypatch):
         Path(tmp).write_bytes(b"half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setitem(sfa_io._WRITERS, ".npz", full_disk)
+    monkeypatch.setitem(io_output._WRITERS, ".npz", full_disk)
     with pytest.raises(SfaError, match=r"^.*out.npz: cannot write: \[Errno 28\] No space left on device$"):
         save_matrix(tmp_path / "out.npz", np.eye(3))
     assert list(tmp_path.iterdir()) == []
@@ -443,7 +526,7 @@ def test_a_full_disk_fails_cleanly_for_every_format(tiny_disk, monkeypatch, ext)
     with pytest.raises(SfaError, match=r"needs at least 112.5 KiB of disk; .* free in" if ext != ".mtx.gz"
                        else r"cannot write: \[Errno 28\] No space left on device$"):
         save_matrix(tiny_disk / f"pre{ext}", A)  # refused before writing, when the size is known
-    monkeypatch.setattr(sfa_io, "_require_disk", lambda path, nbytes: None)
+    monkeypatch.setattr(io_output, "_require_disk", lambda path, nbytes: None)
     for matrix in (A, sp.random(400, 400, density=0.05, format="csr", random_state=0)):
         if ext == ".npy" and sp.issparse(matrix):
             continue
@@ -479,9 +562,9 @@ def test_entries_whose_squares_overflow_are_refused(tmp_path, fmt):
     ("m.npz", lambda p: np.savez(p, A=np.eye(300)),
      "reading the 300 x 300 float64 member A needs 703.1 KiB; 1000 B available; "
      "extract it as .npy, which sfa reads memory-mapped: unzip -p {p} A.npy > A.npy"),
-    ("m.mtx", lambda p: sfa_io.scipy.io.mmwrite(p, np.eye(300)),
+    ("m.mtx", lambda p: scipy.io.mmwrite(p, np.eye(300)),
      "available; convert it to .npy, which sfa reads memory-mapped"),
-    ("m.mat", lambda p: sfa_io.scipy.io.savemat(p, {"A": np.eye(300)}),
+    ("m.mat", lambda p: scipy.io.savemat(p, {"A": np.eye(300)}),
      "reading variable A (300 x 300 double) needs"),
     ("m.h5", lambda p: save_matrix(p, np.eye(300)), "convert it to .npy, which sfa reads memory-mapped"),
 ])

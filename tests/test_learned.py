@@ -4,11 +4,14 @@ import pytest
 import scipy.sparse as sp
 
 from sfa_cli.approximations.base import load_approximation
-from sfa_cli.methods.baselines import NotApplicable, SumApproximation, lowrank_plus_sparse, top_k
+from sfa_cli.approximations.kinds import SumApproximation
+from sfa_cli.errors import NotApplicable
+from sfa_cli.methods.sparse import lowrank_plus_sparse, top_k
 from sfa_cli.methods.compare import METHODS, chord_at_budget
 from sfa_cli.errors import SfaError
 from sfa_cli.approximations.sparse_factors import SparseFactors
-from sfa_cli.methods.learned import chord_plus_sparse, learned_sparse
+from sfa_cli.methods.chord_sparse import chord_plus_sparse
+from sfa_cli.methods.learned import learned_sparse
 from sfa_cli.metrics import relative_error
 from sfa_cli.approximations.patterns import chord_budget
 

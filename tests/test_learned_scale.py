@@ -8,7 +8,9 @@ import pytest
 import scipy.sparse as sp
 
 from sfa_cli.methods import learned
-from sfa_cli.methods.baselines import NotApplicable, top_k, truncated_svd
+from sfa_cli.errors import NotApplicable
+from sfa_cli.methods.low_rank import truncated_svd
+from sfa_cli.methods.sparse import top_k
 from sfa_cli.approximations.base import load_approximation
 from sfa_cli.methods.learned import learned_sparse
 from sfa_cli.methods.learned_scale import learned_at_scale

@@ -12,7 +12,7 @@ import scipy.sparse as sp
 import torch
 
 from sfa_cli import memory
-from sfa_cli.methods.baselines import truncated_svd
+from sfa_cli.methods.low_rank import truncated_svd
 from sfa_cli.errors import SfaError
 from sfa_cli.synthetic import grid_laplacian, random_graph
 from sfa_cli.approximations.sparse_factors import pattern_structures

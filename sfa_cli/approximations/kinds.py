@@ -2,7 +2,8 @@
 
 Each is an :class:`~sfa_cli.approximations.base.Approximation`: ``A_hat @ x``,
 ``A_hat.T``, ``columns(cols)``, ``to_dense()``, ``save(path)``; the methods
-that build them live in :mod:`sfa_cli.methods.baselines`. The chain of sparse factors
+that build them live in :mod:`sfa_cli.methods.low_rank`, :mod:`sfa_cli.methods.sparse`
+and :mod:`sfa_cli.methods.monarch`. The chain of sparse factors
 is :class:`~sfa_cli.approximations.sparse_factors.SparseFactors`.
 
 Example

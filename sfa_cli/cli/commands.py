@@ -200,7 +200,7 @@ def info(ctx: click.Context, matrices: tuple[str, ...], as_json: bool, quiet: bo
 
             def work(spec=spec):
                 A = load_matrix(spec)
-                return matrix_info(A, path=spec, callback=lambda stage, fraction=None, spec=spec: spinner.update(
+                return matrix_info.trusted(A, path=spec, callback=lambda stage, fraction=None, spec=spec: spinner.update(
                     f"{spec}: {stage}" + (f" {fraction:.0%}" if fraction is not None else "")))
 
             result, problem = _per_file(ctx, spec, work)
@@ -557,7 +557,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
         start_line = ""
     with _FitProgress(Path(matrix).name if method == "chord" else f"{Path(matrix).name}: {method} (n={n})", total,
                       enabled=not quiet and rank == 0, start_line=start_line, unit=unit) as progress:
-        outcome = fit_matrix(
+        outcome = fit_matrix.trusted(
             A, method=method, budget=budget, pattern=pattern, pattern_options=pattern_options,
             fit_options=_fit_options(kw), method_options=method_options, seed=kw["seed"],
             sampled=True if is_sampled else (False if method == "chord" else None), schedule=schedule,
@@ -627,7 +627,7 @@ def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_
     if A.shape[0] != approx.n:
         raise SfaError(f"{printable(factors)}: the approximation is {approx.n} x {approx.n} but {printable(matrix)} "
                        f"is {A.shape[0]} x {A.shape[0]}")
-    error = error_report(A, approx, exact_error=True if exact_error else False if estimate else None,
+    error = error_report.trusted(A, approx, exact_error=True if exact_error else False if estimate else None,
                          sample=error_sample, seed=seed)
     row = {"factors": factors, "path": matrix, "n": approx.n, "method": approx.method, "params": approx.params,
            "compression": approx.n**2 / approx.params, **error}
@@ -793,7 +793,7 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
             def work(path=path):
                 spinner.update(f"{path}: reading")
                 A = load_matrix(path)
-                return compare(
+                return compare.trusted(
                     A, methods=methods, budget=budget, sweep=sweep, seed=kw["seed"], fit_options=fit_options,
                     keep=save_dir is not None, method_options={"sparse": {"order": order}} if order else None,
                     scale=at_scale,

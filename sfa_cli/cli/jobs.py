@@ -29,6 +29,7 @@ import scipy.sparse as sp
 
 from sfa_cli import limits
 from sfa_cli.errors import SfaError
+from sfa_cli.validation import validates_matrix
 from sfa_cli.methods.registry import FIT_OPTIONS, method_record
 
 __all__ = ["FitOutcome", "fit_matrix", "tsvd_baseline", "uses_sampled_fit"]
@@ -83,26 +84,27 @@ def tsvd_baseline(A, params: int, **estimate) -> dict:
 
     Exact, or with ``estimate`` (error_report's exact_error, sample, seed) measured as the sampled fit is.
     """
-    from sfa_cli.methods.baselines import tsvd_at_rank
+    from sfa_cli.methods.low_rank import tsvd_at_rank
     from sfa_cli.metrics import relative_error
     from sfa_cli.approximations.patterns import tsvd_rank_at_budget
     from sfa_cli.engine.sampled import error_report
 
-    from sfa_cli.methods.baselines import EXACT_SVD_LIMIT
+    from sfa_cli.methods.low_rank import EXACT_SVD_LIMIT
 
     n = A.shape[0]
     rank = max(1, tsvd_rank_at_budget(n, params))
     # a dense A above the LAPACK size: the randomized range finder (ARPACK took minutes at n = 16384)
     solver = "randomized" if n > EXACT_SVD_LIMIT and not sp.issparse(A) else "auto"
-    approx = tsvd_at_rank(A, rank, solver=solver)
+    approx = tsvd_at_rank.trusted(A, rank, solver=solver)
     shown = {"tsvd_rank": rank, "tsvd_solver": "randomized" if solver == "randomized" else
              ("lapack" if n <= EXACT_SVD_LIMIT or rank >= n - 1 else "arpack")}
     if not estimate:
-        return {**shown, "tsvd_rel_error": relative_error(A, approx)}
+        return {**shown, "tsvd_rel_error": relative_error.trusted(A, approx)}
     tsvd = error_report(A, approx, **estimate)
     return {**shown, "tsvd_rel_error": tsvd["rel_error"], "tsvd_rel_error_ci": tsvd.get("rel_error_ci")}
 
 
+@validates_matrix(name_from="path")
 def fit_matrix(
     A,
     *,
@@ -154,9 +156,6 @@ def fit_matrix(
     on_stage : callable, optional
         ``on_stage(name)`` when a stage starts: "fitting", "error", "baseline".
     """
-    from sfa_cli.io import as_square_matrix
-
-    A = as_square_matrix(A, name=path or "A")
     try:
         return _fit_matrix(A, method, budget, pattern, pattern_options, fit_options, method_options, seed, sampled,
                            schedule, baseline, path, output, callback, on_stage)
@@ -220,14 +219,14 @@ def _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, ca
     from sfa_cli.engine.fit import fit
     from sfa_cli.metrics import relative_error
 
-    result = fit(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
+    result = fit.trusted(A, pattern=pattern, seed=seed, callback=callback, **pattern_options, **fit_options)
     from sfa_cli.metrics import never_worse_than_zero
 
     kept = {"approx": result.approximation}
     summary = {**head, "method": pattern, **result.to_dict(), "fit_rel_error": result.rel_error}
 
     def error():  # float64, from the factors as saved; never worse than the zero matrix
-        approx, rel_error, note = never_worse_than_zero(A, kept["approx"], relative_error(A, kept["approx"]))
+        approx, rel_error, note = never_worse_than_zero(A, kept["approx"], relative_error.trusted(A, kept["approx"]))
         kept["approx"] = approx
         return {"rel_error": rel_error, **({"note": note} if note else {})}
 
@@ -271,7 +270,7 @@ def _fit_method(A, record, budget, fit_options, pattern_options, method_options,
         raise SfaError(f"method {record.name} runs in one process; under torchrun only the Chord sampled fit runs")
     shared = {k: v for k, v in {**fit_options, **pattern_options}.items() if k in FIT_OPTIONS or k in record.shared}
     stage("fitting")
-    result = run_method(A, record.name, budget, seed=seed, fit_options=shared, options=method_options,
+    result = run_method.trusted(A, record.name, budget, seed=seed, fit_options=shared, options=method_options,
                         scale=bool(sampled))
     if result.status != "ok":
         what = "does not apply" if result.status == "not applicable" else "failed"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,13 +29,14 @@ import torch
 
 from sfa_cli import limits
 from sfa_cli.errors import SfaError
+from sfa_cli.validation import validates_matrix
 from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.io import as_square_matrix
 from sfa_cli.approximations.kernels import resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.engine.objective import BlockObjective
 from sfa_cli.engine.optimize import ADAM_LR, EXACT_REL_ERROR, FitStep, Run, minimize
 from sfa_cli.engine.options import OPTIMIZERS, OptimizerSpec, PatternSpec, Placement, StopRules
+from sfa_cli.engine.result import FitResult, make_pattern, typed_options
 from sfa_cli.approximations.patterns import Pattern
 
 __all__ = ["fit", "FitResult", "FitStep", "OPTIMIZERS", "DENSE_FIT_LIMIT", "make_pattern", "default_max_iter"]
@@ -60,106 +60,6 @@ def default_max_iter(n: int) -> int:
     their long plateaus need.
     """
     return int(min(5000, max(300, round(5000 * 256 / n))))
-
-
-@dataclass(frozen=True)
-class FitResult:
-    """The outcome of :func:`fit`.
-
-    Attributes
-    ----------
-    approximation : SparseFactors
-        The best factors found (the scale of A included).
-    rel_error : float
-        ||A - A_hat||_F / ||A||_F of ``approximation``.
-    history : list of dict
-        One entry per evaluation: iteration, evaluations, seconds, rel_error.
-    stopped_because : str
-        ``max_iter``, ``time_limit``, ``tol``, ``exact``, ``callback``, ``diverged`` or ``interrupted``.
-    peak_memory_bytes : int
-        Peak resident memory of this process (host) when the fit ended, in bytes.
-    start : str
-        Which start the returned factors came from: ``paper``, ``identity``, ``lifted`` or ``warm``.
-    peak_device_memory_bytes : int or None
-        Peak torch allocation on the CUDA device during the fit (None on the CPU).
-    """
-
-    approximation: SparseFactors
-    rel_error: float
-    initial_rel_error: float
-    iterations: int
-    evaluations: int
-    seconds: float
-    device: str
-    dtype: str
-    optimizer: str
-    stopped_because: str
-    history: list = field(repr=False, default_factory=list)
-    peak_memory_bytes: int = 0
-    peak_device_memory_bytes: int | None = None
-    start: str = ""
-
-    @property
-    def interrupted(self) -> bool:
-        return self.stopped_because == "interrupted"
-
-    def to_dict(self, history: bool = False) -> dict:
-        out = {
-            "n": self.approximation.n,
-            "factors": self.approximation.num_factors,
-            "params": self.approximation.params,
-            "compression": self.approximation.n**2 / self.approximation.params,
-            "rel_error": self.rel_error,
-            "initial_rel_error": self.initial_rel_error,
-            "iterations": self.iterations,
-            "evaluations": self.evaluations,
-            "seconds": self.seconds,
-            "device": self.device,
-            "dtype": self.dtype,
-            "optimizer": self.optimizer,
-            "start": self.start,
-            "stopped_because": self.stopped_because,
-            "interrupted": self.interrupted,
-            "pattern": self.approximation.pattern,
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "peak_device_memory_bytes": self.peak_device_memory_bytes,
-        }
-        if history:
-            out["history"] = list(self.history)
-        return out
-
-
-def typed_options(cls, given, caller: str, **loose):
-    """``given`` (an instance of the options dataclass ``cls``) or one built from the loose keywords.
-
-    ``None`` keywords keep the class defaults; giving both the dataclass and a loose keyword of it
-    is an error (which one would win is not obvious).
-    """
-    loose = {k: v for k, v in loose.items() if v is not None}
-    if given is None:
-        return cls(**loose)
-    if not isinstance(given, cls):
-        raise SfaError(f"{caller}: expected a {cls.__name__}; got {type(given).__name__}")
-    if loose:
-        raise SfaError(f"{caller}: give {', '.join(sorted(loose))} inside the {cls.__name__} or as keywords, not both")
-    return given
-
-
-def make_pattern(n: int, pattern: str | Pattern | PatternSpec = "chord", **options) -> Pattern:
-    """A Pattern object for size n from a name and its options, a PatternSpec, or a Pattern.
-
-    ``None`` options are left at their defaults.
-    """
-    if isinstance(pattern, Pattern):
-        if pattern.n != n:
-            raise SfaError(f"the pattern is for n={pattern.n} but the matrix has n={n}")
-        extra = sorted(k for k, v in options.items() if v is not None)
-        if extra:
-            raise SfaError(f"a Pattern object takes no pattern options; got {extra}")
-        return pattern
-    if isinstance(pattern, PatternSpec):
-        return typed_options(PatternSpec, pattern, "pattern", **options).build(n)
-    return PatternSpec(name=pattern, **{k: v for k, v in options.items() if v is not None}).build(n)
 
 
 def dense_target_bytes(A, device, dtype) -> tuple[int, int]:
@@ -201,6 +101,7 @@ def _dense_target(A, device, dtype) -> torch.Tensor:
         return torch.as_tensor(dense).to(dtype).to(device)
 
 
+@validates_matrix
 def fit(
     A,
     *,
@@ -266,7 +167,6 @@ def fit(
         An interrupt (Ctrl-C) ends the fit early and returns the best factors
         so far with ``stopped_because == "interrupted"``.
     """
-    A = as_square_matrix(A, "A")
     n = A.shape[0]
     if isinstance(optimizer, str):
         optimizer = OptimizerSpec(optimizer, **{k: v for k, v in (("lr", lr), ("history_size", history_size),
@@ -366,7 +266,7 @@ class _FullFit:
         flat.grad = torch.zeros_like(flat)
         values, grads = list(flat.detach().split(sizes)), list(flat.grad.split(sizes))
         run = Run([flat], max_iter=max_iter, time_limit=time_limit, tol=self.stop.tol, window=self.stop.window,
-                  callback=callback)
+                  patience=self.stop.patience, callback=callback)
 
         def objective():
             flat.grad.zero_()  # in place: the views stay valid

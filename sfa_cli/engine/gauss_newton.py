@@ -45,6 +45,7 @@ from sfa_cli.approximations.kernels import (FactorStructure, chain_backward, cha
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes
 from sfa_cli.engine.objective import column_blocks
 from sfa_cli.engine.optimize import Run, Stop
+from sfa_cli.engine.result import FitResult, make_pattern
 from sfa_cli.approximations.patterns import Pattern, chord_pattern
 
 __all__ = ["ChainLeastSquares", "Linearization", "conjugate_gradient", "lm_fit", "fit_lm", "start_values", "STARTS",
@@ -494,7 +495,6 @@ def fit_lm(A, pattern: str | Pattern = "chord", *, factors: int | None = None, s
         As :func:`sfa_cli.engine.fit.fit` returns, with ``optimizer="lm"``. A is scaled to unit
         Frobenius norm for the fit and the scale spread evenly over the returned factors.
     """
-    from sfa_cli.engine.fit import FitResult, make_pattern  # here: fit may import this module for optimizer="lm"
 
     t0 = time.perf_counter()
     n = A.shape[0]

@@ -28,14 +28,15 @@ True
 """
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Run", "Stop", "FitStep", "Adam", "minimize", "RUNAWAY", "MAX_RESTARTS", "EXACT_REL_ERROR",
-           "ADAM_LR", "STEPPERS"]
+__all__ = ["Run", "Stop", "FitStep", "Adam", "ScipyLBFGS", "minimize", "RUNAWAY", "MAX_RESTARTS", "EXACT_REL_ERROR",
+           "ADAM_LR", "STEPPERS", "PATIENCE_AFTER"]
 
 #: A relative error above this during an L-BFGS line search restarts it from the best point
 #: (the objective is a polynomial of degree 2M in the step, and extrapolation can overflow).
@@ -44,6 +45,8 @@ RUNAWAY = 1e6
 MAX_RESTARTS = 20
 #: A relative error at or below this ends a fit as ``exact``.
 EXACT_REL_ERROR = 1e-7
+#: The patience rule (``StopRules.patience``) is checked from this many seconds of a run on.
+PATIENCE_AFTER = 1.0
 #: Adam's step size when none is given (full-batch fits; the sampled fit has its own schedule).
 ADAM_LR = 0.01
 
@@ -85,6 +88,10 @@ class Run:
     tol, window : float, int
         Stop when the best relative error improved by less than ``tol`` of itself over
         the last ``window`` iterations (``tol=0`` turns the rule off).
+    patience : float, default=0
+        Stop when the best relative error improved by less than ``patience`` of itself over
+        the last quarter of the run's seconds, from :data:`PATIENCE_AFTER` seconds on
+        (``stopped_because="patience"``; 0 turns the rule off).
     callback : callable, optional
         ``callback(step: FitStep)`` after every recorded evaluation; True stops the run.
     restarts : int, optional
@@ -97,9 +104,11 @@ class Run:
     """
 
     def __init__(self, params, *, max_iter: int | None = None, time_limit: float | None = None, tol: float = 0.0,
-                 window: int = 50, callback=None, restarts: int | None = None, runaway: float | None = None):
+                 window: int = 50, callback=None, restarts: int | None = None, runaway: float | None = None,
+                 patience: float = 0.0):
         self.params = list(params)
         self.max_iter, self.time_limit, self.tol, self.window = max_iter, time_limit, tol, window
+        self.patience = patience
         self.callback = callback
         self.max_restarts = MAX_RESTARTS if restarts is None else restarts
         self.runaway = RUNAWAY if runaway is None else runaway
@@ -111,6 +120,7 @@ class Run:
         self.best = [p.detach().clone() for p in self.params]
         self.best_rel = math.inf
         self.best_at: list[float] = []  # best relative error when each iteration ended
+        self.ended_at: list[float] = []  # and the run's seconds then
         self.stopped_because = ""
         self.iteration_base = 0  # iterations done before the current optimiser (restarts)
         self.restarts = 0
@@ -159,7 +169,7 @@ class Run:
         self.history.append({"iteration": iteration, "evaluations": self.evaluations, "seconds": seconds,
                              "rel_error": rel})
         if not rel < self.runaway:  # also NaN
-            if isinstance(self.optimizer, torch.optim.LBFGS) and self.max_restarts > 0:
+            if isinstance(self.optimizer, (torch.optim.LBFGS, ScipyLBFGS)) and self.max_restarts > 0:
                 raise _Restart
             raise Stop("diverged")
         if self.callback is not None and self.callback(FitStep(iteration, self.evaluations, seconds, rel,
@@ -175,13 +185,19 @@ class Run:
         self._iteration_rules()
 
     def _iteration_rules(self) -> None:
+        seconds = self.seconds
         self.best_at.append(self.best_rel)
+        self.ended_at.append(seconds)
         if self.max_iter is not None and self.iteration >= self.max_iter:
             raise Stop("max_iter")
         k = self.window
         if self.tol > 0 and len(self.best_at) > k \
                 and self.best_at[-1 - k] - self.best_at[-1] <= self.tol * self.best_at[-1 - k]:
             raise Stop("tol")
+        if self.patience > 0 and seconds >= PATIENCE_AFTER:
+            then = self.best_at[max(bisect.bisect_right(self.ended_at, 0.75 * seconds) - 1, 0)]
+            if then - self.best_at[-1] < self.patience * then:
+                raise Stop("patience")
 
     def restore_best(self) -> None:
         """Put the best parameters back into the optimised leaves."""
@@ -266,14 +282,19 @@ def _step_lbfgs(run: Run, objective, *, lr, history_size, iterations, evaluation
     if iterations is None:
         iterations = (run.max_iter if run.max_iter is not None else 10**9) + 1
     evaluations = 25 * iterations if evaluations is None else evaluations
-    run.optimizer = _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)
+    if ScipyLBFGS.serves(run.params):
+        make = lambda: ScipyLBFGS(run, history_size, iterations, evaluations)  # noqa: E731
+    else:
+        make = lambda: _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)  # noqa: E731
+    run.optimizer = make()
     while True:
         try:
             # One call runs every iteration; the objective raises Stop to end it.
             run.optimizer.step(objective)
             # L-BFGS returns early only when the gradient vanishes, the line search stalls, or its
             # own caps are reached; its last point was evaluated (and recorded) already.
-            run.iteration = run.iteration_base + run.optimizer.state[run.params[0]].get("n_iter", 0)
+            if isinstance(run.optimizer, torch.optim.LBFGS):
+                run.iteration = run.iteration_base + run.optimizer.state[run.params[0]].get("n_iter", 0)
             return "tol"
         except _Restart:
             run.restarts += 1
@@ -281,7 +302,49 @@ def _step_lbfgs(run: Run, objective, *, lr, history_size, iterations, evaluation
                 return "diverged"
             run.restore_best()
             run.iteration_base = run.iteration
-            run.optimizer = _lbfgs(run.params, lr or 1.0, iterations, evaluations, history_size)
+            run.optimizer = make()
+
+
+class ScipyLBFGS:
+    """L-BFGS on one flat CPU leaf by SciPy's L-BFGS-B (no bounds): the CPU fits' L-BFGS.
+
+    SciPy's compiled two-loop and Moré-Thuente line search cost microseconds per iteration where
+    ``torch.optim.LBFGS`` spends about as long as a small fit's whole evaluation in Python; it also
+    keeps its curvature pairs in float64. Measured in docs/performance.md ("The CPU L-BFGS"). The
+    leaf keeps its dtype: each evaluation copies the float64 point into it and the gradient back.
+    Iterations are counted by SciPy's per-iteration callback (:meth:`Run.end_iteration`), so the
+    run's rules end the loop by raising :class:`Stop` as with every other optimiser.
+    """
+
+    def __init__(self, run: Run, history_size: int, iterations: int, evaluations: int):
+        self.run, self.leaf, self.history_size = run, run.params[0], history_size
+        self.iterations, self.evaluations = iterations, evaluations
+
+    @staticmethod
+    def serves(params) -> bool:
+        """One 1-D float32/float64 leaf on the CPU (the full fit's flat parameter vector)."""
+        return (len(params) == 1 and params[0].dim() == 1 and params[0].device.type == "cpu"
+                and params[0].dtype in (torch.float32, torch.float64))
+
+    def step(self, closure) -> None:
+        import scipy.optimize
+        from threadpoolctl import threadpool_limits
+
+        leaf = self.leaf
+
+        def value_and_gradient(x):
+            with torch.no_grad():
+                leaf.copy_(torch.from_numpy(x))
+            loss = closure()
+            return float(loss), leaf.grad.detach().double().numpy()
+
+        x0 = leaf.detach().double().numpy().copy()
+        options = {"maxcor": self.history_size, "maxiter": self.iterations, "maxfun": self.evaluations,
+                   "ftol": 0.0, "gtol": 0.0, "maxls": 25}
+        # SciPy's OpenBLAS threads spin after each small call and starve torch's threads on few cores
+        with threadpool_limits(limits=1, user_api="blas"):
+            scipy.optimize.minimize(value_and_gradient, x0, jac=True, method="L-BFGS-B", options=options,
+                                    callback=lambda *_: self.run.end_iteration())
 
 
 def _step_adam(run: Run, objective, *, lr, history_size, iterations, evaluations) -> str:  # noqa: ARG001

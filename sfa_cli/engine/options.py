@@ -151,18 +151,25 @@ class StopRules(_Options):
         Stop when the best relative error improved by less than this fraction
         over the last ``window`` iterations.
     window : int, default=50
+    patience : float, default=0.005
+        Stop when the best relative error improved by less than this fraction of itself over
+        the last quarter of the seconds the run has taken (checked from
+        :data:`sfa_cli.engine.optimize.PATIENCE_AFTER` seconds on): continuing would cost more
+        than it is worth. ``0`` turns the rule off.
     """
 
     max_iter: int | None = None
     time_limit: float | None = None
     tol: float = 1e-5
     window: int = 50
+    patience: float = 0.005
 
     def __post_init__(self):
         _int_at_least("max_iter", self.max_iter, 1)
         _positive("time_limit", self.time_limit)
         _positive("tol", self.tol, optional=False, allow_zero=True)
         _int_at_least("window", self.window, 1, optional=False)
+        _positive("patience", self.patience, optional=False, allow_zero=True)
 
 
 @dataclass(frozen=True)

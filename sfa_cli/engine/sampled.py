@@ -48,9 +48,9 @@ import torch
 from sfa_cli import limits
 from sfa_cli.errors import SfaError
 from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.engine.fit import FitResult, make_pattern, typed_options
+from sfa_cli.engine.result import FitResult, make_pattern, typed_options
 from sfa_cli.io import as_square_matrix, is_memory_mapped, release_pages
-from sfa_cli.validation import mapped_columns, mapped_trace
+from sfa_cli.validation import mapped_columns, mapped_trace, validates_matrix
 from sfa_cli.approximations.kernels import ColumnChain, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
 from sfa_cli.engine.objective import ColumnSetObjective
@@ -275,13 +275,13 @@ class _Columns:
         return out
 
 
-def _validated(A):
+def _validated(A, name: str = "A"):
     """A checked by :func:`sfa_cli.io.as_square_matrix`; a CSC matrix is kept as it is (checked through
     its transpose, a CSR view: no copy), since the column blocks read it as CSC."""
     if sp.issparse(A) and A.format == "csc":
-        as_square_matrix(A.T, "A")
+        as_square_matrix(A.T, name)
         return A
-    return as_square_matrix(A, "A")
+    return as_square_matrix(A, name)
 
 
 def _rescaled(products: np.ndarray) -> tuple[float, np.ndarray]:
@@ -348,6 +348,7 @@ def _estimate(r: np.ndarray, a: np.ndarray, n: int, a_total: float, confidence: 
     }
 
 
+@validates_matrix(check=_validated)
 def estimate_relative_error(
     A, approx, *, sample: int = SAMPLED_DEFAULTS["error_sample"], seed: int = 0,
     confidence: float = SAMPLED_DEFAULTS["confidence"], block: int | None = None,
@@ -375,7 +376,6 @@ def estimate_relative_error(
         (columns used), ``n``, ``seed``, ``confidence`` and ``exact`` (True when
         the sample was every column; the CI is then the point itself).
     """
-    A = _validated(A)
     n = A.shape[0]
     if approx.n != n:
         raise SfaError(f"the approximation is for n={approx.n} but the matrix has n={n}")
@@ -396,6 +396,7 @@ def estimate_relative_error(
     return {**out, "sample_columns": len(cols), "n": n, "seed": int(seed), "confidence": confidence}
 
 
+@validates_matrix(check=_validated)
 def error_report(
     A, approx, *, exact_error: bool | None = None, sample: int = SAMPLED_DEFAULTS["error_sample"], seed: int = 0,
     confidence: float = SAMPLED_DEFAULTS["confidence"],
@@ -416,15 +417,14 @@ def error_report(
         an estimate ``rel_error_estimate``, ``rel_error_ci``, ``sample_columns``,
         ``confidence``, ``seed``.
     """
-    A = _validated(A)
     n = A.shape[0]
     if exact_error is None:
         exact_error = n <= EXACT_ERROR_UP_TO
     if exact_error:
         from sfa_cli.metrics import relative_error
 
-        return {"rel_error": relative_error(A, approx), "rel_error_is_estimate": False}
-    est = estimate_relative_error(A, approx, sample=sample, seed=seed, confidence=confidence)
+        return {"rel_error": relative_error.trusted(A, approx), "rel_error_is_estimate": False}
+    est = estimate_relative_error.trusted(A, approx, sample=sample, seed=seed, confidence=confidence)
     return {
         "rel_error": est["rel_error_estimate"],
         "rel_error_is_estimate": not est["exact"],
@@ -498,6 +498,7 @@ def _memory_plan(n, structs, pat, tdtype, dev, A, chunk_wanted) -> tuple[int, in
     return chunk, total + host
 
 
+@validates_matrix(check=_validated)
 def fit_sampled(
     A,
     *,
@@ -589,7 +590,6 @@ def fit_sampled(
                              start=start)
     placement = typed_options(Placement, placement, "fit_sampled", seed=seed, device=device, dtype=dtype)
     StopRules(time_limit=time_limit)  # checks it
-    A = _validated(A)
     pat = make_pattern(A.shape[0], pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link,
                        permute=permute)
     return _SampledFit(A, pat, schedule, placement).run(init, callback, time_limit)

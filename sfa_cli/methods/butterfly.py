@@ -48,9 +48,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from sfa_cli.errors import NotApplicable, SfaError
+from sfa_cli.validation import validates_matrix
 from sfa_cli.approximations.sparse_factors import SparseFactors
 from sfa_cli.engine.fit import fit
-from sfa_cli.io import as_square_matrix
 from sfa_cli.memory import require_memory
 from sfa_cli.engine.optimize import EXACT_REL_ERROR
 from sfa_cli.approximations.patterns import butterfly_pattern
@@ -62,6 +62,7 @@ __all__ = ["butterfly_closed_form"]
 SVD_CHUNK_ELEMENTS = 1 << 22
 
 
+@validates_matrix
 def butterfly_closed_form(
     A,
     *,
@@ -108,7 +109,6 @@ def butterfly_closed_form(
         A is not a finite square matrix, is all zeros, or an option is out of range.
     """
     t0 = time.perf_counter()
-    A = as_square_matrix(A, "A")
     n = A.shape[0]
     if n & (n - 1):
         raise NotApplicable(f"the closed-form butterfly needs n to be a power of two; n={n}")
@@ -147,7 +147,7 @@ def butterfly_closed_form(
             "note": f"closed form (hierarchical rank-1 SVDs), {M} of {L} factors"}
     best = SparseFactors.from_pattern(pattern, values, info=info)
     if polish_iter > 0 and closed > EXACT_REL_ERROR:  # an exact closed form has nothing to polish
-        result = fit(A, pattern=pattern, init=best, max_iter=polish_iter, time_limit=time_limit,
+        result = fit.trusted(A, pattern=pattern, init=best, max_iter=polish_iter, time_limit=time_limit,
                      device=device, dtype=out_dtype.name, callback=callback)
         polished = result.approximation
         rel = _error(target, norm_sq, _leaves_from_factors(polished))

@@ -28,9 +28,8 @@ from dataclasses import dataclass, field
 from sfa_cli import limits
 from sfa_cli.approximations.base import Approximation
 from sfa_cli.errors import NotApplicable, SfaError
-from sfa_cli.io import as_square_matrix
 from sfa_cli.metrics import never_worse_than_zero
-from sfa_cli.validation import count_nonzero
+from sfa_cli.validation import count_nonzero, validates_matrix
 from sfa_cli.approximations.patterns import chord_at_budget, chord_budget, resolve_budget
 from sfa_cli.methods.registry import METHODS as RECORDS
 from sfa_cli.methods.registry import check_methods, method_record
@@ -196,6 +195,7 @@ class Comparison:
         return out
 
 
+@validates_matrix
 def compare(
     A,
     *,
@@ -252,7 +252,6 @@ def compare(
     confidence : float, default=0.95
         Level of the intervals ``rel_error_ci``.
     """
-    A = as_square_matrix(A)
     methods = check_methods(methods)
     method_options = {name: dict(opts or {}) for name, opts in (method_options or {}).items()}
     for name, opts in method_options.items():
@@ -289,6 +288,7 @@ def _measure(seed, exact_error, sample=SAMPLED_DEFAULTS["error_sample"], confide
     return {"exact_error": bool(exact_error), "sample": sample, "seed": seed, "confidence": confidence}
 
 
+@validates_matrix
 def run_method(A, method: str, budget: float | int | None = None, *, seed: int = 0, fit_options: dict | None = None,
                options: dict | None = None, scale: bool = False, sampled_options: dict | None = None) -> MethodResult:
     """Run one method of the registry at a budget, as :func:`compare` does, keeping its approximation.
@@ -298,7 +298,6 @@ def run_method(A, method: str, budget: float | int | None = None, *, seed: int =
     (``MethodRecord.own``). A method that does not apply gives status "not applicable" and the
     reason in ``note``; MethodResult.approximation holds the result otherwise.
     """
-    A = as_square_matrix(A)
     record = method_record(method)
     measure = _measure(seed, not scale and A.shape[0] <= EXACT_ERROR_UP_TO)
     return _run_method(A, method, resolve_budget(A.shape[0], budget), seed, _options_for(record, fit_options, options),
@@ -321,7 +320,7 @@ def _run_method(A, name, budget, seed, options, keep, scale=False, sampled_optio
         raise SfaError(f"method {name} used {approx.params} parameters > budget {budget}")
     if measure is None:  # as compare() measures by default
         measure = _measure(seed, A.shape[0] <= EXACT_ERROR_UP_TO)
-    error = error_report(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
+    error = error_report.trusted(A, approx, exact_error=measure["exact_error"], sample=measure["sample"], seed=measure["seed"],
                          confidence=measure["confidence"])
     note = note or approx.info.get("note", "")
     if not error["rel_error_is_estimate"]:  # never worse than the zero matrix (the sampled fit rescales itself)

@@ -1,4 +1,4 @@
-"""Sparse factors whose supports are learned by the fit, and Chord factors plus a sparse residual.
+"""Sparse factors whose supports are learned by the fit.
 
 :func:`learned_sparse` approximates A by S(1) S(2) ... S(M), n x n sparse factors
 whose non-zeros are *chosen by the fit* under a total budget (FAuST's problem,
@@ -29,11 +29,8 @@ The start is a low-rank plus sparse split written as two sparse factors
 S(2) = [sqrt(s) V_r^T ; residual rows], one "slot" column e_i in S(1) for each
 residual row that holds kept entries (or the transposed layout); A itself when
 all its entries fit. ``init="chord"`` warm-starts from a Chord fit at the
-budget instead.
-
-:func:`chord_plus_sparse` spends part of the budget on Chord factors and the
-rest on the largest entries of the residual, with the split chosen like
-:func:`sfa_cli.methods.baselines.lowrank_plus_sparse`.
+budget instead. Both starts are built in :mod:`sfa_cli.methods.learned_starts`;
+at large n the fit runs from blocks of A (:mod:`sfa_cli.methods.learned_scale`).
 
 Example
 -------
@@ -58,22 +55,19 @@ import torch
 
 from dataclasses import dataclass
 
-from sfa_cli.methods import baselines
-from sfa_cli.methods.baselines import NotApplicable, SparseMatrix, SumApproximation
-from sfa_cli.errors import SfaError
+from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.approximations.sparse_factors import SparseFactors
-from sfa_cli.engine.fit import DENSE_FIT_LIMIT, default_max_iter, fit
-from sfa_cli.io import as_square_matrix
+from sfa_cli.engine.fit import DENSE_FIT_LIMIT
 from sfa_cli.approximations.kernels import FactorStructure, chain_matmul, factor_columns, resolve_device, resolve_dtype
 from sfa_cli.memory import available_bytes
-from sfa_cli.metrics import frobenius_norm, residual_columns
+from sfa_cli.metrics import frobenius_norm
 from sfa_cli.engine.objective import BlockObjective, column_blocks
 from sfa_cli.engine.optimize import Run, minimize
-from sfa_cli.engine.options import OptimizerSpec, PatternSpec, Placement, StopRules
-from sfa_cli.approximations.patterns import chord_at_budget
+from sfa_cli.engine.options import OptimizerSpec, Placement, StopRules
+from sfa_cli.validation import check_budget, validates_matrix
+from sfa_cli.methods.learned_starts import _chord_start, _lowrank_sparse_start, _svd_parts
 
-__all__ = ["learned_sparse", "chord_plus_sparse", "LearnedOptions", "INITS", "PROJECTIONS", "ORDERS", "REFITS",
-           "LEARNED_DEFAULTS"]
+__all__ = ["learned_sparse", "LearnedOptions", "INITS", "PROJECTIONS", "ORDERS", "REFITS", "LEARNED_DEFAULTS"]
 
 INITS = ("auto", "lowrank+sparse", "chord")
 PROJECTIONS = ("total", "factor", "row", "column")
@@ -95,8 +89,6 @@ _RUNAWAY = 1e3
 #: After a rejected round the hysteresis is divided by this; after _REJECTIONS of them the rounds stop.
 _BACKOFF = 4.0
 _REJECTIONS = 3
-#: Largest n for which the start takes an exact SVD (above it a seeded randomized SVD).
-_EXACT_SVD_LIMIT = 1024
 
 
 def default_rounds(n: int) -> int:
@@ -431,84 +423,7 @@ def _project(scores, budget: int, projection: str, n: int, shares=None) -> list[
     return [_top_mask(s, per, dim) for s in scores]
 
 
-# -- starts ---------------------------------------------------------------------------------
-def _svd_parts(A, r: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(U_r sqrt(s_r), sqrt(s_r) V_r^T): the best rank-r pair, split evenly."""
-    n = A.shape[0]
-    if r <= 0:
-        return np.zeros((n, 0)), np.zeros((0, n))
-    if n <= _EXACT_SVD_LIMIT:
-        U, s, Vt = baselines._full_svd(A.toarray() if sp.issparse(A) else np.asarray(A, dtype=np.float64))
-        U, s, Vt = U[:, :r], s[:r], Vt[:r]
-        return U * np.sqrt(s), np.sqrt(s)[:, None] * Vt
-    left, right = baselines._randomized_low_rank(A, r, seed=seed, n_iter=4)
-    # left = U s, right = V^T: move half of s to the right
-    s = np.linalg.norm(left, axis=0)
-    root = np.sqrt(np.where(s > 0, s, 1.0))
-    return left / root, right * root[:, None]
-
-
-def _lowrank_sparse_start(D: np.ndarray, left: np.ndarray, right: np.ndarray, budget: int, middle: int):
-    """Supports and values of [left | slots] (I ...) [right ; residual rows] within the budget.
-
-    D is the residual A - left @ right (dense, scaled); ``middle`` identity factors
-    sit between the two. The residual's largest entries are kept in the layout
-    (rows of S(2) behind slots e_i of S(1), or the transpose) that keeps more of
-    its energy. Returns the lists rows, cols, values (one array per factor).
-    """
-    n, r = left.shape
-    k = budget - 2 * n * r - middle * n
-    best = None
-    for orientation in ("rows", "cols"):
-        M = D if orientation == "rows" else D.T
-        cand = baselines._largest(M.ravel(), max(k, 0))
-        cand = cand[np.argsort(-np.abs(M.ravel()[cand]), kind="stable")]
-        lines = cand // n
-        _, first = np.unique(lines, return_index=True)
-        new = np.zeros(len(cand), dtype=bool)
-        new[first] = True
-        opened = np.cumsum(new)
-        cost = np.arange(1, len(cand) + 1) + opened
-        keep = cand[(cost <= k) & (opened <= n - r)]
-        energy = float(np.sum(M.ravel()[keep] ** 2))
-        if best is None or energy > best[0]:
-            best = (energy, orientation, keep)
-    energy, orientation, keep = best
-    M = D if orientation == "rows" else D.T
-    line, pos = np.divmod(keep, n)
-    lines = np.unique(line)
-    slot = np.empty(n, dtype=np.int64)
-    slot[lines] = r + np.arange(len(lines))  # the atom that carries residual line `line`
-    # low-rank atoms
-    lr_rows, lr_cols = np.repeat(np.arange(n), r), np.tile(np.arange(r), n)
-    first = (lr_rows, lr_cols, left.reshape(-1))
-    last = (np.repeat(np.arange(r), n), np.tile(np.arange(n), r), right.reshape(-1))
-    slots = (lines, slot[lines], np.ones(len(lines)))
-    entries = (slot[line], pos, M.ravel()[keep])
-    if orientation == "rows":  # S1[line, slot] = 1, S2[slot, pos] = value
-        f0 = [np.concatenate([a, b]) for a, b in zip(first, slots)]
-        f1 = [np.concatenate([a, b]) for a, b in zip(last, entries)]
-    else:  # transposed: S1[pos, slot] = value, S2[slot, line] = 1
-        f0 = [np.concatenate([a, b]) for a, b in zip(first, (entries[1], entries[0], entries[2]))]
-        f1 = [np.concatenate([a, b]) for a, b in zip(last, (slots[1], slots[0], slots[2]))]
-    eye = (np.arange(n), np.arange(n), np.ones(n))
-    factors = [f0] + [eye] * middle + [f1]
-    return [f[0] for f in factors], [f[1] for f in factors], [f[2] for f in factors]
-
-
-def _chord_start(A, budget: int, seed: int, settings: "_FitSettings"):
-    """A Chord fit at the budget, as supports and values (scale of A included); no time limit of its own."""
-    pattern_options, _ = chord_at_budget(A.shape[0], budget)
-    stop = StopRules(**{**settings.stop.to_dict(), "time_limit": None})
-    result = fit(A, pattern=PatternSpec("chord", **pattern_options), stop=stop, optimizer=settings.optimizer,
-                 placement=Placement(settings.placement.device, settings.placement.dtype, seed))
-    if result.interrupted:
-        raise KeyboardInterrupt
-    mats = result.approximation.factors
-    rows = [np.repeat(np.arange(W.shape[0]), np.diff(W.indptr)) for W in mats]
-    return rows, [W.indices.astype(np.int64) for W in mats], [W.data.astype(np.float64) for W in mats]
-
-
+# -- the rounds ---------------------------------------------------------------------------------
 def _rounds(starts, objective, budget, projection, hysteresis, rounds, tol, deadline, refine, one_round, callback,
             shares=None):
     """Refit each start and give it one round; the best continues with rounds until no round helps.
@@ -565,7 +480,7 @@ def _hierarchy(D, budget, M, seed, objective, as_chain, level, inner_iter, deadl
         sub = {"device": settings.placement.device, "dtype": settings.placement.dtype}
         if deadline < math.inf:
             sub["time_limit"] = max(deadline - time.perf_counter(), 1e-3)
-        F = learned_sparse(target, level_budget, factors=2, seed=seed, fit_options=sub, projection="factor",
+        F = learned_sparse.trusted(target, level_budget, factors=2, seed=seed, fit_options=sub, projection="factor",
                            factor_budgets=(share, level_budget - share), polish_iter=0, **level)
         parts = [(np.repeat(np.arange(W.shape[0]), np.diff(W.indptr)), W.indices.astype(np.int64),
                   W.data.astype(np.float64)) for W in F.factors]
@@ -691,6 +606,7 @@ class _FitSettings:
                    {k: options[k] for k in cls.VARIANT if k in options})
 
 
+@validates_matrix
 def learned_sparse(
     A,
     budget: int,
@@ -796,8 +712,7 @@ def learned_sparse(
         need dense n x n work (more factors, a Chord start, a per-factor projection).
     """
     t0 = time.perf_counter()
-    A = as_square_matrix(A, "A")
-    n, budget = A.shape[0], baselines._check_budget(budget)
+    n, budget = A.shape[0], check_budget(budget)
     opts = LearnedOptions(factors=factors, init=init, projection=projection, order=order,
                           factor_budgets=None if factor_budgets is None else tuple(int(k) for k in factor_budgets),
                           splits=tuple(float(f) for f in splits), rounds=rounds, inner_iter=inner_iter, polish_iter=polish_iter,
@@ -934,134 +849,6 @@ def _learned_at_scale(A, budget, opts: LearnedOptions, settings: _FitSettings, s
                             f"low-rank + sparse start) from blocks of A; {obstacle} needs dense n x n residuals "
                             f"(n <= {DENSE_FIT_LIMIT})")
     dtype = np.float32 if resolve_dtype(settings.placement.dtype) == torch.float32 else np.float64
-    return learned_at_scale(A, budget, seed=seed, time_limit=settings.stop.time_limit, callback=callback,
+    return learned_at_scale.trusted(A, budget, seed=seed, time_limit=settings.stop.time_limit, callback=callback,
                             splits=(*opts.splits, 1.0), dtype=dtype,
                             **{k: int(v) for k, v in (("rounds", rounds), ("sweeps", sweeps)) if v is not None})
-
-
-# -- Chord plus sparse -------------------------------------------------------------------------------
-def _largest_of_residual(A, approx, k: int) -> tuple[sp.csr_matrix, float]:
-    """The k largest-magnitude entries of A - approx as CSR, and the squared norm of the rest (column blocks)."""
-    n = A.shape[0]
-    width = max(1, (1 << 22) // n)
-    keep = np.empty(0, dtype=np.int64)
-    vals = np.empty(0)
-    total = 0.0
-    for start in range(0, n, width):
-        cols = np.arange(start, min(n, start + width))
-        Dm = residual_columns(A, approx, cols)
-        total += float(np.sum(Dm * Dm))
-        flat = Dm.ravel()
-        top = baselines._largest(flat, k)
-        r, c = np.divmod(top, len(cols))
-        keep = np.concatenate([keep, r * n + cols[c]])
-        vals = np.concatenate([vals, flat[top]])
-        sel = baselines._largest(vals, k)
-        keep, vals = keep[sel], vals[sel]
-    nz = vals != 0
-    keep, vals = keep[nz], vals[nz]
-    rest = max(total - float(np.dot(vals, vals)), 0.0)
-    r, c = np.divmod(keep, n)
-    return sp.csr_matrix((vals, (r, c)), shape=(n, n)), rest
-
-
-def chord_plus_sparse(
-    A,
-    budget: int,
-    *,
-    seed: int = 0,
-    fit_options: dict | None = None,
-    splits=(0.5, 1.0),
-    alternations: int = 2,
-) -> SumApproximation:
-    """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
-
-    For each split f the Chord pattern is sized to f * budget
-    (:func:`sfa_cli.approximations.patterns.chord_at_budget`) and fitted to A; the rest of the
-    budget keeps the largest entries S of A - C; then, ``alternations - 1``
-    times, the Chord factors are refitted to A - S (warm start) and S is taken
-    again. The split f = 0 (the budget's largest entries alone, :func:`top_k`) is
-    always tried, so the result is never worse than top-k at the same budget.
-
-    Parameters
-    ----------
-    A : ndarray or sparse matrix of shape (n, n)
-    budget : int
-        Parameters allowed: Chord non-zeros + nnz(S) <= budget.
-    seed : int, default=0
-        Seed of the Chord fits.
-    fit_options : dict, optional
-        Options of :func:`sfa_cli.engine.fit.fit` for the Chord fits (max_iter,
-        time_limit per fit, device, ...); ``symmetric`` and ``self_link`` choose
-        the Chord variant. Without max_iter each fit runs a tenth of
-        :func:`sfa_cli.engine.fit.default_max_iter` (at least 100): the method makes
-        ``len(splits) * alternations`` fits.
-    splits : sequence of float, default=(0.5, 1.0)
-        Fractions of the budget offered to the Chord part.
-    alternations : int, default=2
-        Chord/sparse alternations per split.
-
-    Returns
-    -------
-    SumApproximation
-        A :class:`SparseFactors` (Chord, absent when top-k alone wins) plus a
-        :class:`SparseMatrix`, method ``chord+sparse``; info records ``split``,
-        ``chord_params``, ``nnz`` and ``rel_error``.
-    """
-
-    A = as_square_matrix(A, "A")
-    n, budget = A.shape[0], baselines._check_budget(budget)
-    splits = [float(f) for f in splits]
-    if any(not 0 <= f <= 1 for f in splits):
-        raise SfaError(f"splits must be fractions in [0, 1]; got {splits}")
-    if int(alternations) != alternations or alternations < 1:
-        raise SfaError(f"alternations must be a positive integer; got {alternations!r}")
-    settings = _FitSettings.from_options(fit_options, "chord_plus_sparse fit_options")
-    norm = frobenius_norm(A)
-    if norm == 0.0:
-        raise SfaError("the matrix is all zeros; there is nothing to approximate")
-    variant = settings.variant
-    stop = settings.stop
-    if stop.max_iter is None:
-        stop = StopRules(**{**stop.to_dict(), "max_iter": max(100, default_max_iter(n) // 10)})
-    placement = Placement(settings.placement.device, settings.placement.dtype, seed)
-
-    top = baselines.top_k(A, budget)
-    top_rest = max(frobenius_norm(A) ** 2 - float(np.sum(top.matrix.data.astype(np.float64) ** 2)), 0.0)
-    best = (math.sqrt(top_rest) / norm, 0.0, None, top.matrix)
-    tried = set()
-    for f in sorted(set(splits) - {0.0}):
-        try:
-            pattern_options, _ = chord_at_budget(n, max(1, int(f * budget)), **variant)
-        except NotApplicable:
-            continue
-        key = tuple(sorted(pattern_options.items()))
-        if key in tried:
-            continue
-        tried.add(key)
-        C, S = None, None
-        for _ in range(int(alternations)):
-            target = A if S is None else (A - S if sp.issparse(A) else baselines._minus_sparse(A, S))
-            result = fit(target, pattern=PatternSpec("chord", **pattern_options, **variant), stop=stop,
-                         optimizer=settings.optimizer, placement=placement, init=C)
-            if result.interrupted:
-                raise KeyboardInterrupt
-            C = result.approximation
-            S, rest = _largest_of_residual(A, C, budget - C.params)
-        error = math.sqrt(rest) / norm
-        if error < best[0]:
-            best = (error, f, C, S)
-    error, f, C, S = best
-    S.eliminate_zeros()
-    chord_params = C.params if C is not None else 0
-    info = {
-        "split": f,
-        "chord_params": chord_params,
-        "nnz": int(S.nnz),
-        "alternations": int(alternations),
-        "rel_error": error,
-        "note": (f"Chord {C.num_factors} factors ({chord_params} non-zeros) + {S.nnz} entries (split {f:g})"
-                 if C is not None else f"top-k alone: {S.nnz} entries"),
-    }
-    parts = ([C] if C is not None else []) + [SparseMatrix(S, method="sparse")]
-    return SumApproximation(parts, method="chord+sparse", info=info)

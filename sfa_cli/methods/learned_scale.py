@@ -12,7 +12,7 @@ hands back its pages after each block):
   S(1) = [U sqrt(s) | slots], S(2) = [sqrt(s) V^T ; residual rows], for the
   budget splits 0.5, 0.9 and 1 (the last is the truncated SVD at the budget,
   plus the few residual entries its rounding leaves room for). One randomized
-  SVD (:func:`sfa_cli.methods.baselines._randomized_low_rank`, by row blocks for a
+  SVD (:func:`sfa_cli.methods.low_rank._randomized_low_rank`, by row blocks for a
   memory map) serves every split, and one pass over the rows of A keeps the
   largest residual entries of each (a running top-k). Each start gets one
   refit; the best continues.
@@ -68,7 +68,7 @@ import scipy.sparse as sp
 from sfa_cli.errors import SfaError
 from sfa_cli.approximations.sparse_factors import SparseFactors
 from sfa_cli.approximations.patterns import tsvd_rank_at_budget
-from sfa_cli.validation import as_square_matrix, check_budget, is_memory_mapped, mapped_columns, release_pages
+from sfa_cli.validation import check_budget, is_memory_mapped, mapped_columns, release_pages, validates_matrix
 
 __all__ = ["learned_at_scale", "SCALE_SPLITS"]
 
@@ -512,7 +512,7 @@ def _slot_start(n, left, right, cand, values, k) -> tuple[_Pair, float]:
 def _starts(A, blocks: _Blocks, budget: int, seed: int, splits):
     """The low-rank plus sparse starts of every split as (info, pair, squared error), one pass over the rows;
     and (flat indices, values, squared error) of the budget's largest entries (top-k, always computed)."""
-    from sfa_cli.methods.baselines import _randomized_low_rank
+    from sfa_cli.methods.low_rank import _randomized_low_rank
 
     n = A.shape[0]
     plans = {}
@@ -557,6 +557,7 @@ def _starts(A, blocks: _Blocks, budget: int, seed: int, splits):
 
 
 # -- the method ----------------------------------------------------------------------------------------
+@validates_matrix
 def learned_at_scale(A, budget: int, *, seed: int = 0, time_limit: float | None = None, rounds: int = 6,
                      sweeps: int = 2, tol: float = 1e-3, splits=SCALE_SPLITS, callback=None,
                      dtype=np.float32) -> SparseFactors:
@@ -592,10 +593,9 @@ def learned_at_scale(A, budget: int, *, seed: int = 0, time_limit: float | None 
         info with ``rel_error`` (exact, from a pass over A), ``start_rel_error``, ``rounds``.
     """
     t0 = time.perf_counter()
-    A = as_square_matrix(A, "A")
     n, budget = A.shape[0], check_budget(budget)
     if budget < 2:
-        from sfa_cli.methods.baselines import NotApplicable
+        from sfa_cli.errors import NotApplicable
 
         raise NotApplicable(f"two sparse factors need at least 2 non-zeros; budget {budget}")
     deadline = t0 + time_limit if time_limit else math.inf

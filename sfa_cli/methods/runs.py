@@ -35,7 +35,7 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
     else:
         from sfa_cli.engine.fit import fit
 
-        result = fit(A, pattern=pattern, seed=seed, **sizes, **options)
+        result = fit.trusted(A, pattern=pattern, seed=seed, **sizes, **options)
     if result.interrupted:
         raise KeyboardInterrupt
     return result.approximation, note
@@ -62,7 +62,7 @@ def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     from sfa_cli.engine.fit import default_max_iter
 
     polish = options.get("max_iter") or default_max_iter(A.shape[0])
-    approx = butterfly_closed_form(A, factors=sizes["factors"], polish_iter=polish,
+    approx = butterfly_closed_form.trusted(A, factors=sizes["factors"], polish_iter=polish,
                                    time_limit=options.get("time_limit"), device=options.get("device", "auto"))
     done = "closed form" + (f", polished ({approx.info['polish_iterations']} iterations)"
                             if approx.info.get("polish_iterations") else "")
@@ -71,43 +71,43 @@ def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
 def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Truncated SVD; at scale by svds on the (sparse) matrix."""
-    from sfa_cli.methods.baselines import truncated_svd
+    from sfa_cli.methods.low_rank import truncated_svd
 
     import scipy.sparse as sp
 
     if scale and sp.issparse(A):
-        return truncated_svd(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
-    from sfa_cli.methods.baselines import EXACT_SVD_LIMIT
+        return truncated_svd.trusted(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
+    from sfa_cli.methods.low_rank import EXACT_SVD_LIMIT
 
     if scale or A.shape[0] > EXACT_SVD_LIMIT:  # dense above LAPACK's size: the randomized range finder
-        return truncated_svd(A, budget, seed=seed, solver="randomized"), "randomized range finder, 4 power iterations"
-    return truncated_svd(A, budget, seed=seed), ""
+        return truncated_svd.trusted(A, budget, seed=seed, solver="randomized"), "randomized range finder, 4 power iterations"
+    return truncated_svd.trusted(A, budget, seed=seed), ""
 
 
 def rsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Randomized SVD; at scale torch.svd_lowrank on the sparse tensor."""
-    from sfa_cli.methods.baselines import randomized_svd
+    from sfa_cli.methods.low_rank import randomized_svd
 
-    return randomized_svd(A, budget, seed=seed, keep_sparse=scale), ""
+    return randomized_svd.trusted(A, budget, seed=seed, keep_sparse=scale), ""
 
 
 def topk(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The budget's largest entries."""
-    from sfa_cli.methods.baselines import top_k
+    from sfa_cli.methods.sparse import top_k
 
-    return top_k(A, budget, seed=seed), ""
+    return top_k.trusted(A, budget, seed=seed), ""
 
 
 def monarch(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The closed-form Monarch projection."""
-    from sfa_cli.methods.baselines import monarch as project
+    from sfa_cli.methods.monarch import monarch as project
 
     return project(A, budget, seed=seed), ""
 
 
 def lowrank_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Low rank plus the residual's largest entries."""
-    from sfa_cli.methods.baselines import lowrank_plus_sparse as split
+    from sfa_cli.methods.sparse import lowrank_plus_sparse as split
 
     return split(A, budget, seed=seed), ""
 
@@ -134,13 +134,13 @@ def _not_worse_than_top_k(A, budget, approx):
     """The learned factors, or the budget's largest entries when those are closer to A (a one-factor
     chain: the same kind and file format). The learned method starts from low rank + sparse and never
     ends above its start; this also holds it to top-k, the other start a user would try."""
-    from sfa_cli.methods.baselines import top_k
+    from sfa_cli.methods.sparse import top_k
     from sfa_cli.approximations.sparse_factors import SparseFactors
     from sfa_cli.metrics import relative_error
 
-    learned_error = relative_error(A, approx)
-    largest = top_k(A, budget)
-    largest_error = relative_error(A, largest)
+    learned_error = relative_error.trusted(A, approx)
+    largest = top_k.trusted(A, budget)
+    largest_error = relative_error.trusted(A, largest)
     if largest_error >= 0.999 * learned_error or learned_error - largest_error < 1e-6:  # no real gain
         return approx, approx.info.get("note", "")
     note = (f"the budget's largest entries (one factor): the learned factors reached {learned_error:.4g}, "
@@ -152,7 +152,7 @@ def _not_worse_than_top_k(A, budget, approx):
 
 def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Chord factors plus the residual's largest entries."""
-    from sfa_cli.methods.learned import chord_plus_sparse as hybrid
+    from sfa_cli.methods.chord_sparse import chord_plus_sparse as hybrid
 
     approx = hybrid(A, budget, seed=seed, fit_options=_fit_options(dict(options or {})))
     return approx, approx.info.get("note", "")
