@@ -148,6 +148,7 @@ def test_time_limit_is_honoured_within_an_evaluation(monkeypatch):
 
     monkeypatch.setattr(objective.BlockObjective, "_residual", slow)
     monkeypatch.setattr(objective, "block_columns", lambda n: 4)  # 16 blocks: 0.32 s per slow evaluation
+    monkeypatch.setattr("sfa_cli.engine.fit.DENSE_CHAIN_MAX_N", 0)  # the column-block objective at n = 64
 
     def after_first(step):
         pause["s"] = 0.02

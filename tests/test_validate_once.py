@@ -11,18 +11,18 @@ import sfa_cli.io as sfa_io
 def scans(monkeypatch):
     """Counts the full validation passes over memory-mapped matrices."""
     counted = []
-    check_finite, checked_memmap = validation._check_finite, sfa_io._checked_memmap
+    to_array, checked_memmap = validation._to_array_or_sparse, sfa_io._checked_memmap
 
-    def counting_check_finite(A, name):
-        if isinstance(A, np.memmap):
+    def counting_to_array(obj, name):  # as_square_matrix's first step, before np.asarray drops the map
+        if isinstance(obj, np.memmap):
             counted.append(("as_square_matrix", name))
-        return check_finite(A, name)
+        return to_array(obj, name)
 
     def counting_memmap(A, shown):
         counted.append(("reader", shown))
         return checked_memmap(A, shown)
 
-    monkeypatch.setattr(validation, "_check_finite", counting_check_finite)
+    monkeypatch.setattr(validation, "_to_array_or_sparse", counting_to_array)
     monkeypatch.setattr(sfa_io, "_checked_memmap", counting_memmap)  # load_matrix calls it
     return counted
 
@@ -35,8 +35,12 @@ def mapped(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("command", [["fit", "--max-iter", "5"], ["compare", "--methods", "tsvd,topk,chord",
-                                                                   "--max-iter", "5"]])
+@pytest.mark.parametrize("command", [
+    ["fit", "--max-iter", "5"],
+    ["fit", "--sampled", "--epochs", "1"],
+    ["fit", "--method", "monarch"],
+    ["compare", "--max-iter", "5"],
+])
 def test_one_command_scans_a_memory_map_once(run_cli, mapped, tmp_path, scans, command):
     extra = ["-o", tmp_path / "F.npz"] if command[0] == "fit" else []
     result = run_cli(command[0], mapped, *command[1:], *extra)

@@ -38,15 +38,17 @@ them without autograd and keeps its blocks between evaluations.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 __all__ = ["FactorStructure", "SparseMatmul", "ChainMatmul", "sparse_matmul", "chain_matmul", "chain_forward",
-           "chain_backward", "chain_columns", "ColumnChain", "factor_columns", "column_entries", "csr_only", "use_compiled", "compile_notifier", "compile_settings", "CompileSettings",
+           "chain_backward", "chain_columns", "ColumnChain", "factor_columns", "column_entries", "csr_only", "use_compiled", "compile_notifier", "compile_settings", "CompileSettings", "compile_decision", "compiling_pays", "compile_seconds", "cache_root",
            "compiled_kernels_usable", "resolve_device",
            "resolve_dtype"]
 
@@ -226,31 +228,49 @@ def _circulant_sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor) -> 
 # For a circulant factor the three products are fixed sums of shifted rows:
 #   W X   = sum_k V[:, k] * roll(X, -o_k)        W^T G = sum_k roll(V[:, k] * G, o_k)
 #   grad  = [rowsum(G * roll(X, -o_k))]_k
-# torch.compile (inductor) turns each into one loop nest with the offsets as constants, faster than
-# the CSR addmm / sampled_addmm on the CPU (docs/performance.md). Compiling takes seconds (a disk cache
-# makes later processes faster), so the path is used from COMPILE_MIN_N up, on the CPU, for plain 2-D
-# float32/float64 blocks; set SFA_COMPILE=0 (or use :func:`csr_only`) to turn it off. If compiling
-# fails (no C++ compiler, say), sfa warns once and keeps the CSR path.
+# torch.compile (inductor) turns each into one loop nest with the offsets as constants, about 1.4x
+# faster per evaluation than the CSR addmm / sampled_addmm on the CPU. Compiling costs 18-28 s the
+# first time a shape is seen and ~7 s from the disk cache (docs/performance.md), so by default
+# ("auto") a kernel is compiled only where a fit approved it (:func:`compile_decision`: the fit's
+# expected remaining seconds repay the cost twice over); SFA_COMPILE=1 always compiles (from
+# COMPILE_MIN_N, on the CPU, plain 2-D float32/float64 blocks), SFA_COMPILE=0 never. The cache lives
+# under the user's cache folder (:func:`cache_root`), not the system's temporary folder. If
+# compiling fails (no C++ compiler, say), sfa warns once and keeps the CSR path.
 COMPILE_MIN_N = 1024
 COMPILE_MAX_KEYS = 6
+#: Seconds one kernel set takes to compile the first time, and from the disk cache (measured at
+#: n = 1024-5300 on 2 cores, docs/performance.md); the fraction of an evaluation compiling saves.
+COMPILE_COLD_SECONDS = 25.0
+COMPILE_WARM_SECONDS = 7.0
+COMPILE_SAVING = 0.3
+#: Compile only when the expected saving is this many times the cost.
+COMPILE_REPAY = 2.0
 _compiled: dict = {}
 _compile_failed = False  # set for good when compiling failed once (no compiler: every try would fail)
+
+
+def _compile_mode(value: str | None) -> bool | None:
+    return {"0": False, "off": False, "1": True, "on": True}.get((value or "auto").strip().lower())
 
 
 @dataclass
 class CompileSettings:
     """How the compiled circulant kernels are used: whether at all, and who hears of a compilation.
 
-    Change them through :func:`csr_only`, :func:`use_compiled` and :func:`compile_notifier` (context
-    managers that restore the previous setting), not by assigning to :data:`compile_settings`.
+    ``enabled``: True compiles wherever the path applies, False never, None ("auto", the default)
+    only inside a :func:`compile_decision` whose fit set ``approved``. Change them through
+    :func:`csr_only`, :func:`use_compiled`, :func:`compile_notifier` and :func:`compile_decision`
+    (context managers that restore the previous setting), not by assigning to
+    :data:`compile_settings`.
     """
 
-    enabled: bool = True
+    enabled: bool | None = None
     notify: object = None  # callable(message) before a new shape compiles, or None
+    approved: bool = False
 
 
 #: The process's settings (read by the kernels; see :class:`CompileSettings`).
-compile_settings = CompileSettings(enabled=os.environ.get("SFA_COMPILE", "1") != "0")
+compile_settings = CompileSettings(enabled=_compile_mode(os.environ.get("SFA_COMPILE")))
 
 
 @contextlib.contextmanager
@@ -287,6 +307,43 @@ def csr_only():
     return use_compiled(False)
 
 
+def compile_decision():
+    """A fit's say over compiling: within this context nothing compiles in ``auto`` mode until the fit
+    sets ``approved = True`` on the yielded settings (after :func:`compiling_pays` said so)."""
+    return _setting("approved", False)
+
+
+def cache_root() -> Path:
+    """sfa's cache folder: ``$XDG_CACHE_HOME/sfa``, by default ``~/.cache/sfa``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sfa"
+
+
+def _cache_marker(key) -> Path:
+    digest = hashlib.sha1(repr((torch.__version__, key)).encode()).hexdigest()[:20]
+    return cache_root() / "compiled" / digest
+
+
+def compile_seconds(structs, width: int, dtype) -> float:
+    """The expected seconds of compiling the kernels of ``structs`` for blocks of ``width`` columns
+    (0 when nothing would compile: CSR-only structures, small n, compiled already)."""
+    keys = {(s.offsets, s.n, width, dtype) for s in structs if s.offsets is not None and s.n >= COMPILE_MIN_N}
+    return sum(0.0 if key in _compiled else COMPILE_WARM_SECONDS if _cache_marker(key).exists()
+               else COMPILE_COLD_SECONDS for key in keys)
+
+
+def compiling_pays(structs, widths, dtype, device, expected_seconds: float) -> bool:
+    """Whether compiling the kernels repays itself within ``expected_seconds`` of evaluations.
+
+    True when the saving (:data:`COMPILE_SAVING` of those seconds) is at least
+    :data:`COMPILE_REPAY` times the expected cost (:func:`compile_seconds`, warm when sfa's
+    cache holds the shape).
+    """
+    if torch.device(device).type != "cpu" or _compile_failed or compile_settings.enabled is False:
+        return False
+    cost = sum(compile_seconds(structs, w, dtype) for w in set(widths))
+    return cost > 0 and COMPILE_SAVING * expected_seconds >= COMPILE_REPAY * cost
+
+
 def _make_circulant_kernels(offsets: tuple):
     # forward and transposed write into `out` (inductor stores straight into it: no temporary)
     def forward(V, X, out):
@@ -304,6 +361,8 @@ def _make_circulant_kernels(offsets: tuple):
     def sampled(G, X):
         return torch.stack([(G * torch.roll(X, -o, 0)).sum(1) for o in offsets], 1)
 
+    # inductor's cache in sfa's cache folder (it survives a reboot; the system's temporary folder may not)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "inductor"))
     return tuple(torch.compile(f, dynamic=False, fullgraph=True) for f in (forward, transposed, sampled))
 
 
@@ -318,21 +377,42 @@ def _compiled_kernels(s: FactorStructure, X: torch.Tensor):
         # (falling back to slow eager code): past COMPILE_MAX_KEYS, new shapes use CSR.
         if len(_compiled) >= COMPILE_MAX_KEYS:
             return None
+        warm = _cache_marker(key).exists()
         _compiled[key] = _make_circulant_kernels(s.offsets)
         if compile_settings.notify is not None:
-            compile_settings.notify(f"compiling kernels (n={s.n}, {X.shape[1]} columns; once per size)")
+            cost = COMPILE_WARM_SECONDS if warm else COMPILE_COLD_SECONDS
+            compile_settings.notify(f"compiling kernels (n={s.n}, {X.shape[1]} columns; ~{cost:.0f} s, once per "
+                                    f"size; SFA_COMPILE=0 turns it off)")
+        if not warm:
+            _unmarked[key] = _cache_marker(key)
     return _compiled[key]
 
 
 def compiled_kernels_usable() -> bool:
-    """Whether the compiled path is on and compiling has not failed in this process."""
-    return compile_settings.enabled and not _compile_failed
+    """Whether the compiled path is on (or approved by the fit in auto mode) and has not failed."""
+    settings = compile_settings
+    return not _compile_failed and (settings.enabled is True or (settings.enabled is None and settings.approved))
+
+
+_unmarked: dict = {}  # compiled keys whose cache marker is written after their first successful call
+
+
+def _mark_cached() -> None:
+    for key, marker in list(_unmarked.items()):
+        try:
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        except OSError:  # a read-only home: the estimate stays "cold"
+            pass
+        del _unmarked[key]
 
 
 def _run_compiled(kernel, *args):
     """Call a compiled kernel; on a compiler failure turn the path off for good (False)."""
     try:
         out = kernel(*args)
+        if _unmarked:
+            _mark_cached()
         return True if out is None else out
     except Exception as exc:  # torch raises several types (BackendCompilerFailed, InvalidCxxCompiler, ...)
         global _compile_failed

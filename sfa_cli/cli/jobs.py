@@ -100,7 +100,7 @@ def tsvd_baseline(A, params: int, **estimate) -> dict:
              ("lapack" if n <= EXACT_SVD_LIMIT or rank >= n - 1 else "arpack")}
     if not estimate:
         return {**shown, "tsvd_rel_error": relative_error.trusted(A, approx)}
-    tsvd = error_report(A, approx, **estimate)
+    tsvd = error_report.trusted(A, approx, **estimate)
     return {**shown, "tsvd_rel_error": tsvd["rel_error"], "tsvd_rel_error_ci": tsvd.get("rel_error_ci")}
 
 
@@ -247,7 +247,7 @@ def _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule, basel
         raise SfaError("the sampled fit uses Adam with its schedule: give epochs and lr, not optimizer/max_iter")
     run = {k: v for k, v in fit_options.items() if k not in ("max_iter", "tol", "optimizer")
            and not (k == "start" and v == "auto")}  # the sampled fit's own default start
-    result = fit_sampled(A, pattern=pattern, seed=seed, callback=callback, **schedule, **pattern_options, **run)
+    result = fit_sampled.trusted(A, pattern=pattern, seed=seed, callback=callback, **schedule, **pattern_options, **run)
     approx = result.approximation
     summary = {**head, "method": pattern, **result.to_dict(), "seed": seed}
     late = False

@@ -31,9 +31,9 @@ from sfa_cli import limits
 from sfa_cli.errors import SfaError
 from sfa_cli.validation import validates_matrix
 from sfa_cli.approximations.sparse_factors import SparseFactors, initial_values, pattern_structures
-from sfa_cli.approximations.kernels import resolve_device, resolve_dtype
+from sfa_cli.approximations.kernels import compile_decision, compiling_pays, resolve_device, resolve_dtype
 from sfa_cli.memory import peak_device_bytes, peak_rss_bytes, require_memory
-from sfa_cli.engine.objective import BlockObjective
+from sfa_cli.engine.objective import DENSE_CHAIN_MAX_N, BlockObjective, DenseChainObjective
 from sfa_cli.engine.optimize import ADAM_LR, EXACT_REL_ERROR, FitStep, Run, minimize
 from sfa_cli.engine.options import OPTIMIZERS, OptimizerSpec, PatternSpec, Placement, StopRules
 from sfa_cli.engine.result import FitResult, make_pattern, typed_options
@@ -46,9 +46,12 @@ __all__ = ["fit", "FitResult", "FitStep", "OPTIMIZERS", "DENSE_FIT_LIMIT", "make
 DENSE_FIT_LIMIT = limits.DENSE_FIT_MAX_N  # the one definition is in sfa_cli/limits.py
 #: ``start="auto"`` takes the identity start when the diagonal holds at least this share of ||A||_F^2.
 IDENTITY_START_SHARE = 0.25
+#: The fit decides whether compiling the kernels pays after this many (CSR) evaluations.
+COMPILE_DECISION_AFTER = 3
 #: Defaults of the loose keywords, from the typed options (chosen from scripts/bench_fit.py measurements,
 #: docs/performance.md).
 DEFAULTS = {"max_iter": StopRules.max_iter, "tol": StopRules.tol, "window": StopRules.window,
+            "patience": StopRules.patience,
             "history_size": OptimizerSpec.history_size, "adam_lr": ADAM_LR}
 
 
@@ -120,6 +123,7 @@ def fit(
     time_limit: float | None = None,
     tol: float | None = None,
     window: int | None = None,
+    patience: float | None = None,
     lr: float | None = None,
     history_size: int | None = None,
     start: str | None = None,
@@ -136,8 +140,10 @@ def fit(
     pattern : {"chord", "butterfly"}, PatternSpec or Pattern, default="chord"
     stop : StopRules, optional
         When to stop (default ``StopRules()``: max_iter :func:`default_max_iter` of n, 5000 for
-        n <= 256 and 312 at n = 4096; tol 1e-5 over a window of 50 iterations; no time limit).
-        The time limit is checked between the column blocks of every evaluation.
+        n <= 256 and 312 at n = 4096; tol 1e-5 over a window of 50 iterations; patience 0.005: stop
+        when the best error improved by less than 0.5% of itself over the last quarter of the
+        fit's seconds; no time limit). The time limit is checked between the column blocks of
+        every evaluation.
     optimizer : {"lbfgs", "adam", "lm"} or OptimizerSpec, default="lbfgs"
         L-BFGS with a strong-Wolfe line search (step 1), Adam (step 0.01), or Levenberg-Marquardt
         with matrix-free CG (:func:`sfa_cli.engine.gauss_newton.lm_fit`; goes further on graph-like
@@ -151,7 +157,7 @@ def fit(
         ``callback(step: FitStep)`` after every evaluation; returning True stops the fit.
     factors, base, symmetric, self_link, permute
         The pattern's options as keywords (:class:`~sfa_cli.engine.options.PatternSpec`).
-    max_iter, time_limit, tol, window
+    max_iter, time_limit, tol, window, patience
         The stopping rules as keywords (:class:`~sfa_cli.engine.options.StopRules`).
     lr, history_size, start
         The optimiser's options as keywords (:class:`~sfa_cli.engine.options.OptimizerSpec`); ``start``
@@ -173,7 +179,8 @@ def fit(
                                                                   ("start", start)) if v is not None})
     else:
         optimizer = typed_options(OptimizerSpec, optimizer, "fit", lr=lr, history_size=history_size, start=start)
-    stop = typed_options(StopRules, stop, "fit", max_iter=max_iter, time_limit=time_limit, tol=tol, window=window)
+    stop = typed_options(StopRules, stop, "fit", max_iter=max_iter, time_limit=time_limit, tol=tol, window=window,
+                        patience=patience)
     placement = typed_options(Placement, placement, "fit", seed=seed, device=device, dtype=dtype)
     pat = make_pattern(n, pattern, factors=factors, base=base, symmetric=symmetric, self_link=self_link,
                        permute=permute)
@@ -198,7 +205,8 @@ class _FullFit:
         if self.scale == 0.0:
             raise SfaError("the matrix is all zeros; there is nothing to approximate")
         self.target = target / self.scale  # never in place: may share A's memory
-        self.objective = BlockObjective(self.structs, self.target)
+        small = n <= DENSE_CHAIN_MAX_N and self.dev.type == "cpu"
+        self.objective = (DenseChainObjective if small else BlockObjective)(self.structs, self.target)
 
     def _start(self, init: SparseFactors | None, callback=None) -> tuple[str, list[torch.Tensor]]:
         """The start, by name: a warm start, the paper's row averages, the identity or the lifted start.
@@ -272,11 +280,29 @@ class _FullFit:
             flat.grad.zero_()  # in place: the views stay valid
             loss = self.objective(values, grads, check=run.check_time)
             run.record(loss)
+            if run.evaluations == COMPILE_DECISION_AFTER:
+                self._decide_compiling(run, max_iter, time_limit, decision)
             return loss
 
-        minimize(run, objective, spec.optimizer, lr=spec.lr, history_size=spec.history_size)
+        with compile_decision() as decision:
+            minimize(run, objective, spec.optimizer, lr=spec.lr, history_size=spec.history_size)
         return {"values": list(run.best[0].split(sizes)), "best_rel": run.best_rel, "history": run.history,
                 "iterations": run.iteration, "evaluations": run.evaluations, "stopped_because": run.stopped_because}
+
+    def _decide_compiling(self, run: Run, max_iter: int, time_limit, decision) -> None:
+        """Approve the compiled kernels when the rest of the fit is expected to repay compiling them.
+
+        The evaluations so far ran the CSR kernels; their seconds times the evaluations left (about
+        1.1 per iteration up to ``max_iter``, fewer if the time limit comes first) is what compiling
+        could shorten (:func:`sfa_cli.approximations.kernels.compiling_pays`).
+        """
+        seconds = [h["seconds"] for h in run.history]
+        per_evaluation = (seconds[-1] - seconds[0]) / max(len(seconds) - 1, 1)
+        expected = 1.1 * max(max_iter - run.iteration, 0) * per_evaluation
+        if time_limit is not None:
+            expected = min(expected, time_limit - run.seconds)
+        widths = [b.stop - b.start for b in getattr(self.objective, "blocks", ())]
+        decision.approved = compiling_pays(self.structs, widths, self.target.dtype, self.dev, expected)
 
     def run(self, init, callback) -> FitResult:
         t0 = time.perf_counter()

@@ -30,7 +30,7 @@ import torch
 
 from sfa_cli.approximations.kernels import chain_backward, chain_forward, column_entries, factor_columns
 
-__all__ = ["BlockObjective", "ColumnSetObjective", "ColumnSource", "DenseColumns", "block_columns", "column_blocks"]
+__all__ = ["BlockObjective", "DenseChainObjective", "DENSE_CHAIN_MAX_N", "ColumnSetObjective", "ColumnSource", "DenseColumns", "block_columns", "column_blocks"]
 
 
 def block_columns(n: int) -> int:
@@ -228,3 +228,76 @@ class ColumnSetObjective:
                 out[:, i : i + len(c)] = sums.cpu().numpy()
                 i += len(c)
         return out
+
+
+#: Up to this n the full fit on the CPU holds the factors as dense blocks (:class:`DenseChainObjective`).
+DENSE_CHAIN_MAX_N = 64
+
+
+class DenseChainObjective:
+    """The loss and gradient of :class:`BlockObjective` with the factors held as dense n x n blocks.
+
+    For small n a chain of sparse products is a few dozen tiny kernel calls whose fixed cost dwarfs
+    their arithmetic; as dense matrices the same evaluation is 3 (M - 1) BLAS products of n x n
+    (forward prefixes, then the residual carried back) and one scatter and one gather per factor.
+    Used by the full fit up to :data:`DENSE_CHAIN_MAX_N` (measured in docs/performance.md, "Small
+    n"); the values, the loss and the gradient are those of :class:`BlockObjective` (same order, same
+    dtype), so the optimisers cannot tell them apart.
+    """
+
+    def __init__(self, structs, target: torch.Tensor):
+        self.structs = list(structs)
+        self.n = n = target.shape[0]
+        self.target = target
+        M = len(self.structs)
+        like = target
+        self.index = [(s.rows * n + s.col).to(target.device) for s in self.structs]
+        self.W = like.new_zeros((M, n, n))  # the factors; only their supports are ever written
+        self.prefix = like.new_empty((M, n, n))  # W(1) ... W(m)
+        # the residual carried back through W(M), W(M-1), ... (two buffers, alternating), and G
+        self.carried = [like.new_empty((n, n)), like.new_empty((n, n))]
+        self.products = like.new_empty((n, n))
+
+    def _forward(self, values) -> torch.Tensor:
+        W, P = self.W, self.prefix
+        for m, (idx, v) in enumerate(zip(self.index, values)):
+            W[m].view(-1).index_copy_(0, idx, v.detach())
+        P[0].copy_(W[0])
+        for m in range(1, len(values)):
+            torch.mm(P[m - 1], W[m], out=P[m])
+        return torch.sub(P[-1], self.target, out=self.products)
+
+    def __call__(self, values, grads=None, check=None) -> float:  # noqa: ARG002 - one block: nothing to check
+        with torch.no_grad():
+            R = self._forward(values)
+            loss = 0.5 * float(torch.linalg.vector_norm(R).double().square())
+            W, P, M = self.W, self.prefix, len(values)
+            first, second = self.carried
+            Q, G = R, first  # R lives in self.products until the first carry
+            out = []
+            for m in range(M - 1, -1, -1):
+                # d loss / d W(m) = (W(1)...W(m-1))^T Q with Q = R (W(m+1)...W(M))^T, read on W(m)'s support
+                if m:
+                    torch.mm(P[m - 1].T, Q, out=G)
+                    out.append(G.view(-1).index_select(0, self.index[m]))
+                    Q, G = torch.mm(Q, W[m].T, out=G), Q  # G's buffer takes the new Q; the old Q's is free
+                else:
+                    out.append(Q.reshape(-1).index_select(0, self.index[0]))
+            out.reverse()
+        for i, (v, g) in enumerate(zip(values, out)):
+            if grads is not None:
+                grads[i].add_(g)
+            elif v.grad is None:
+                v.grad = g
+            else:
+                v.grad.add_(g)
+        return loss
+
+    def loss(self, values, check=None) -> float:  # noqa: ARG002
+        with torch.no_grad():
+            return 0.5 * float(torch.linalg.vector_norm(self._forward(values)).double().square())
+
+    def residual(self, values) -> torch.Tensor:
+        """T - W(1)...W(M) as a dense (n, n) tensor."""
+        with torch.no_grad():
+            return self._forward(values).neg()

@@ -149,8 +149,8 @@ _RECORDS = (
                  dense_only="reads all n^2 entries of A - L"),
     MethodRecord("sparse", "sfa_cli.methods.runs:learned_sparse",
                  "learned-support sparse factors: the fit also chooses where the non-zeros go (projected steps on "
-                 "the structured kernels; `sfa_cli/learned.py`, see docs/quality.md; above N = 8192 two factors "
-                 "fitted from blocks of A, `sfa_cli/learned_scale.py`)", "non-zeros of the factors",
+                 "the structured kernels; `sfa_cli/methods/learned.py`, see docs/quality.md; above N = 8192 two "
+                 "factors fitted from blocks of A, `sfa_cli/methods/learned_scale.py`)", "non-zeros of the factors",
                  shared=("max_iter", "time_limit", "device", "dtype"), own=(_SPARSE_FACTORS, _ORDER)),
     MethodRecord("chord+sparse", "sfa_cli.methods.runs:chord_plus_sparse",
                  "Chord factors on part of the budget plus the largest entries of the residual",

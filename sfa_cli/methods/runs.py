@@ -28,7 +28,7 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
 
         run = {k: v for k, v in options.items() if k not in _FULL_FIT_ONLY
                and not (k == "start" and v == "auto")}  # the sampled fit's own default start
-        result = fit_sampled(A, pattern=pattern, seed=seed, **sizes, **run, **(schedule or {}))
+        result = fit_sampled.trusted(A, pattern=pattern, seed=seed, **sizes, **run, **(schedule or {}))
         epochs = f"{result.epochs} epoch" + ("s" if result.epochs != 1 else "")
         done = f"sampled fit, {epochs} x {result.batch_columns} columns"
         note = f"{done}; {note}" if note else done
@@ -102,14 +102,14 @@ def monarch(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """The closed-form Monarch projection."""
     from sfa_cli.methods.monarch import monarch as project
 
-    return project(A, budget, seed=seed), ""
+    return project.trusted(A, budget, seed=seed), ""
 
 
 def lowrank_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     """Low rank plus the residual's largest entries."""
     from sfa_cli.methods.sparse import lowrank_plus_sparse as split
 
-    return split(A, budget, seed=seed), ""
+    return split.trusted(A, budget, seed=seed), ""
 
 
 def _fit_options(options: dict) -> dict:
@@ -124,7 +124,7 @@ def learned_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=Non
 
     options = dict(options or {})
     own = {k: options[k] for k in ("factors", "order") if options.get(k) is not None}
-    approx = learn(A, budget, seed=seed, fit_options=_fit_options(options), at_scale=True if scale else None, **own)
+    approx = learn.trusted(A, budget, seed=seed, fit_options=_fit_options(options), at_scale=True if scale else None, **own)
     if approx.pattern.get("at_scale"):  # it measured its error and compared it with top-k's in its own passes
         return approx, approx.info.get("note", "")
     return _not_worse_than_top_k(A, budget, approx)
@@ -154,5 +154,5 @@ def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=
     """Chord factors plus the residual's largest entries."""
     from sfa_cli.methods.chord_sparse import chord_plus_sparse as hybrid
 
-    approx = hybrid(A, budget, seed=seed, fit_options=_fit_options(dict(options or {})))
+    approx = hybrid.trusted(A, budget, seed=seed, fit_options=_fit_options(dict(options or {})))
     return approx, approx.info.get("note", "")
