@@ -56,6 +56,7 @@ ENTRIES = (
     "sfa_cli:butterfly_pattern",
     "sfa_cli:ChordMixing",
     "sfa_cli.nn:SequenceModel",
+    "sfa_cli:FactorizedLinear",
     "sfa_cli.engine.options",
     "sfa_cli:PatternSpec",
     "sfa_cli:StopRules",

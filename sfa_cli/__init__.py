@@ -63,6 +63,7 @@ _LAZY = {
     "chord_plus_sparse": "sfa_cli.methods.chord_sparse",
     # torch modules
     "ChordMixing": "sfa_cli.nn",
+    "FactorizedLinear": "sfa_cli.nn",
 }
 
 __all__ = ["__version__", "SfaError", *_LAZY]

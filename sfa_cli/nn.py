@@ -1,4 +1,5 @@
-"""The parametric version of the Chord factorization: a token-mixing layer for sequences.
+"""Torch layers: the parametric Chord factorization (a token-mixing layer for sequences), and
+:class:`FactorizedLinear`, any approximation sfa writes as a trainable ``nn.Linear``.
 
 Instead of learning the non-zero entries of the factors directly, one small MLP
 per factor maps each token x_i to the L+1 non-zeros of row i of that factor, so
@@ -27,6 +28,10 @@ torch.Size([4, 1])
 Reference: R. Khalitov, T. Yu, L. Cheng, Z. Yang, "Sparse factorization of
 square matrices with application to neural attention modeling", Neural
 Networks 152 (2022) 160-168.
+
+:class:`FactorizedLinear` (at the end of this module) is ``y = x A_hat^T + b`` with A_hat a
+fitted approximation of any kind: its stored numbers are the parameters, its
+sparse supports fixed buffers, and the n x n weight is never formed.
 """
 from __future__ import annotations
 
@@ -34,15 +39,20 @@ import functools
 import math
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sfa_cli.errors import SfaError
-from sfa_cli.approximations.kernels import FactorStructure, sparse_matmul
+from sfa_cli.approximations.base import Approximation, load_approximation
+from sfa_cli.approximations.kernels import FactorStructure, chain_matmul, resolve_dtype, sparse_matmul
+from sfa_cli.approximations.kinds import LowRank, Monarch, SparseMatrix, SumApproximation
 from sfa_cli.approximations.patterns import chord_budget, chord_pattern
+from sfa_cli.approximations.sparse_factors import SparseFactors
 
-__all__ = ["ChordMixing", "SoftmaxAttention", "SequenceModel", "SavedTensorBytes", "MIXERS", "NORMALIZATIONS", "POOLINGS"]
+__all__ = ["ChordMixing", "SoftmaxAttention", "SequenceModel", "SavedTensorBytes", "FactorizedLinear", "MIXERS",
+           "NORMALIZATIONS", "POOLINGS"]
 
 #: How the row entries produced by the MLPs are normalised (see :class:`ChordMixing`).
 NORMALIZATIONS = ("softmax", "scale", "none")
@@ -428,3 +438,291 @@ class SavedTensorBytes:
         self._hooks.__exit__(*exc)
         self._seen.clear()
         return False
+
+
+# -- an approximation as a trainable linear layer ----------------------------------------
+def _parameter(a: np.ndarray, dtype: torch.dtype, device) -> nn.Parameter:
+    """A parameter holding a copy of ``a`` (training never writes into the approximation's arrays)."""
+    return nn.Parameter(torch.tensor(np.asarray(a), dtype=dtype, device=device))
+
+
+def _index_buffer(a: np.ndarray, device) -> torch.Tensor:
+    return torch.tensor(np.asarray(a, dtype=np.int64), device=device)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    """A parameter's current values as a fresh float32/float64 array (approximations store those two)."""
+    t = t.detach().to("cpu")
+    if t.dtype not in (torch.float32, torch.float64):
+        t = t.to(torch.float32)
+    return t.numpy().copy()
+
+
+class _SparseChain(nn.Module):
+    """W(1) ... W(M) with fixed CSR supports: a SparseFactors chain, or one SparseMatrix (M = 1).
+
+    ``values[m]`` are W(m+1)'s non-zeros in CSR order (parameters); ``crow{m}`` and
+    ``col{m}`` its support (buffers). The kernels' structures are built from the
+    buffers once per device and rebuilt after ``load_state_dict``.
+    """
+
+    def __init__(self, approx: SparseFactors | SparseMatrix, dtype: torch.dtype, device):
+        super().__init__()
+        self.kind, self.n, self.method = approx.kind, approx.n, approx.method
+        self.info = dict(approx.info)
+        self.pattern = dict(approx.pattern) if isinstance(approx, SparseFactors) else None
+        mats = approx.factors if isinstance(approx, SparseFactors) else [approx.matrix]
+        self.num_factors = len(mats)
+        self.values = nn.ParameterList(_parameter(W.data, dtype, device) for W in mats)
+        for m, W in enumerate(mats):
+            self.register_buffer(f"crow{m}", _index_buffer(W.indptr, device))
+            self.register_buffer(f"col{m}", _index_buffer(W.indices, device))
+        self._structures_by_device: dict = {}
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values[0].dtype
+
+    def _support(self, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.get_buffer(f"crow{m}"), self.get_buffer(f"col{m}")
+
+    def structures(self, device: torch.device) -> tuple[FactorStructure, ...]:
+        """The kernels' structures of the factors on ``device`` (built on first use there)."""
+        key = str(device)
+        hit = self._structures_by_device.get(key)
+        if hit is None:
+            hit = tuple(FactorStructure.from_csr(crow.cpu().numpy(), col.cpu().numpy(), self.n, device)
+                        for crow, col in (self._support(m) for m in range(self.num_factors)))
+            self._structures_by_device[key] = hit
+        return hit
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._structures_by_device.clear()  # the supports may have changed
+
+    @torch.compiler.disable  # torch.compile cannot build the sparse CSR tensors of the kernels
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (b, n) -> x W(M)^T ... W(1)^T = (W(1) ... W(M) x^T)^T."""
+        return chain_matmul(self.structures(x.device), list(self.values), x.T).T
+
+    def to_approximation(self, info: dict) -> SparseFactors | SparseMatrix:
+        mats = []
+        for m in range(self.num_factors):
+            crow, col = self._support(m)
+            mats.append(sp.csr_matrix((_numpy(self.values[m]), col.cpu().numpy(), crow.cpu().numpy()),
+                                      shape=(self.n, self.n)))
+        if self.kind == SparseMatrix.kind:
+            return SparseMatrix(mats[0], method=self.method, info=info)
+        return SparseFactors(mats, method=self.method, pattern=self.pattern, info=info)
+
+    def extra_repr(self) -> str:
+        nnz = [int(v.numel()) for v in self.values]
+        return f"kind={self.kind!r}, factors={self.num_factors}, nnz={nnz if len(nnz) > 1 else nnz[0]}"
+
+
+class _LowRank(nn.Module):
+    """left @ right as two dense parameters: x -> (x right^T) left^T, 2 n r multiply-adds a row."""
+
+    def __init__(self, approx: LowRank, dtype: torch.dtype, device):
+        super().__init__()
+        self.kind, self.n, self.method, self.info = approx.kind, approx.n, approx.method, dict(approx.info)
+        self.left = _parameter(approx.left, dtype, device)
+        self.right = _parameter(approx.right, dtype, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.left.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.right.T) @ self.left.T
+
+    def to_approximation(self, info: dict) -> LowRank:
+        return LowRank(_numpy(self.left), _numpy(self.right), method=self.method, info=info)
+
+    def extra_repr(self) -> str:
+        return f"rank={self.left.shape[1]}"
+
+
+class _Monarch(nn.Module):
+    """The Monarch product as its two block-diagonal factors u and v (parameters), as in ``Monarch._matmul``.
+
+    With x[b, j0 * s1 + j1]: z[b, j0, i1] = sum_j1 v[i1, j0, j1] x[b, j0, j1] (s0 blocks of
+    s1 x s1), then y[b, i0 * s1 + i1] = sum_j0 u[i1, j0, i0] z[b, j0, i1] (s1 blocks of s0 x s0);
+    the permutation between the two is the change of axes of z.
+    """
+
+    def __init__(self, approx: Monarch, dtype: torch.dtype, device):
+        super().__init__()
+        self.kind, self.n, self.method, self.info = approx.kind, approx.n, approx.method, dict(approx.info)
+        self.s0, self.s1 = approx.s0, approx.s1
+        self.u = _parameter(approx.u, dtype, device)
+        self.v = _parameter(approx.v, dtype, device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.u.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = x.shape[0]
+        z = torch.einsum("iaj,baj->bai", self.v, x.reshape(b, self.s0, self.s1))
+        return torch.einsum("iak,bai->bki", self.u, z).reshape(b, self.n)
+
+    def to_approximation(self, info: dict) -> Monarch:
+        return Monarch(_numpy(self.u), _numpy(self.v), method=self.method, info=info)
+
+    def extra_repr(self) -> str:
+        return f"blocks={self.s0}x{self.s1}"
+
+
+class _Sum(nn.Module):
+    """A sum of approximations: one operator per part (a ModuleList), their outputs added."""
+
+    def __init__(self, approx: SumApproximation, dtype: torch.dtype, device):
+        super().__init__()
+        self.kind, self.n, self.method, self.info = approx.kind, approx.n, approx.method, dict(approx.info)
+        self.parts = nn.ModuleList(_operator(p, dtype, device) for p in approx.parts)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.parts[0](x)
+        for part in self.parts[1:]:
+            y = y + part(x)
+        return y
+
+    def to_approximation(self, info: dict) -> SumApproximation:
+        return SumApproximation([p.to_approximation(p.info) for p in self.parts], method=self.method, info=info)
+
+
+_OPERATORS = {
+    SparseFactors.kind: _SparseChain,
+    SparseMatrix.kind: _SparseChain,
+    LowRank.kind: _LowRank,
+    Monarch.kind: _Monarch,
+    SumApproximation.kind: _Sum,
+}
+
+
+def _operator(approx, dtype: torch.dtype, device) -> nn.Module:
+    op = _OPERATORS.get(getattr(approx, "kind", None)) if isinstance(approx, Approximation) else None
+    if op is None:
+        what = f"a {approx.kind!r} approximation" if isinstance(approx, Approximation) else f"a {type(approx).__name__}"
+        raise SfaError(f"FactorizedLinear is built from an sfa approximation of kind {', '.join(sorted(_OPERATORS))}; "
+                       f"got {what}")
+    return op(approx, dtype, device)
+
+
+class FactorizedLinear(nn.Module):
+    """A linear layer ``y = x A_hat^T + b`` whose n x n weight is an sfa approximation, trainable.
+
+    The ``nn.Linear`` convention, with the weight A_hat never formed: the
+    approximation's stored numbers are the parameters (their count is
+    ``params``) on its fixed structure, and a forward pass costs what a product
+    with the approximation costs.
+
+    The parameters by kind (under ``operator``):
+
+    - ``sparse_factors``: ``values[m]``, the non-zeros of factor m+1 in CSR order,
+      on the supports ``crow{m}``, ``col{m}`` (buffers); products by the chain kernels.
+    - ``sparse``: the same with one factor.
+    - ``low_rank``: ``left`` (n, r) and ``right`` (r, n); two thin products.
+    - ``monarch``: ``u`` and ``v``; two batched block-diagonal products.
+    - ``sum``: ``parts``, a ModuleList of the above; their outputs added.
+
+    Parameters
+    ----------
+    approximation : Approximation
+        A :class:`~sfa_cli.approximations.sparse_factors.SparseFactors`,
+        :class:`~sfa_cli.approximations.kinds.LowRank`,
+        :class:`~sfa_cli.approximations.kinds.SparseMatrix`,
+        :class:`~sfa_cli.approximations.kinds.Monarch` or a
+        :class:`~sfa_cli.approximations.kinds.SumApproximation` of them. Its
+        arrays are copied: training does not change it.
+    bias : bool, default=False
+        Add a bias vector b of length n (initialised to zeros).
+    dtype : torch.dtype or str, optional
+        Of the parameters; default the approximation's (float32 or float64).
+        The sparse kernels serve float32/float64 (bfloat16 by a slower gather).
+    device : torch.device or str, optional
+        Where the parameters live; default torch's default device.
+
+    Notes
+    -----
+    Shapes: input (..., n), output (..., n), of the parameters' dtype. Under
+    ``torch.compile`` low rank and Monarch compile whole; the sparse products
+    (``sparse_factors``, ``sparse``, the sparse parts of a ``sum``) run eagerly,
+    with a graph break around each (so ``fullgraph=True`` fails for those kinds):
+    torch.compile cannot build the sparse CSR tensors of the kernels.
+
+    Example
+    -------
+    >>> import torch
+    >>> from sfa_cli import FactorizedLinear, SparseFactors, chord_pattern
+    >>> layer = FactorizedLinear(SparseFactors.from_pattern(chord_pattern(16)), bias=True)
+    >>> layer(torch.randn(8, 16, dtype=torch.float64)).shape
+    torch.Size([8, 16])
+    >>> layer.to_approximation()              # the current values, ready to .save(path)
+    <SparseFactors chord n=16 factors=4 params=320 float64>
+
+    ``FactorizedLinear.from_file("F.npz")`` builds the layer from a file that
+    ``sfa fit`` wrote.
+    """
+
+    def __init__(self, approximation: Approximation, *, bias: bool = False, dtype=None, device=None):
+        super().__init__()
+        if dtype is None:
+            dtype = torch.from_numpy(np.zeros(0, dtype=getattr(approximation, "dtype", np.float64))).dtype
+        dtype = resolve_dtype(dtype)
+        self.operator = _operator(approximation, dtype, device)
+        self.kind = approximation.kind
+        self.n = self.in_features = self.out_features = approximation.n
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(self.n, dtype=dtype, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_approximation(cls, approximation: Approximation, *, bias: bool = False, dtype=None,
+                           device=None) -> "FactorizedLinear":
+        """The layer of an approximation object (the same as ``FactorizedLinear(approximation, ...)``)."""
+        return cls(approximation, bias=bias, dtype=dtype, device=device)
+
+    @classmethod
+    def from_file(cls, path, *, bias: bool = False, dtype=None, device=None) -> "FactorizedLinear":
+        """The layer of an approximation file (``.npz`` or ``.h5``, any kind), read by :func:`load_approximation`."""
+        return cls(load_approximation(path), bias=bias, dtype=dtype, device=device)
+
+    @property
+    def params(self) -> int:
+        """Numbers of the approximation (the parameters less the bias), as ``Approximation.params`` counts them."""
+        return int(sum(p.numel() for p in self.operator.parameters()))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype (the input's must match)."""
+        return self.operator.dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ A_hat.T + b`` for x of shape (..., n)."""
+        if x.dim() < 1 or x.shape[-1] != self.n:
+            raise SfaError(f"FactorizedLinear expects input of shape (..., {self.n}); got {tuple(x.shape)}")
+        if x.dtype != self.dtype:
+            raise SfaError(f"FactorizedLinear has {self.dtype} parameters; got input of dtype {x.dtype} "
+                           f"(convert one of them with .to(dtype))")
+        y = self.operator(x.reshape(-1, self.n)).reshape(x.shape)
+        return y if self.bias is None else y + self.bias
+
+    def to_approximation(self, info: dict | None = None) -> Approximation:
+        """The current parameter values as an approximation of the same kind (the bias is not part of it).
+
+        Its method, pattern and per-part facts are those of the approximation the
+        layer was built from; ``info`` replaces the facts stored with the result
+        (default: the original's, which describe the values before training).
+        ``.save(path)`` writes it and :func:`load_approximation` reads it back.
+        """
+        return self.operator.to_approximation(dict(self.operator.info if info is None else info))
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind!r}, n={self.n}, params={self.params}, bias={self.bias is not None}"
