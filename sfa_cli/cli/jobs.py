@@ -316,7 +316,30 @@ def _hints(A, summary) -> list[str]:
         hints.append(f"the truncated SVD at the same budget is better ({tsvd:.4g} against {rel_error:.4g}): "
                      f"--method tsvd, or `sfa compare` for every method")
     if rel_error is not None and rel_error >= 0.99 and summary.get("method") in ("chord", "butterfly"):
-        advice = ("a longer --time-limit or more --epochs (the column-block fit's early steps barely move it)"
-                  if summary.get("sampled") else "--optimizer lbfgs, --start identity, a smaller --lr or more --max-iter")
-        hints.append(f"the fit ended at relative error {rel_error:.4g}, no better than the zero matrix: try {advice}")
+        hints.append(f"the fit ended at relative error {rel_error:.4g}, no better than the zero matrix: "
+                     + "; ".join(_what_limited(summary)))
+    elif summary.get("method") in ("chord", "butterfly") and summary.get("iterations") is not None:
+        from sfa_cli.methods.runs import short_fit_note
+
+        short = short_fit_note(summary["iterations"], summary.get("stopped_because") or "")
+        if short:
+            hints.append(f"the fit: {short}; {_what_limited(summary)[1]}")
     return hints
+
+
+def _what_limited(summary) -> tuple[str, str]:
+    """What ended the fit, and what to try: only options other than those already in use."""
+    stopped, iterations = summary.get("stopped_because") or "", summary.get("iterations")
+    if summary.get("sampled"):
+        return ("the column-block fit's early steps barely move it",
+                "give a longer --time-limit or more --epochs")
+    if stopped == "time_limit_before_first_step":
+        return "the time limit came before the first step", "give a longer --time-limit"
+    if stopped == "time_limit":
+        return f"the time limit stopped it after {iterations} iterations", "give a longer --time-limit"
+    if stopped == "max_iter":
+        return f"it ran all its {iterations} iterations", "give more --max-iter"
+    other_optimizer = "lm" if summary.get("optimizer") != "lm" else "lbfgs"
+    other_start = "identity" if summary.get("start") != "identity" else "paper"
+    return (f"it stopped improving ({stopped}) after {iterations} iterations",
+            f"try --start {other_start} or --optimizer {other_optimizer}")

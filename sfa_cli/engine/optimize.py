@@ -139,7 +139,8 @@ class Run:
         Not before the first evaluation was recorded: a run always has one iterate to return.
         """
         if self.evaluations and self.time_is_up():
-            raise Stop("time_limit")
+            # with one evaluation recorded the best iterate is the start: say so
+            raise Stop("time_limit" if self.evaluations > 1 or self.iteration else "time_limit_before_first_step")
 
     def keep_if_best(self, rel: float, values=None) -> bool:
         """Copy the parameters (or ``values``) into :attr:`best` when ``rel`` beats the best so far."""

@@ -30,8 +30,9 @@ class FitResult:
     history : list of dict
         One entry per evaluation: iteration, evaluations, seconds, rel_error.
     stopped_because : str
-        ``max_iter``, ``time_limit``, ``tol``, ``patience``, ``exact``, ``callback``, ``diverged`` or
-        ``interrupted``.
+        ``max_iter``, ``time_limit``, ``time_limit_before_first_step`` (the limit came during the
+        first evaluation: the result is the start), ``tol``, ``patience``, ``exact``, ``callback``,
+        ``diverged`` or ``interrupted``.
     peak_memory_bytes : int
         Peak resident memory of this process (host) when the fit ended, in bytes.
     start : str

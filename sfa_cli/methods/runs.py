@@ -38,7 +38,23 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
         result = fit.trusted(A, pattern=pattern, seed=seed, **sizes, **options)
     if result.interrupted:
         raise KeyboardInterrupt
+    short = short_fit_note(result.iterations, result.stopped_because)
+    if short:
+        note = f"{note}; {short}" if note else short
     return result.approximation, note
+
+
+#: A fit with fewer iterations than this is called short in compare's note.
+SHORT_FIT_ITERATIONS = 10
+
+
+def short_fit_note(iterations: int, stopped_because: str) -> str:
+    """What a table should say of a fit that made no step or only a few ('' otherwise)."""
+    if stopped_because == "time_limit_before_first_step":
+        return "no step made (the time limit came before the first step): the unfitted start"
+    if iterations < SHORT_FIT_ITERATIONS:
+        return f"only {iterations} iteration{'s' if iterations != 1 else ''} (stopped by {stopped_because.replace('_', ' ')})"
+    return ""
 
 
 def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):

@@ -1,0 +1,110 @@
+"""Issue 27's rules: the patience stop, the compile decision, honest short fits, SciPy's L-BFGS."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from sfa_cli.approximations import kernels
+from sfa_cli.engine.optimize import Run, ScipyLBFGS, Stop
+
+
+def _rbf(n, seed=0):
+    x = np.random.default_rng(seed).standard_normal((n, 3))
+    return np.exp(-((x[:, None, :] - x[None, :, :]) ** 2).sum(-1) / 2)
+
+
+def test_patience_stops_a_run_that_no_longer_improves(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(Run, "seconds", property(lambda self: clock["t"]))
+    run = Run([torch.zeros(1)], patience=0.005)
+    errors = [1.0 / (1 + k) for k in range(50)] + [0.02] * 200  # improves, then flat
+    with pytest.raises(Stop) as stop:
+        for k, e in enumerate(errors):
+            clock["t"] = 0.01 * k
+            run.best_rel = min(run.best_rel, e)
+            run.end_iteration()
+    assert stop.value.reason == "patience"
+    # not before the error had been flat for a quarter of the elapsed time, and not before PATIENCE_AFTER
+    assert run.iteration * 0.01 >= 1.0 and run.iteration > 50 * 4 / 3
+
+
+def test_patience_zero_and_a_steady_improvement_never_stop(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(Run, "seconds", property(lambda self: clock["t"]))
+    for patience, errors in ((0.0, [0.5] * 400), (0.005, [0.99 ** k for k in range(400)])):
+        run = Run([torch.zeros(1)], patience=patience)
+        for k, e in enumerate(errors):
+            clock["t"] = 0.01 * k
+            run.best_rel = e
+            run.end_iteration()
+
+
+def test_scipy_lbfgs_serves_one_flat_cpu_leaf_and_fits_a_quadratic():
+    x = torch.tensor([3.0, -2.0], dtype=torch.float64, requires_grad=True)
+    assert ScipyLBFGS.serves([x]) and not ScipyLBFGS.serves([x, x]) and not ScipyLBFGS.serves([x.reshape(2, 1)])
+    from sfa_cli.engine.optimize import minimize
+
+    run = Run([x], max_iter=50)
+
+    def objective():
+        x.grad = 2 * x.detach()
+        loss = float((x.detach() ** 2).sum())
+        run.record(0.5 * loss)
+        return loss
+
+    reason = minimize(run, objective, "lbfgs")
+    assert reason in ("exact", "tol") and run.best_rel < 1e-6 and run.iteration >= 1
+
+
+def test_compiling_is_decided_by_the_expected_saving(monkeypatch, tmp_path):
+    from sfa_cli.approximations.patterns import chord_pattern
+    from sfa_cli.approximations.sparse_factors import pattern_structures
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(kernels, "_compiled", {})
+    structs, _ = pattern_structures(chord_pattern(1024), "cpu")
+    cold = kernels.compile_seconds(structs, 512, torch.float32)
+    assert cold == pytest.approx(kernels.COMPILE_COLD_SECONDS * len({s.offsets for s in structs}))
+    needed = kernels.COMPILE_REPAY * cold / kernels.COMPILE_SAVING
+    assert not kernels.compiling_pays(structs, [512], torch.float32, "cpu", 0.9 * needed)
+    assert kernels.compiling_pays(structs, [512], torch.float32, "cpu", 1.1 * needed)
+    with kernels.csr_only():
+        assert not kernels.compiling_pays(structs, [512], torch.float32, "cpu", 1e9)
+    # in auto mode nothing compiles until a fit approves it
+    with kernels.compile_decision() as decision:
+        with kernels._setting("enabled", None):
+            assert not kernels.compiled_kernels_usable()
+            decision.approved = True
+            assert kernels.compiled_kernels_usable()
+    assert kernels.cache_root() == tmp_path / "sfa"
+
+
+def test_a_short_default_fit_of_n_1024_does_not_compile(monkeypatch):
+    from sfa_cli.engine.fit import fit
+
+    monkeypatch.setattr(kernels, "_compiled", {})
+    with kernels._setting("enabled", None):
+        r = fit(_rbf(1024), max_iter=5)
+    assert kernels._compiled == {} and r.iterations == 5
+
+
+def test_a_fit_stopped_before_its_first_step_says_so(run_cli, tmp_path):
+    path = tmp_path / "K.npy"
+    np.save(path, _rbf(1024))
+    report = tmp_path / "r.json"
+    result = run_cli("fit", path, "-o", tmp_path / "F.npz", "--time-limit", "0.01", "--report", report)
+    assert result.exit_code == 0, result.output
+    facts = json.loads(report.read_text())
+    assert facts["stopped_because"] == "time_limit_before_first_step" and facts["iterations"] == 0
+    assert "no step made (the time limit came before the first step)" in result.stderr
+    assert "give a longer --time-limit" in result.stderr and "--optimizer lbfgs" not in result.stderr
+
+
+def test_compare_notes_a_chord_row_that_made_no_step(run_cli, tmp_path):
+    path = tmp_path / "K.npy"
+    np.save(path, _rbf(1024))
+    result = run_cli("compare", path, "--methods", "chord,tsvd", "--time-limit", "0.01", "--json")
+    assert result.exit_code == 0, result.output
+    rows = {r["method"]: r for r in json.loads(result.stdout)["results"]}
+    assert "no step made" in rows["chord"]["note"]
