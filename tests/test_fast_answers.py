@@ -108,3 +108,36 @@ def test_compare_notes_a_chord_row_that_made_no_step(run_cli, tmp_path):
     assert result.exit_code == 0, result.output
     rows = {r["method"]: r for r in json.loads(result.stdout)["results"]}
     assert "no step made" in rows["chord"]["note"]
+
+
+def test_compare_reuses_its_chord_fit_for_chord_plus_sparse(monkeypatch):
+    import sfa_cli.engine.fit as fit_module
+    from sfa_cli.methods.compare import compare
+    from sfa_cli.io import load_matrix
+
+    A = load_matrix("data/lesmis.mtx")
+    calls = []
+    real = fit_module.fit.trusted
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("init") is None)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module.fit, "trusted", counting)
+    c = compare(A, methods=["chord", "chord+sparse"], fit_options={"max_iter": 20}, keep=True)
+    hybrid = [r for r in c.results if r.method == "chord+sparse"][0].approximation
+    assert hybrid.info.get("reused_chord_fit") == [1.0]
+    # chord: one fit; chord+sparse: split 0.5 fitted from scratch and refitted, split 1.0 only refitted
+    assert calls.count(True) == 2 and len(calls) == 4
+
+
+def test_chord_plus_sparse_keeps_to_its_time_limit():
+    import time
+
+    from sfa_cli.methods.chord_sparse import chord_plus_sparse
+
+    A = _rbf(256)
+    t0 = time.perf_counter()
+    F = chord_plus_sparse(A, 20000, fit_options={"time_limit": 1.0, "max_iter": 100000, "tol": 0})
+    assert time.perf_counter() - t0 < 1.0 + 1.0  # the fits share the second; the rest is top-k and residuals
+    assert F.params <= 20000

@@ -9,6 +9,7 @@ same budget. The fits take ``fit_options`` like :func:`sfa_cli.methods.learned.l
 from __future__ import annotations
 
 import math
+import time
 
 import numpy as np
 import scipy.sparse as sp
@@ -60,6 +61,7 @@ def chord_plus_sparse(
     fit_options: dict | None = None,
     splits=(0.5, 1.0),
     alternations: int = 2,
+    chord_fits: dict | None = None,
 ) -> SumApproximation:
     """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
 
@@ -79,14 +81,22 @@ def chord_plus_sparse(
         Seed of the Chord fits.
     fit_options : dict, optional
         Options of :func:`sfa_cli.engine.fit.fit` for the Chord fits (max_iter,
-        time_limit per fit, device, ...); ``symmetric`` and ``self_link`` choose
-        the Chord variant. Without max_iter each fit runs a tenth of
+        time_limit, device, ...); ``symmetric`` and ``self_link`` choose
+        the Chord variant; time_limit bounds all the fits together. Without max_iter each fit runs a tenth of
         :func:`sfa_cli.engine.fit.default_max_iter` (at least 100): the method makes
         ``len(splits) * alternations`` fits.
     splits : sequence of float, default=(0.5, 1.0)
         Fractions of the budget offered to the Chord part.
     alternations : int, default=2
         Chord/sparse alternations per split.
+    chord_fits : dict, optional
+        Chord factors already fitted to A, keyed by ``tuple(sorted(pattern options))`` (sizes and
+        variant, as :func:`sfa_cli.approximations.patterns.chord_at_budget` gives them): a split
+        whose pattern is there starts from them instead of fitting again (``compare`` passes its
+        Chord row's fit).
+
+    ``fit_options["time_limit"]`` bounds the whole method: each fit gets an equal share of the
+    seconds left, and splits not reached when they run out are skipped (``info["skipped"]``).
 
     Returns
     -------
@@ -115,25 +125,43 @@ def chord_plus_sparse(
     top = top_k.trusted(A, budget)
     top_rest = max(frobenius_norm(A) ** 2 - float(np.sum(top.matrix.data.astype(np.float64) ** 2)), 0.0)
     best = (math.sqrt(top_rest) / norm, 0.0, None, top.matrix)
-    tried = set()
+    candidates, seen = [], set()
     for f in sorted(set(splits) - {0.0}):
         try:
             pattern_options, _ = chord_at_budget(n, max(1, int(f * budget)), **variant)
         except NotApplicable:
             continue
         key = tuple(sorted(pattern_options.items()))
-        if key in tried:
-            continue
-        tried.add(key)
-        C, S = None, None
-        for _ in range(int(alternations)):
-            target = A if S is None else (A - S if sp.issparse(A) else _minus_sparse(A, S))
-            result = fit.trusted(target, pattern=PatternSpec("chord", **pattern_options, **variant), stop=stop,
-                         optimizer=settings.optimizer, placement=placement, init=C)
-            if result.interrupted:
-                raise KeyboardInterrupt
-            C = result.approximation
+        if key not in seen:
+            seen.add(key)
+            candidates.append((f, pattern_options))
+    deadline = None if stop.time_limit is None else time.perf_counter() + stop.time_limit
+    reused, skipped = [], []
+    for i, (f, pattern_options) in enumerate(candidates):
+        C, S, rest = None, None, None
+        known = (chord_fits or {}).get(tuple(sorted({**pattern_options, **variant}.items())))
+        for alternation in range(int(alternations)):
+            left = None if deadline is None else deadline - time.perf_counter()
+            if left is not None and left <= 0 and C is not None:
+                break  # out of time: keep this split's last Chord part
+            if left is not None and left <= 0:
+                skipped.append(f)
+                break
+            if alternation == 0 and known is not None:
+                C = known
+                reused.append(f)
+            else:
+                target = A if S is None else (A - S if sp.issparse(A) else _minus_sparse(A, S))
+                fits_left = int(alternations) - alternation + int(alternations) * (len(candidates) - i - 1)
+                rules = stop if left is None else StopRules(**{**stop.to_dict(), "time_limit": left / fits_left})
+                result = fit.trusted(target, pattern=PatternSpec("chord", **pattern_options, **variant), stop=rules,
+                                     optimizer=settings.optimizer, placement=placement, init=C)
+                if result.interrupted:
+                    raise KeyboardInterrupt
+                C = result.approximation
             S, rest = _largest_of_residual(A, C, budget - C.params)
+        if rest is None:
+            continue
         error = math.sqrt(rest) / norm
         if error < best[0]:
             best = (error, f, C, S)
@@ -146,6 +174,8 @@ def chord_plus_sparse(
         "nnz": int(S.nnz),
         "alternations": int(alternations),
         "rel_error": error,
+        **({"reused_chord_fit": reused} if reused else {}),
+        **({"skipped": skipped} if skipped else {}),
         "note": (f"Chord {C.num_factors} factors ({chord_params} non-zeros) + {S.nnz} entries (split {f:g})"
                  if C is not None else f"top-k alone: {S.nnz} entries"),
     }

@@ -31,6 +31,7 @@ from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import never_worse_than_zero
 from sfa_cli.validation import count_nonzero, validates_matrix
 from sfa_cli.approximations.patterns import chord_at_budget, chord_budget, resolve_budget
+from sfa_cli.methods.runs import shared_fits
 from sfa_cli.methods.registry import METHODS as RECORDS
 from sfa_cli.methods.registry import check_methods, method_record
 from sfa_cli.engine.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report
@@ -268,6 +269,19 @@ def compare(
         sampled_options.setdefault("error_sample", error_sample)
     measure = _measure(seed, exact_error, error_sample, confidence)
     results = []
+    with shared_fits():
+        _run_all(A, budgets, methods, seed, fit_options, method_options, keep, scale, sampled_options, measure,
+                 callback, result_callback, results)
+    error = {"estimate": any(r.rel_error_is_estimate for r in results), "seed": int(seed)}
+    if error["estimate"]:
+        error.update(sample_columns=min(int(error_sample), n), confidence=confidence)
+    return Comparison(n=n, nnz=nnz, budgets=budgets, results=results, scale=bool(scale), error=error)
+
+
+
+def _run_all(A, budgets, methods, seed, fit_options, method_options, keep, scale, sampled_options, measure, callback,
+             result_callback, results) -> None:
+    """Every method at every budget, in order, appended to ``results``."""
     for b in budgets:
         for name in methods:
             if callback is not None:
@@ -277,10 +291,6 @@ def compare(
                                        keep, scale, sampled_options, measure))
             if result_callback is not None:
                 result_callback(results[-1])
-    error = {"estimate": any(r.rel_error_is_estimate for r in results), "seed": int(seed)}
-    if error["estimate"]:
-        error.update(sample_columns=min(int(error_sample), n), confidence=confidence)
-    return Comparison(n=n, nnz=nnz, budgets=budgets, results=results, scale=bool(scale), error=error)
 
 
 def _measure(seed, exact_error, sample=SAMPLED_DEFAULTS["error_sample"], confidence=SAMPLED_DEFAULTS["confidence"]):

@@ -11,10 +11,34 @@ The functions import their implementations when called, so the registry stays li
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 from sfa_cli.approximations.patterns import butterfly_at_budget, chord_at_budget
 
 __all__ = ["chord", "butterfly", "tsvd", "rsvd", "topk", "monarch", "lowrank_plus_sparse", "learned_sparse",
            "chord_plus_sparse"]
+
+#: The Chord fits of the comparison in progress (pattern key -> fitted SparseFactors), so that
+#: ``chord+sparse`` starts from the Chord row's fit where its split gives the same pattern.
+_CHORD_FITS: contextvars.ContextVar = contextvars.ContextVar("sfa_chord_fits", default=None)
+
+
+@contextlib.contextmanager
+def shared_fits():
+    """Within this context the methods share their Chord fits (one :func:`sfa_cli.methods.compare.compare`)."""
+    token = _CHORD_FITS.set({})
+    try:
+        yield
+    finally:
+        _CHORD_FITS.reset(token)
+
+
+def chord_fit_key(pattern_options: dict, seed: int, options: dict) -> tuple:
+    """What makes two Chord fits of one matrix the same: the pattern, the seed, the fit's options."""
+    shared = {k: v for k, v in options.items() if v is not None and k not in ("symmetric", "self_link")}
+    return tuple(sorted(pattern_options.items())), seed, tuple(sorted(shared.items()))
+
 
 #: Options of the full-batch fit that the sampled fit does not take (it runs Adam on its own schedule).
 _FULL_FIT_ONLY = ("optimizer", "max_iter", "tol")
@@ -62,7 +86,11 @@ def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     options = dict(options or {})
     variant = {k: options[k] for k in ("symmetric", "self_link") if options.get(k) is not None}
     sizes, note = chord_at_budget(A.shape[0], budget, **variant)
-    return _fit_at(A, "chord", sizes, note, seed, options, scale, schedule)
+    approx, note = _fit_at(A, "chord", sizes, note, seed, options, scale, schedule)
+    fits = _CHORD_FITS.get()
+    if fits is not None and not scale:
+        fits[chord_fit_key({**sizes, **variant}, seed, options)] = approx
+    return approx, note
 
 
 def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
@@ -91,11 +119,12 @@ def tsvd(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
     import scipy.sparse as sp
 
-    if scale and sp.issparse(A):
-        return truncated_svd.trusted(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
     from sfa_cli.methods.low_rank import EXACT_SVD_LIMIT
 
-    if scale or A.shape[0] > EXACT_SVD_LIMIT:  # dense above LAPACK's size: the randomized range finder
+    large = scale or A.shape[0] > EXACT_SVD_LIMIT
+    if large and sp.issparse(A):  # as `sfa fit`'s baseline: ARPACK on the sparse matrix gives the optimum
+        return truncated_svd.trusted(A, budget, seed=seed, solver="svds"), "svds on the sparse matrix"
+    if large:  # dense above LAPACK's size: the randomized range finder
         return truncated_svd.trusted(A, budget, seed=seed, solver="randomized"), "randomized range finder, 4 power iterations"
     return truncated_svd.trusted(A, budget, seed=seed), ""
 
@@ -170,5 +199,12 @@ def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=
     """Chord factors plus the residual's largest entries."""
     from sfa_cli.methods.chord_sparse import chord_plus_sparse as hybrid
 
-    approx = hybrid.trusted(A, budget, seed=seed, fit_options=_fit_options(dict(options or {})))
+    options = dict(options or {})
+    fits = _CHORD_FITS.get()
+    known = None
+    if fits:
+        ours = dict(chord_fit_key({}, seed, options)[2])
+        known = {key[0]: F for key, F in fits.items() if key[1] == seed  # options given to both agree
+                 and all(ours[k] == v for k, v in key[2] if k in ours)}
+    approx = hybrid.trusted(A, budget, seed=seed, fit_options=_fit_options(options), chord_fits=known)
     return approx, approx.info.get("note", "")
