@@ -4,7 +4,7 @@ Each constant has one meaning; modules import it from here rather than keeping a
 Read at call time where tests need to lower them (``monkeypatch.setattr(limits, ...)``).
 """
 
-__all__ = ["DENSE_FIT_MAX_N", "EXACT_ERROR_MAX_N", "SCALE_ABOVE", "DENSE_LIMIT", "EXACT_RANK_MAX_N"]
+__all__ = ["DENSE_FIT_MAX_N", "EXACT_ERROR_MAX_N", "SCALE_ABOVE", "DENSE_LIMIT", "EXACT_RANK_MAX_N", "DISPLAY_N"]
 
 #: Largest n for which a sparse input is densified for the full-batch fit; above it the fit,
 #: and ``compare``, work from column blocks (the sampled fit).
@@ -18,3 +18,6 @@ SCALE_ABOVE = DENSE_FIT_MAX_N
 DENSE_LIMIT = 16384
 #: Largest n whose rank ``sfa info`` computes by a full SVD.
 EXACT_RANK_MAX_N = 4096
+#: Cells per side of a panel of ``sfa show --plot``: a support or matrix with n above this is drawn
+#: binned (counts, block maxima) into DISPLAY_N x DISPLAY_N cells, never formed n x n.
+DISPLAY_N = 512

@@ -178,7 +178,7 @@ def test_time_limit_is_checked_inside_an_evaluation_but_never_before_the_first()
         run.time_limit = 1e-9  # past from now on: the next evaluation must stop at its first check
         return loss
 
-    assert minimize(run, closure, "lbfgs") == "time_limit"
+    assert minimize(run, closure, "lbfgs") == "time_limit_before_first_step"  # only the start was evaluated
     # the first evaluation runs whole (8 blocks, 7 checks); the second stops at its first check
     assert run.evaluations == 1 and checks == [0] * 7 + [1]
 

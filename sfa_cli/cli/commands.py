@@ -695,6 +695,56 @@ def reconstruct_command(factors, output, max_n, force):
     save_matrix(output, approx.to_dense(max_n=max_n), force=force)
 
 
+SHOW_EXAMPLE = """
+\b
+Example:
+    sfa show lesmis.npz
+    sfa show lesmis.npz data/lesmis.mtx --json
+    sfa show lesmis.npz data/lesmis.mtx --plot lesmis.png
+"""
+
+
+@cli.command("show", epilog=SHOW_EXAMPLE)
+@click.argument("factors")
+@click.argument("matrix", required=False)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE.png",
+              help="Draw the supports (and with MATRIX: A, A_hat, |A - A_hat|); .png, .pdf or .svg; needs matplotlib "
+                   "(pip install 'sfa-cli[plot]').")
+@error_sample_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the error sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--force", is_flag=True, help="Overwrite an existing plot.")
+def show_command(factors, matrix, plot_path, error_sample, seed, as_json, force):
+    """The structure of saved FACTORS (any sfa approximation file).
+
+    Kind, N, dtype, method, parameters and compression (N^2 / params), the
+    kind's own fields (factors and the pattern stored in the file, rank,
+    Monarch blocks, a sum's parts) and, per stored matrix (factor, low-rank
+    half, sparse part), its shape, non-zeros and non-zeros per row
+    (min/mean/max). With MATRIX, also the relative error ||A - A_hat||_F /
+    ||A||_F as `sfa eval` measures it (exact up to N = 8192; above, an
+    estimate from --error-sample columns drawn with --seed, with its 95%
+    interval). --plot draws the supports as spy plots and, with MATRIX, |A|,
+    |A_hat| and |A - A_hat| on log colour scales; above N = 512 a panel is a
+    512 x 512 view of bins (counts, block maxima): nothing N x N is formed.
+    """
+    from sfa_cli.cli.show import PLOT_SUFFIXES, show_approximation
+
+    if plot_path:
+        _check_outputs(plot_path, None, force, PLOT_SUFFIXES)
+        from sfa_cli.cli.report import require_matplotlib
+
+        require_matplotlib()
+    summary = show_approximation(factors, matrix, plot=plot_path, force=force, error_sample=error_sample, seed=seed)
+    if as_json:
+        emit_json(summary)
+    else:
+        from sfa_cli.cli.report import show_tables
+
+        for table in show_tables(summary):
+            _consoles.out.print(table)
+
+
 COMPARE_EXAMPLE = """
 \b
 Example:

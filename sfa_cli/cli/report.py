@@ -14,7 +14,7 @@ from sfa_cli.memory import human_bytes
 
 __all__ = [
     "info_table", "info_tables", "info_notes", "INFO_COLUMNS_MAX", "key_value_table", "fit_table", "eval_table",
-    "compare_table", "error_text",
+    "compare_table", "error_text", "show_tables",
     "compare_rows", "write_csv", "write_json", "require_matplotlib", "plot_comparisons", "save_approximations",
     "unique_stems",
 ]
@@ -206,6 +206,34 @@ def compare_table(path: str, comparison) -> Table:
         ]
         table.add_row(*([str(r.budget)] if sweep else []), *cells, style="bold green" if mark else None)
     return table
+
+
+SHOW_KEYS = ("file", "kind", "n", "dtype", "method", "params", "compression", "factors", "pattern", "rank", "blocks",
+             "parts", "path", "rel_error", "plot")
+
+
+def show_tables(summary: dict) -> list[Table]:
+    """The tables of `sfa show`: the approximation (and its error), its supports, the facts in its file."""
+    row = dict(summary)
+    if row.get("parts"):
+        row["parts"] = " + ".join(f"{p['kind']} ({p['method']}, {p['params']:,} params)" for p in row["parts"])
+    if row.get("compression") is not None:
+        row["compression"] = f"{row['compression']:.4g}x"
+    shown, keys = _with_estimates(row, SHOW_KEYS)
+    tables = [key_value_table(shown, title="sfa show", keys=keys)]
+    if summary.get("supports"):
+        table = Table(title="supports (stored entries)", title_justify="left")
+        table.add_column("matrix", overflow="fold")
+        for name in ("shape", "nnz", "density", "nnz/row min", "mean", "max"):
+            table.add_column(name, justify="right", no_wrap=True)
+        for s in summary["supports"]:
+            per_row = s["nnz_per_row"]
+            table.add_row(Text(s["name"]), f"{s['shape'][0]:,} x {s['shape'][1]:,}", f"{s['nnz']:,}",
+                          f"{s['density']:.3%}", f"{per_row['min']:,}", f"{per_row['mean']:.4g}", f"{per_row['max']:,}")
+        tables.append(table)
+    if summary.get("info"):
+        tables.append(key_value_table(summary["info"], title="recorded in the file"))
+    return tables
 
 
 CSV_COLUMNS = ("path", "n", "budget", "method", "params", "rel_error", "seconds", "status", "note",
