@@ -328,7 +328,7 @@ def _old_objective_class(old_tree: Path):
 
     from sfa_cli.approximations import kernels as k
 
-    for rel in ("sfa_cli/objective.py", "sfa_cli/fit.py"):
+    for rel in ("sfa_cli/engine/objective.py", "sfa_cli/objective.py", "sfa_cli/fit.py"):
         path = old_tree / rel
         if not path.exists():
             continue

@@ -18,6 +18,7 @@ def test_patience_stops_a_run_that_no_longer_improves(monkeypatch):
     clock = {"t": 0.0}
     monkeypatch.setattr(Run, "seconds", property(lambda self: clock["t"]))
     run = Run([torch.zeros(1)], patience=0.005)
+    run.history.append({"rel_error": 1.0})  # the start's evaluation
     errors = [1.0 / (1 + k) for k in range(50)] + [0.02] * 200  # improves, then flat
     with pytest.raises(Stop) as stop:
         for k, e in enumerate(errors):
@@ -34,6 +35,7 @@ def test_patience_zero_and_a_steady_improvement_never_stop(monkeypatch):
     monkeypatch.setattr(Run, "seconds", property(lambda self: clock["t"]))
     for patience, errors in ((0.0, [0.5] * 400), (0.005, [0.99 ** k for k in range(400)])):
         run = Run([torch.zeros(1)], patience=patience)
+        run.history.append({"rel_error": 1.0})
         for k, e in enumerate(errors):
             clock["t"] = 0.01 * k
             run.best_rel = e
@@ -141,3 +143,15 @@ def test_chord_plus_sparse_keeps_to_its_time_limit():
     F = chord_plus_sparse(A, 20000, fit_options={"time_limit": 1.0, "max_iter": 100000, "tol": 0})
     assert time.perf_counter() - t0 < 1.0 + 1.0  # the fits share the second; the rest is top-k and residuals
     assert F.params <= 20000
+
+
+def test_patience_never_judges_a_few_slow_iterations_or_the_start_plateau(monkeypatch):
+    clock = {"t": 0.0}
+    monkeypatch.setattr(Run, "seconds", property(lambda self: clock["t"]))
+    for step_seconds, errors in ((0.2, [0.5] * 40), (0.01, [0.999] * 400)):  # slow iterations; the plateau
+        run = Run([torch.zeros(1)], patience=0.005)
+        run.history.append({"rel_error": 1.0})
+        for k, e in enumerate(errors):
+            clock["t"] = step_seconds * k
+            run.best_rel = e
+            run.end_iteration()

@@ -22,6 +22,7 @@ Example
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -189,18 +190,90 @@ def _fit_matrix(A, method, budget, pattern, pattern_options, fit_options, method
         extra = {"budget": params, **({"note": note} if note else {})}
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not uses_sampled_fit(A, sampled):
         raise SfaError("runs under torchrun need the sampled fit (the full-batch fit runs in one process)")
+    if fit_options.get("time_limit") is not None:  # the limit bounds the fit and what follows it
+        fit_options, skip = _within_limit(A, pattern_options, fit_options, baseline, uses_sampled_fit(A, sampled))
+        if skip:
+            baseline = False
+            extra["baseline_skipped"] = skip
     stage("fitting")
     if uses_sampled_fit(A, sampled):
         outcome = _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule or {}, baseline, head,
                                callback, stage)
     else:
         outcome = _fit_full(A, pattern, pattern_options, fit_options, seed, baseline, head, callback, stage)
+    if extra.get("baseline_skipped"):
+        outcome.hints.append(extra["baseline_skipped"])
     for target in (outcome.summary, outcome.report):
         notes = [x for x in (extra.get("note"), target.get("note")) if x]
         target.update(extra)
         if notes:
             target["note"] = "; ".join(notes)
     return outcome
+
+
+#: Under --time-limit the equal-budget TSVD is skipped when it would take more than this share of it.
+BASELINE_SHARE = 0.25
+#: Share of --time-limit held back for the fit's last step overrunning it.
+OVERRUN_SHARE = 0.05
+
+
+def _within_limit(A, pattern_options, fit_options, baseline: bool, sampled: bool) -> tuple[dict, str | None]:
+    """The fit's own time limit, so that the fit, the error and the baseline end within --time-limit.
+
+    The error measurement and the equal-budget TSVD after the fit are estimated from their
+    multiply-adds and this machine's measured GEMM rate; the fit gets what is left (less
+    :data:`OVERRUN_SHARE` for its last step). A baseline that would take more than
+    :data:`BASELINE_SHARE` of the limit is skipped, and the returned line says so.
+    """
+    from sfa_cli.approximations.patterns import chord_budget, tsvd_rank_at_budget
+    from sfa_cli.methods.low_rank import EXACT_SVD_LIMIT
+
+    limit = float(fit_options["time_limit"])
+    n = A.shape[0]
+    rate = _gemm_rate()
+    params = chord_budget(n, pattern_options.get("base") or 2)["params"]  # the pattern's size, near enough
+    error_seconds = 2.0 * params * (n if not sampled else min(n, 1024)) / rate
+    rank = max(1, tsvd_rank_at_budget(n, params))
+    if sp.issparse(A):
+        tsvd_seconds = 60.0 * 2 * A.nnz * 2 * rank / rate  # ARPACK: some tens of products
+    elif n > EXACT_SVD_LIMIT:
+        tsvd_seconds = _randomized_tsvd_seconds(A, rank)
+    else:
+        tsvd_seconds = 10.0 * n**3 / rate  # LAPACK's full SVD
+    skip = None
+    if baseline and tsvd_seconds > BASELINE_SHARE * limit:
+        skip = (f"the equal-budget truncated SVD (about {tsvd_seconds:.0f} s here) was skipped to keep to "
+                f"--time-limit {limit:g}; `sfa compare FILE --methods tsvd` measures it")
+    reserve = error_seconds + (tsvd_seconds if baseline and not skip else 0.0)
+    own = max((1.0 - OVERRUN_SHARE) * limit - reserve, 0.05 * limit)
+    return {**fit_options, "time_limit": own}, skip
+
+
+def _randomized_tsvd_seconds(A, rank: int) -> float:
+    """Seconds of the baseline's randomized range finder on a dense A, from one block of its passes
+    timed here (reading the file's pages included): 1 + 2 x 4 power iterations + 1 passes."""
+    from sfa_cli.methods.low_rank import _BLOCK_ENTRIES, OVERSAMPLING
+
+    n = A.shape[0]
+    q = min(n, rank + OVERSAMPLING)
+    rows = max(1, min(n, 4 * (_BLOCK_ENTRIES // n)))
+    work = np.float32 if A.dtype == np.float32 else np.float64
+    X = np.ones((n, q), dtype=work)
+    t0 = time.perf_counter()
+    A[n - rows:] @ X  # the last rows: the fit's error sample reads the file from its start
+    A[n - rows:].T @ np.ones((rows, q))
+    # x 1.5: the passes also hand the file's pages back and read them again (measured 1.4-1.7x)
+    return 1.5 * (time.perf_counter() - t0) * (n / rows) * (2 * 4 + 2) / 2
+
+
+def _gemm_rate() -> float:
+    """Multiply-adds x 2 per second of this machine's BLAS on a float32 block product (a 30 ms probe)."""
+    a, b = np.ones((1024, 1024), np.float32), np.ones((1024, 64), np.float32)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(4):
+        a @ b
+    return 4 * 2.0 * 1024 * 1024 * 64 / max(time.perf_counter() - t0, 1e-6)
 
 
 def _interruptible(outcome_parts: dict, stage, steps) -> bool:

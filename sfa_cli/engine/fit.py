@@ -19,6 +19,7 @@ Example
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -187,6 +188,25 @@ def fit(
     return _FullFit(A, pat, stop, optimizer, placement).run(init, callback)
 
 
+#: Up to this n a CPU fit runs on one thread: its kernels are too small to share (waking a second
+#: thread costs more than it saves, many times more when another process holds the cores).
+ONE_THREAD_MAX_N = 256
+
+
+@contextlib.contextmanager
+def _threads_for(n: int, device):
+    """torch on one thread for a small CPU fit (:data:`ONE_THREAD_MAX_N`), as configured otherwise."""
+    if device.type != "cpu" or n > ONE_THREAD_MAX_N or torch.get_num_threads() == 1:
+        yield
+        return
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 class _FullFit:
     """One full-batch fit: A on the device scaled to unit norm, the flat parameter leaf, the run."""
 
@@ -284,7 +304,7 @@ class _FullFit:
                 self._decide_compiling(run, max_iter, time_limit, decision)
             return loss
 
-        with compile_decision() as decision:
+        with compile_decision() as decision, _threads_for(self.structs[0].n, self.dev):
             minimize(run, objective, spec.optimizer, lr=spec.lr, history_size=spec.history_size)
         return {"values": list(run.best[0].split(sizes)), "best_rel": run.best_rel, "history": run.history,
                 "iterations": run.iteration, "evaluations": run.evaluations, "stopped_because": run.stopped_because}

@@ -47,6 +47,8 @@ MAX_RESTARTS = 20
 EXACT_REL_ERROR = 1e-7
 #: The patience rule (``StopRules.patience``) is checked from this many seconds of a run on.
 PATIENCE_AFTER = 1.0
+#: ... and once the best error is below this share of the start's (not on the start's plateau).
+PATIENCE_PLATEAU = 0.95
 #: Adam's step size when none is given (full-batch fits; the sampled fit has its own schedule).
 ADAM_LR = 0.01
 
@@ -91,7 +93,9 @@ class Run:
     patience : float, default=0
         Stop when the best relative error improved by less than ``patience`` of itself over
         the last quarter of the run's seconds, from :data:`PATIENCE_AFTER` seconds on
-        (``stopped_because="patience"``; 0 turns the rule off).
+        (``stopped_because="patience"``; 0 turns the rule off). It is judged on at least
+        ``window`` iterations in that quarter, and only once the best error is below
+        :data:`PATIENCE_PLATEAU` of the start's.
     callback : callable, optional
         ``callback(step: FitStep)`` after every recorded evaluation; True stops the run.
     restarts : int, optional
@@ -195,9 +199,13 @@ class Run:
         if self.tol > 0 and len(self.best_at) > k \
                 and self.best_at[-1 - k] - self.best_at[-1] <= self.tol * self.best_at[-1 - k]:
             raise Stop("tol")
-        if self.patience > 0 and seconds >= PATIENCE_AFTER:
-            then = self.best_at[max(bisect.bisect_right(self.ended_at, 0.75 * seconds) - 1, 0)]
-            if then - self.best_at[-1] < self.patience * then:
+        if self.patience > 0 and seconds >= PATIENCE_AFTER and self.history \
+                and self.best_rel < PATIENCE_PLATEAU * self.history[0]["rel_error"]:
+            # judged on at least `window` iterations, and never on the start's plateau (the product of
+            # M small factors barely moves at first)
+            quarter = max(bisect.bisect_right(self.ended_at, 0.75 * seconds) - 1, 0)
+            then = self.best_at[quarter]
+            if len(self.best_at) - 1 - quarter >= self.window and then - self.best_at[-1] < self.patience * then:
                 raise Stop("patience")
 
     def restore_best(self) -> None:

@@ -154,8 +154,9 @@ class StopRules(_Options):
     patience : float, default=0.005
         Stop when the best relative error improved by less than this fraction of itself over
         the last quarter of the seconds the run has taken (checked from
-        :data:`sfa_cli.engine.optimize.PATIENCE_AFTER` seconds on): continuing would cost more
-        than it is worth. ``0`` turns the rule off.
+        :data:`sfa_cli.engine.optimize.PATIENCE_AFTER` seconds on, over at least ``window``
+        iterations, once the error left the start's plateau): continuing would cost more than it
+        is worth. ``0`` turns the rule off.
     """
 
     max_iter: int | None = None
