@@ -56,6 +56,8 @@ from sfa_cli.validation import check_csr_structure, check_index_array, check_val
 
 __all__ = [
     "Approximation", "load_approximation", "StoredArrays", "FORMAT_NAME", "FORMAT_VERSION", "DENSE_LIMIT", "KINDS",
+    "MATERIALIZE_MAX_BYTES", "DENSE_FMA_RATE", "DENSE_BANDWIDTH", "CACHED_BANDWIDTH", "CACHED_BYTES", "SPARSE_FMA_RATE",
+    "SPARSE_VECTOR_RATE", "CALL_SECONDS", "dense_bandwidth",
 ]
 
 FORMAT_NAME = "sfa"
@@ -73,6 +75,39 @@ KINDS = {
     "monarch": "sfa_cli.approximations.kinds",
 }
 _CLASSES: dict[str, type["Approximation"]] = {}
+
+# -- the cost model of a product ------------------------------------------------------------
+# ``A_hat @ X`` for X of b columns, in seconds on one core, float32 (docs/apply.md; rates measured
+# on the 2-core EPYC dev machine by scripts/bench_apply.py). It decides when ``@`` multiplies by
+# the materialized A_hat instead (:meth:`Approximation.prefers_dense`) and says from which b the
+# factorization pays (:meth:`Approximation.pays_from`). It is a model, not a timing: it is the same
+# on every machine, and its only effect is the path taken, never the result beyond rounding.
+#: Multiply-adds per second of a BLAS product of an n x n matrix with n x b.
+DENSE_FMA_RATE = 40e9
+#: Bytes per second at which a product streams an array from memory (it bounds narrow blocks: b = 1 is
+#: memory bound), and from the last-level cache for arrays up to CACHED_BYTES (a matrix used again and
+#: again stays there: 4 MiB at n = 1024 in float32 streamed at ~70 GB/s, 64 MiB at ~22 GB/s).
+DENSE_BANDWIDTH = 22e9
+CACHED_BANDWIDTH = 70e9
+CACHED_BYTES = 16 * 2**20
+#: Multiply-adds per second of sparse products of blocks (torch's CSR product, shifted rows), and of a
+#: random-support CSR matrix with one column (scipy's loop: an index and a scattered read per entry).
+SPARSE_FMA_RATE = 10e9
+SPARSE_VECTOR_RATE = 1.5e9
+#: Fixed cost of one kernel call (Python, dispatch, a sparse handle).
+CALL_SECONDS = 10e-6
+#: ``@`` multiplies by the materialized A_hat (formed once, kept on the object) only when it takes at
+#: most this many bytes, the memory guard allows it, and the model says it is faster. 0 turns it off.
+MATERIALIZE_MAX_BYTES = 64 * 2**20
+
+
+def dense_bandwidth(nbytes: float) -> float:
+    """The streaming rate the model assumes for an array of ``nbytes`` read again and again."""
+    return CACHED_BANDWIDTH if nbytes <= CACHED_BYTES else DENSE_BANDWIDTH
+
+
+#: The block widths :meth:`Approximation.pays_from` tries.
+_WIDTHS = tuple(2**k for k in range(13))
 
 
 class _Operator:
@@ -215,11 +250,70 @@ class Approximation(_Operator, ABC):
 
     def matmul(self, X) -> np.ndarray:
         """A_hat @ X for X of shape (n,) or (n, k)."""
-        return self._checked(X, self._matmul)
+        return self._checked(X, transpose=False)
 
     def rmatmul(self, X) -> np.ndarray:
         """A_hat^T @ X for X of shape (n,) or (n, k)."""
-        return self._checked(X, self._rmatmul)
+        return self._checked(X, transpose=True)
+
+    # -- what a product costs -------------------------------------------------------------
+    def product_seconds(self, b: int) -> float:
+        """Modelled seconds of ``A_hat @ X`` for X of b columns by this kind's own product (one core).
+
+        The default: ``params * b`` multiply-adds at :data:`SPARSE_FMA_RATE` plus one call; kinds
+        override it with their own products' shape.
+        """
+        return CALL_SECONDS + self.params * b / SPARSE_FMA_RATE
+
+    def dense_seconds(self, b: int) -> float:
+        """Modelled seconds of the dense product ``D @ X`` of the same size (D an n x n array)."""
+        n2 = float(self.n) * self.n
+        read = n2 * self.dtype.itemsize
+        return CALL_SECONDS + max(n2 * b / DENSE_FMA_RATE, read / dense_bandwidth(read))
+
+    def pays_from(self) -> int | None:
+        """The smallest block width b (of 1, 2, 4, ..., 4096) from which this factorization's own product is
+        modelled faster than the dense product of its size at every wider block; None when it is not
+        at 4096 columns.
+
+        From the cost model (:meth:`product_seconds` against :meth:`dense_seconds`), not timed.
+        """
+        start = None
+        for b in reversed(_WIDTHS):
+            if self.product_seconds(b) >= self.dense_seconds(b):
+                break
+            start = b
+        return start
+
+    def apply_profile(self) -> dict:
+        """What the cost model says about products with this approximation: the flop ratio n^2 / params,
+        :meth:`pays_from`, the modelled speedup over the dense product at a few widths, and whether
+        ``@`` would multiply by the materialized matrix there."""
+        widths = (1, 16, 64, 256)
+        return {
+            "flop_ratio": self.n**2 / max(self.params, 1),
+            "pays_from": self.pays_from(),
+            "modelled_speedup": {b: self.dense_seconds(b) / self.product_seconds(b) for b in widths},
+            "materialized_at": [b for b in widths if self.prefers_dense(b)],
+        }
+
+    def prefers_dense(self, b: int) -> bool:
+        """Whether ``@`` multiplies X of b columns by the materialized A_hat: it fits in
+        :data:`MATERIALIZE_MAX_BYTES` and the model says the dense product is faster."""
+        return (self.n * self.n * self.dtype.itemsize <= MATERIALIZE_MAX_BYTES
+                and self.dense_seconds(b) < self.product_seconds(b))
+
+    def _materialized(self) -> np.ndarray | None:
+        """A_hat as an array, formed on first use and kept; None when the memory guard refuses it."""
+        D = getattr(self, "_dense_cache", None)
+        if D is None:
+            try:
+                require_memory(self.n * self.n * self.dtype.itemsize + self.dense_bytes(),
+                               f"keeping the dense {self.n} x {self.n} matrix for products", "", dtype=self.dtype.name)
+            except SfaError:
+                return None
+            D = self._dense_cache = np.ascontiguousarray(self._to_dense())
+        return D
 
     def columns(self, cols) -> np.ndarray:
         """A_hat[:, cols] as a dense array of shape (n, len(cols)), without forming A_hat.
@@ -229,7 +323,9 @@ class Approximation(_Operator, ABC):
         cols : sequence of int, integer ndarray or slice
             Column indices in [0, n), in any order, repeats allowed.
         """
-        return self._columns(self._column_indices(cols))
+        cols = self._column_indices(cols)
+        D = getattr(self, "_dense_cache", None)  # formed for products already (see prefers_dense)
+        return D[:, cols] if D is not None else self._columns(cols)
 
     def to_dense(self, max_n: int = DENSE_LIMIT) -> np.ndarray:
         """The n x n matrix A_hat; refuses when n > max_n or the memory for it is not available."""
@@ -312,12 +408,19 @@ class Approximation(_Operator, ABC):
     def _to_dense(self) -> np.ndarray:
         return self._matmul(np.eye(self.n, dtype=self.dtype))
 
-    def _checked(self, X, op) -> np.ndarray:
+    def _checked(self, X, transpose: bool) -> np.ndarray:
         X = np.asarray(X)
         if X.ndim not in (1, 2) or X.shape[0] != self.n:
             raise SfaError(f"dimension mismatch: {self!r} multiplies arrays of shape ({self.n},) or ({self.n}, k); got {X.shape}")
         vec = X.ndim == 1
-        Y = op(X.reshape(self.n, -1))
+        X2 = X.reshape(self.n, -1)
+        # the materialized matrix only where it gives the same dtype (no float32 matrix for float64 X)
+        D = (self._materialized() if np.result_type(X2.dtype, self.dtype) == self.dtype
+             and self.prefers_dense(X2.shape[1]) else None)
+        if D is not None:
+            Y = (D.T if transpose else D) @ X2
+        else:
+            Y = self._rmatmul(X2) if transpose else self._matmul(X2)
         return Y[:, 0] if vec else Y
 
     def _column_indices(self, cols) -> np.ndarray:

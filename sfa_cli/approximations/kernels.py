@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 __all__ = ["FactorStructure", "SparseMatmul", "ChainMatmul", "sparse_matmul", "chain_matmul", "chain_forward",
-           "chain_backward", "chain_columns", "ColumnChain", "factor_columns", "column_entries", "csr_only", "use_compiled", "compile_notifier", "compile_settings", "CompileSettings", "compile_decision", "compiling_pays", "compile_seconds", "cache_root",
+           "chain_backward", "chain_apply", "apply_width", "torch_csr", "chain_columns", "ColumnChain", "factor_columns", "column_entries", "csr_only", "use_compiled", "compile_notifier", "compile_settings", "CompileSettings", "compile_decision", "compiling_pays", "compile_seconds", "cache_root",
            "compiled_kernels_usable", "resolve_device",
            "resolve_dtype"]
 
@@ -670,6 +670,130 @@ def chain_matmul(structs, values, X: torch.Tensor, *, transpose: bool = False) -
     for m in order:
         X = sparse_matmul(structs[m], values[m], X, transpose=transpose)
     return X
+
+
+# -- products without autograd: A_hat @ X ----------------------------------------------------
+# `A_hat @ X` (SparseFactors.matmul, `sfa apply`) multiplies one block once, without gradients. It
+# uses the fit's per-factor kernels (the compiled circulant kernels where the compile policy allows
+# them, else torch's CSR product), arranged for that case by :func:`chain_apply`: the columns go
+# through all M factors a few at a time, ping-ponging between two n x width blocks that stay in the
+# L2 cache, and each factor's operand is prepared once (per call, or once per caller's cache).
+#: Columns per pass of :func:`chain_apply` through torch's CSR product, and the most bytes one n x width
+#: working block may take before the width halves (down to APPLY_MIN_WIDTH). Two blocks are in use and
+#: the factors' passes reuse a row of X up to n / 2 rows later, so a block should stay in L2 (2 MiB a
+#: core on the 2-core EPYC of docs/apply.md, where 32 columns ran at 12 GFMA/s, 64 at 9.5-10 and 16 at
+#: 9-11, at n = 1024 and 4096). The compiled kernels cost more per call (~25 us) and take
+#: APPLY_COMPILED_WIDTH columns (64 ran 1.25x faster than 32 at n = 4096); one width per n and dtype
+#: also keeps them to one compiled shape each.
+APPLY_WIDTH = 32
+APPLY_MIN_WIDTH = 16
+APPLY_COMPILED_WIDTH = 64
+APPLY_BLOCK_BYTES = 2**20
+
+
+def apply_width(n: int, itemsize: int, compiled: bool = False) -> int:
+    """Columns per pass of :func:`chain_apply` (see :data:`APPLY_WIDTH`)."""
+    if compiled:
+        return APPLY_COMPILED_WIDTH
+    width = APPLY_WIDTH
+    while width > APPLY_MIN_WIDTH and n * width * itemsize > APPLY_BLOCK_BYTES:
+        width //= 2
+    return width
+
+
+def torch_csr(indptr, indices, values, n: int) -> torch.Tensor:
+    """An n x n torch CSR tensor from CSR arrays (numpy or torch), with int32 indices when they fit:
+    MKL's own; int64 ones are converted on every product (10-25% of a product at n = 1024-4096)."""
+    crow, col = torch.as_tensor(indptr), torch.as_tensor(indices)
+    small = col.numel() < 2**31 - 1
+    crow, col = crow.to(torch.int32 if small else torch.int64), col.to(torch.int32 if small else torch.int64)
+    return _csr(crow, col, torch.as_tensor(values), (n, n))
+
+
+def _csr_operand(s: FactorStructure, values: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """W (or W^T) as a torch CSR tensor (:func:`torch_csr`)."""
+    if transpose:
+        return torch_csr(s.crow_t, s.col_t, values.index_select(0, s.perm_t), s.n)
+    return torch_csr(s.crow, s.col, values, s.n)
+
+
+def _prepared(cache: dict, key, make):
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+    return hit
+
+
+def _apply_once(s: FactorStructure, values: torch.Tensor, X: torch.Tensor, transpose: bool, out: torch.Tensor,
+                cache: dict, m: int) -> torch.Tensor:
+    """W X or W^T X into ``out`` (2-D, contiguous), by the kernel :func:`_apply` would use, operands from ``cache``."""
+    if X.dtype not in _CSR_DTYPES or X.device.type != "cpu":  # bfloat16, CUDA: the fit's own dispatch
+        return out.copy_(_apply(s, values, X, transpose))
+    kernels = _compiled_kernels(s, X) if s.offsets is not None else None
+    if kernels is not None:
+        V = _prepared(cache, (m, "ell"), lambda: values.index_select(0, s.ell).view(s.n, len(s.offsets)))
+        if _run_compiled(kernels[1] if transpose else kernels[0], V, X, out):
+            return out
+    W = _prepared(cache, (m, "csr", transpose), lambda: _csr_operand(s, values, transpose))
+    return _spmm(W, X, out)
+
+
+def chain_apply(structs, values, X: torch.Tensor, transpose: bool = False, *, out=None,
+                cache: dict | None = None) -> torch.Tensor:
+    """W(1) W(2) ... W(M) X, or W(M)^T ... W(1)^T X, without autograd: the product behind ``A_hat @ X``.
+
+    The same per-factor kernels as :func:`chain_forward` (and so as the fits), arranged for one
+    product of a block: its columns pass through all M factors :func:`apply_width` at a time in two
+    working blocks used in turn, which stay in cache, and each factor's operand (its CSR tensor or
+    its values in circulant order) is prepared once per call, or once for good in ``cache``.
+
+    Parameters
+    ----------
+    structs, values : sequences of M FactorStructure and 1-D value tensors (factor 0 is W(1))
+    X : tensor of shape (n,) or (n, b), any strides; promoted to the values' dtype if wider.
+    transpose : bool
+    out : tensor of shape (n, b), optional
+        Where the result goes (a fresh tensor otherwise).
+    cache : dict, optional
+        Kept by the caller while ``values`` stay unchanged (:class:`SparseFactors` keeps one per dtype):
+        the prepared operands are built on first use only.
+
+    Returns
+    -------
+    Tensor of X's shape, of the promoted dtype.
+    """
+    cache = {} if cache is None else cache
+    n, M = structs[0].n, len(structs)
+    vector = X.dim() == 1
+    X2 = X.unsqueeze(1) if vector else X
+    b = X2.shape[1]
+    dtype = torch.promote_types(X.dtype, values[0].dtype)
+    Y = X2.new_empty((n, b), dtype=dtype) if out is None else (out.unsqueeze(1) if out.dim() == 1 else out)
+    vals = [v if v.dtype == dtype else _prepared(cache, (m, "values", dtype), lambda v=v: v.to(dtype))
+            for m, v in enumerate(values)]
+    order = list(range(M)) if transpose else list(reversed(range(M)))
+    with torch.no_grad():
+        if M == 0 or b == 0:
+            Y.copy_(X2)
+            return Y.squeeze(1) if vector else Y
+        compiled = (X.device.type == "cpu" and compiled_kernels_usable()
+                    and any(s.offsets is not None and s.n >= COMPILE_MIN_N for s in structs))
+        width = min(b, apply_width(n, dtype.itemsize, compiled))
+        blocks = None
+        for j in range(0, b, width):
+            w = min(width, b - j)
+            if blocks is None or blocks[0].shape[1] != w:
+                blocks = [X2.new_empty((n, w), dtype=dtype) for _ in range(2)]
+            src = X2[:, j:j + w]
+            if src.dtype != dtype or not src.is_contiguous():
+                src = src.to(dtype).contiguous()
+            direct = w == b and Y.is_contiguous()  # one pass: the last factor writes the result itself
+            for step, m in enumerate(order):
+                dst = Y if direct and step == M - 1 else blocks[step % 2]
+                src = _apply_once(structs[m], vals[m], src, transpose, dst, cache, m)
+            if not direct:
+                Y[:, j:j + w].copy_(src)
+    return Y.squeeze(1) if vector else Y
 
 
 # -- columns of the chain for any column set ---------------------------------------------

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from sfa_cli.approximations.base import Approximation, StoredArrays, kind_class
+from sfa_cli.approximations.base import (CALL_SECONDS, DENSE_FMA_RATE, SPARSE_FMA_RATE, SPARSE_VECTOR_RATE,
+                                         Approximation, StoredArrays, dense_bandwidth, kind_class)
 from sfa_cli.errors import SfaError
 from sfa_cli.validation import as_csr, check_values
 
@@ -63,6 +64,12 @@ class LowRank(Approximation):
     @property
     def params(self) -> int:
         return int(self.left.size + self.right.size)
+
+    def product_seconds(self, b: int) -> float:
+        """Two BLAS products (of n x r and r x n): like the dense product of the same multiply-adds."""
+        work = 2.0 * self.n * self.rank
+        read = work * self.dtype.itemsize
+        return 2 * CALL_SECONDS + max(work * b / DENSE_FMA_RATE, read / dense_bandwidth(read))
 
     def _matmul(self, X):
         return self.left @ (self.right @ X)
@@ -122,6 +129,8 @@ class SparseMatrix(Approximation):
         super().__init__(S.shape[0], S.dtype, method, info)
         self.matrix = S
         self._csc = None
+        self._torch: dict = {}  # (transpose, dtype) -> S or S^T as a torch CSR tensor
+        self._transposed = None  # S^T as scipy CSR: its products run row by row, like S's
 
     def scaled(self, c: float) -> "SparseMatrix":
         return SparseMatrix(self.matrix * c, method=self.method, info=self.info)
@@ -130,11 +139,34 @@ class SparseMatrix(Approximation):
     def params(self) -> int:
         return int(self.matrix.nnz)
 
+    def product_seconds(self, b: int) -> float:
+        """One sparse product: nnz * b multiply-adds at SPARSE_FMA_RATE (SPARSE_VECTOR_RATE for one column)."""
+        return CALL_SECONDS + self.params * b / (SPARSE_VECTOR_RATE if b <= 1 else SPARSE_FMA_RATE)
+
     def _matmul(self, X):
-        return np.asarray(self.matrix @ X)
+        return self._product(X, transpose=False)
 
     def _rmatmul(self, X):
-        return np.asarray(self.matrix.T @ X)
+        return self._product(X, transpose=True)
+
+    def _product(self, X, transpose: bool):
+        """S X or S^T X: one column by scipy's compiled loop; a block by torch's CSR product (MKL, every
+        core; scipy's uses one), S^T kept as its own CSR tensor so both run row by row."""
+        dtype = np.result_type(X.dtype, self.dtype)
+        if transpose and self._transposed is None:
+            self._transposed = self.matrix.T.tocsr()
+        S = self._transposed if transpose else self.matrix
+        if X.shape[1] == 1 or dtype not in (np.float32, np.float64) or self.matrix.nnz == 0:
+            return np.asarray(S @ X)
+        import torch
+
+        from sfa_cli.approximations.kernels import torch_csr
+
+        key = (transpose, dtype)
+        if key not in self._torch:
+            self._torch[key] = torch_csr(S.indptr, S.indices, S.data.astype(dtype, copy=False), self.n)
+        Xt = torch.from_numpy(np.ascontiguousarray(X, dtype=dtype))
+        return torch.mm(self._torch[key], Xt).numpy()
 
     def _columns(self, cols):
         if self._csc is None:  # column slices of CSC touch only those columns' entries
@@ -198,6 +230,9 @@ class SumApproximation(Approximation):
     @property
     def params(self) -> int:
         return int(sum(p.params for p in self.parts))
+
+    def product_seconds(self, b: int) -> float:
+        return sum(p.product_seconds(b) for p in self.parts)
 
     def _matmul(self, X):
         return self._total(p._matmul(X) for p in self.parts)
@@ -273,6 +308,7 @@ class Monarch(Approximation):
         self.s0, self.s1 = int(s0), int(s1)
         self.u = np.ascontiguousarray(u, dtype=dtype)
         self.v = np.ascontiguousarray(v, dtype=dtype)
+        self._blocks = None  # the forward product's block stacks, contiguous, formed on first use
 
     def scaled(self, c: float) -> "Monarch":
         return Monarch(self.u * c, self.v, method=self.method, info=self.info)
@@ -281,12 +317,20 @@ class Monarch(Approximation):
     def params(self) -> int:
         return int(self.u.size + self.v.size)
 
+    def product_seconds(self, b: int) -> float:
+        """Two stacks of small BLAS products (s0 of s1 x s1, s1 of s0 x s0): half the dense rate."""
+        return 2 * CALL_SECONDS + self.params * b / (0.5 * DENSE_FMA_RATE)
+
     def _matmul(self, X):
         s0, s1, k = self.s0, self.s1, X.shape[1]
-        X3 = X.reshape(s0, s1, k)  # [j0, j1, :]
-        Z = np.matmul(self.v.transpose(1, 0, 2), X3)  # [j0, i1, :] = sum_j1 v[i1, j0, j1] X[j0, j1]
-        Y = np.matmul(self.u.transpose(0, 2, 1), Z.transpose(1, 0, 2))  # [i1, i0, :]
-        return Y.transpose(1, 0, 2).reshape(self.n, k)
+        if self._blocks is None:  # contiguous stacks: each small product reads its block in one run
+            self._blocks = (np.ascontiguousarray(self.v.transpose(1, 0, 2)), np.ascontiguousarray(self.u.transpose(0, 2, 1)))
+        vt, ut = self._blocks
+        X3 = np.ascontiguousarray(X).reshape(s0, s1, k)  # [j0, j1, :]
+        Z = np.matmul(vt, X3)  # [j0, i1, :] = sum_j1 v[i1, j0, j1] X[j0, j1]
+        Y = np.empty((s0, s1, k), dtype=np.result_type(Z.dtype, ut.dtype))  # [i0, i1, :]
+        np.matmul(ut, Z.transpose(1, 0, 2), out=Y.transpose(1, 0, 2))  # [i1, i0, :], written in place
+        return Y.reshape(self.n, k)
 
     def _rmatmul(self, X):
         s0, s1, k = self.s0, self.s1, X.shape[1]

@@ -17,18 +17,39 @@ and the meta record; docs/formats.md has the exact layout and a scipy-only recip
 
 torch is imported on first use (a block product, :meth:`SparseFactors.from_pattern`),
 so loading a file and multiplying vectors does not need it.
+
+Products: a block of columns goes through :func:`sfa_cli.approximations.kernels.chain_apply`, the
+fit's per-factor kernels on torch views of the numpy arrays; a single column through scipy's compiled
+DIA (circulant factors) or CSR loops, one factor at a time, where torch's cost per call would exceed
+the product itself. Where the cost model says the dense product is faster (small n, many
+parameters), ``@`` multiplies by the materialized matrix (:meth:`Approximation.prefers_dense`).
 """
 from __future__ import annotations
+
+import contextlib
+import math
+import time
+import warnings
 
 import numpy as np
 import scipy.sparse as sp
 
-from sfa_cli.approximations.base import Approximation, StoredArrays
+from sfa_cli.approximations.base import CALL_SECONDS, SPARSE_FMA_RATE, Approximation, StoredArrays
 from sfa_cli.errors import SfaError
 from sfa_cli.approximations.patterns import Pattern
 from sfa_cli.validation import as_csr
 
 __all__ = ["SparseFactors", "pattern_structures", "initial_values"]
+
+#: The cost model of a single column (docs/apply.md): scipy's DIA/CSR matrix-vector loop costs
+#: about this much per factor, plus the non-zeros at VECTOR_FMA_RATE.
+VECTOR_CALL_SECONDS = 2e-6
+VECTOR_FMA_RATE = 5e9
+#: Columns per kernel call in the model of a block product (kernels.apply_width gives 16-64).
+MODEL_WIDTH = 32
+#: A block product asks the compile policy (kernels.compiling_pays) once this object has spent this
+#: many seconds in block products of one dtype (ski rental: what was spent is what is expected).
+COMPILE_ASK_AFTER_SECONDS = 1.0
 
 
 def pattern_structures(pattern: Pattern, device="cpu") -> tuple[list, list[np.ndarray]]:
@@ -86,9 +107,13 @@ class SparseFactors(Approximation):
         dtype = np.result_type(*(W.dtype for W in mats))
         super().__init__(n, dtype, method, info)
         self.factors = [W.astype(dtype, copy=False) for W in mats]
+        self._params = int(sum(W.nnz for W in self.factors))  # read by every product's cost model
         self.pattern = dict(pattern or {"name": method})
         self._torch_cache: dict = {}
         self._vector_cache: dict = {}
+        self._apply_cache: dict = {}  # per torch dtype: chain_apply's prepared operands
+        self._block_seconds: dict = {}  # per torch dtype: seconds spent in block products
+        self._compile_approved: set = set()
         self._last_csc = None
 
     def scaled(self, c: float) -> "SparseFactors":
@@ -119,7 +144,7 @@ class SparseFactors(Approximation):
     # -- protocol ----------------------------------------------------------
     @property
     def params(self) -> int:
-        return int(sum(W.nnz for W in self.factors))
+        return self._params
 
     @property
     def num_factors(self) -> int:
@@ -148,33 +173,74 @@ class SparseFactors(Approximation):
     def _apply(self, X: np.ndarray, transpose: bool, skip_last: bool = False) -> np.ndarray:
         """The chain (or its transpose) times X, numpy in and out; ``skip_last`` leaves out W(M) (not with transpose).
 
-        A vector goes through scipy's compiled sparse products, a block of columns through
-        torch's CSR kernel, which uses every core, on the plain CSR path: compiling the
-        circulant kernels takes seconds, which one product does not win back (figures in
-        docs/performance.md, section d). Torch tensors (any device, with gradients) go
-        through `torch_chain` + kernels.chain_matmul.
+        A block of float32/float64 columns goes through :func:`kernels.chain_apply` (the fit's
+        kernels) on a torch view of X, no copy when X already has the product's dtype; one column
+        through scipy's compiled products, circulant factors as DIA matrices
+        (:meth:`_vector_factors`). Torch tensors (any device, with gradients) go through
+        `torch_chain` + kernels.chain_matmul.
         """
         keep = self.num_factors - 1 if skip_last else self.num_factors
-        vector = X.ndim == 1 or X.shape[1] == 1
         dtype = np.result_type(X.dtype, self.dtype)
-        if not vector and keep and dtype in (np.float32, np.float64):
-            import torch
-
-            from sfa_cli.approximations.kernels import chain_matmul, csr_only
-
-            structs, values = self.torch_chain(dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
-            with torch.no_grad(), csr_only():
-                Y = chain_matmul(structs[:keep], values[:keep], torch.from_numpy(np.ascontiguousarray(X, dtype=dtype)),
-                                 transpose=transpose)
-            return Y.numpy()
+        if keep == 0:
+            return np.array(X, dtype=dtype)
+        vector = X.ndim == 1 or X.shape[1] == 1
+        if not vector and dtype in (np.float32, np.float64):
+            return self._block_product(X.astype(dtype, copy=False), transpose, keep)
         if vector:
             order = self._vector_factors(transpose)
+            if dtype == self.dtype and _matvec is not None:
+                return _vector_chain(order[1:] if skip_last else order, X, self.n, dtype)
         else:
             order = [W.T for W in self.factors] if transpose else list(reversed(self.factors))
         Y = X
         for W in order[1:] if skip_last else order:
             Y = W @ Y
         return np.asarray(Y)
+
+    def _block_product(self, X: np.ndarray, transpose: bool, keep: int) -> np.ndarray:
+        import torch
+
+        from sfa_cli.approximations.kernels import chain_apply
+
+        tdtype = torch.float32 if X.dtype == np.float32 else torch.float64
+        structs, values = self.torch_chain(dtype=tdtype)
+        if min(X.strides) < 0:
+            X = np.ascontiguousarray(X)
+        if X.flags.writeable:
+            Xt = torch.from_numpy(X)
+        else:  # torch warns that it could write to it; chain_apply only reads
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                Xt = torch.from_numpy(X)
+        start = time.perf_counter()
+        with self._compile_approval(structs[:keep], tdtype):
+            Y = chain_apply(structs[:keep], values[:keep], Xt, transpose, cache=self._apply_cache.setdefault(tdtype, {}))
+        self._block_seconds[tdtype] = self._block_seconds.get(tdtype, 0.0) + time.perf_counter() - start
+        return Y.numpy()
+
+    def _compile_approval(self, structs, tdtype):
+        """The compile policy's say for this product: in ``auto`` mode the compiled circulant kernels are
+        used once :func:`kernels.compiling_pays` finds that the seconds this object already spent in block
+        products (the expectation for what follows) repay compiling; elsewhere the policy stands."""
+        from sfa_cli.approximations import kernels
+
+        if kernels.compile_settings.enabled is not None or not hasattr(kernels, "compile_decision"):
+            return contextlib.nullcontext()
+        if tdtype not in self._compile_approved:
+            spent = self._block_seconds.get(tdtype, 0.0)
+            if spent < COMPILE_ASK_AFTER_SECONDS or not kernels.compiling_pays(
+                    structs, [kernels.apply_width(self.n, tdtype.itemsize, compiled=True)], tdtype, "cpu", spent):
+                return contextlib.nullcontext()
+            self._compile_approved.add(tdtype)
+        return _approved(kernels)
+
+    def product_seconds(self, b: int) -> float:
+        """Modelled seconds of the chain's product with b columns (see :mod:`sfa_cli.approximations.base`):
+        one column costs VECTOR_CALL_SECONDS a factor plus the non-zeros at VECTOR_FMA_RATE; a block,
+        one call a factor per MODEL_WIDTH columns plus params * b at SPARSE_FMA_RATE."""
+        if b <= 1:
+            return self.num_factors * VECTOR_CALL_SECONDS + self.params / VECTOR_FMA_RATE
+        return self.num_factors * math.ceil(b / MODEL_WIDTH) * CALL_SECONDS + self.params * b / SPARSE_FMA_RATE
 
     def _vector_factors(self, transpose: bool) -> list:
         """The factors in application order for matrix-vector products (cached).
@@ -228,6 +294,41 @@ class SparseFactors(Approximation):
 
     def __repr__(self) -> str:
         return f"<SparseFactors {self.method} n={self.n} factors={self.num_factors} params={self.params} {self.dtype.name}>"
+
+
+try:  # scipy's compiled loops themselves: `W @ x` adds 3-4 us of checks a factor, twice the product at n = 1024
+    from scipy.sparse import _sparsetools
+
+    _matvec = (_sparsetools.dia_matvec, _sparsetools.csr_matvec)
+except (ImportError, AttributeError):  # a scipy without them: `W @ x`
+    _matvec = None
+
+
+def _vector_chain(order, x: np.ndarray, n: int, dtype) -> np.ndarray:
+    """The factors in ``order`` (DIA or CSR matrices of ``dtype``) applied to one column, by scipy's loops."""
+    global _matvec
+    y = np.ascontiguousarray(x.reshape(-1), dtype=dtype)
+    try:
+        for W in order:
+            out = np.zeros(n, dtype=dtype)
+            if W.format == "dia":
+                _matvec[0](n, n, len(W.offsets), W.data.shape[1], W.offsets, W.data, y, out)
+            else:
+                _matvec[1](n, n, W.indptr, W.indices, W.data, y, out)
+            y = out
+    except (TypeError, ValueError):  # the private signature changed: the public product from now on
+        _matvec = None
+        y = np.ascontiguousarray(x.reshape(-1), dtype=dtype)
+        for W in order:
+            y = W @ y
+    return y.reshape(n, 1)
+
+
+@contextlib.contextmanager
+def _approved(kernels):
+    with kernels.compile_decision() as settings:
+        settings.approved = True
+        yield
 
 
 def initial_values(structs, *, seed: int, dtype=None, noise: float = 0.01) -> list:
