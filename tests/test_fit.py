@@ -97,8 +97,8 @@ def test_documented_defaults():
     sig = inspect.signature(fit)
     # the loose keywords default to None: "the typed option's default", pinned here and in the docstring
     assert all(sig.parameters[k].default is None for k in ("max_iter", "tol", "window", "seed", "device", "dtype"))
-    assert default_max_iter(64) == 3000
-    assert default_max_iter(1024) == 750 and default_max_iter(4096) == 300 and default_max_iter(10**6) == 300
+    assert default_max_iter(64) == 5000
+    assert default_max_iter(1024) == 1250 and default_max_iter(4096) == 312 and default_max_iter(10**6) == 300
     assert StopRules().tol == DEFAULTS["tol"] == 1e-5 and StopRules().window == DEFAULTS["window"] == 50
     assert Placement() == Placement(device="auto", dtype="float32", seed=0)
     assert OptimizerSpec().optimizer == sig.parameters["optimizer"].default == "lbfgs"

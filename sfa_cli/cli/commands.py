@@ -290,7 +290,7 @@ optimizer_options = _stack(
     click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None,
                  help="Step size.  [default: 1 for lbfgs, 0.01 for adam]"),
     click.option("--max-iter", type=click.IntRange(min=1), default=None,
-                 help="Optimiser iterations.  [default: 3000 up to N = 256, then 3000*256/N, at least 300]"),
+                 help="Optimiser iterations.  [default: 5000 up to N = 256, then 5000*256/N, at least 300]"),
     click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
                  help="Stop fitting after this many seconds (per fit)."),
     click.option("--tol", type=click.FloatRange(min=0), default=_STOP.tol, show_default=True,
@@ -523,7 +523,7 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
 
     The fit stops at --max-iter, at --time-limit (which bounds the fit, the
     error and the baseline together), by --tol, or when the best error improved
-    by less than 0.5% of itself over the last quarter of its seconds. From
+    by less than 0.1% of itself over the last quarter of its seconds. From
     N = 1024 on the CPU, compiled kernels (about 1.4x faster) are used only when
     the fit is long enough to repay compiling them: 18-28 s the first time, ~7 s
     from the cache in ~/.cache/sfa. SFA_COMPILE=0 never compiles, SFA_COMPILE=1
@@ -638,7 +638,8 @@ def eval_command(factors, matrix, estimate, error_sample, seed, exact_error, as_
     error = error_report.trusted(A, approx, exact_error=True if exact_error else False if estimate else None,
                          sample=error_sample, seed=seed)
     row = {"factors": factors, "path": matrix, "n": approx.n, "method": approx.method, "params": approx.params,
-           "compression": approx.n**2 / approx.params, **error}
+           "compression": approx.n**2 / approx.params, **error,
+           "products_pay_from": approx.pays_from()}  # block width from which A_hat @ X beats dense (model)
     if as_json:
         emit_json(row)
     else:

@@ -121,7 +121,7 @@ def key_value_table(row: dict, title: str | None = None, keys=None) -> Table:
 FIT_KEYS = ("path", "output", "method", "n", "factors", "budget", "params", "compression", "rel_error", "tsvd_rank",
             "tsvd_rel_error", "iterations", "evaluations", "epochs", "seconds", "device", "dtype", "optimizer",
             "stopped_because", "peak_memory", "peak_device_memory", "note")
-EVAL_KEYS = ("factors", "path", "n", "method", "params", "compression", "rel_error")
+EVAL_KEYS = ("factors", "path", "n", "method", "params", "compression", "rel_error", "products_pay_from")
 
 
 def error_text(value, ci=None, is_estimate: bool = False, sep: str = " ") -> str:

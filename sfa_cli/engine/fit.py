@@ -57,14 +57,14 @@ DEFAULTS = {"max_iter": StopRules.max_iter, "tol": StopRules.tol, "window": Stop
 
 
 def default_max_iter(n: int) -> int:
-    """Iterations when max_iter is not given: 3000 up to n = 256, then 3000 * 256 / n, at least 300.
+    """Iterations when max_iter is not given: 5000 up to n = 256, then 5000 * 256 / n, at least 300.
 
     An evaluation costs about n^2 (log2 n)^2, so this keeps the default fit of a
     large matrix within minutes while small matrices get the many iterations
-    their long plateaus need. SciPy's L-BFGS (the CPU default) reaches in 3000
-    iterations what torch's reached in 5000, the rule before (docs/performance.md).
+    their long plateaus need (3000 iterations left bcsstk01 22% above the
+    5000 of the old engine: docs/performance.md).
     """
-    return int(min(3000, max(300, round(3000 * 256 / n))))
+    return int(min(5000, max(300, round(5000 * 256 / n))))
 
 
 def dense_target_bytes(A, device, dtype) -> tuple[int, int]:
@@ -141,9 +141,9 @@ def fit(
         The target; a sparse A is densified when n <= DENSE_FIT_LIMIT.
     pattern : {"chord", "butterfly"}, PatternSpec or Pattern, default="chord"
     stop : StopRules, optional
-        When to stop (default ``StopRules()``: max_iter :func:`default_max_iter` of n, 3000 for
-        n <= 256 and 300 from n = 2560; tol 1e-5 over a window of 50 iterations; patience 0.005: stop
-        when the best error improved by less than 0.5% of itself over the last quarter of the
+        When to stop (default ``StopRules()``: max_iter :func:`default_max_iter` of n, 5000 for
+        n <= 256 and 312 at n = 4096; tol 1e-5 over a window of 50 iterations; patience 0.001: stop
+        when the best error improved by less than 0.1% of itself over the last quarter of the
         fit's seconds; no time limit). The time limit is checked between the column blocks of
         every evaluation.
     optimizer : {"lbfgs", "adam", "lm"} or OptimizerSpec, default="lbfgs"

@@ -46,7 +46,7 @@ MAX_RESTARTS = 20
 #: A relative error at or below this ends a fit as ``exact``.
 EXACT_REL_ERROR = 1e-7
 #: The patience rule (``StopRules.patience``) is checked from this many seconds of a run on.
-PATIENCE_AFTER = 1.0
+PATIENCE_AFTER = 2.0
 #: ... and once the best error is below this share of the start's (not on the start's plateau).
 PATIENCE_PLATEAU = 0.95
 #: Adam's step size when none is given (full-batch fits; the sampled fit has its own schedule).

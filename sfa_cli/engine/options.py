@@ -151,7 +151,7 @@ class StopRules(_Options):
         Stop when the best relative error improved by less than this fraction
         over the last ``window`` iterations.
     window : int, default=50
-    patience : float, default=0.005
+    patience : float, default=0.001
         Stop when the best relative error improved by less than this fraction of itself over
         the last quarter of the seconds the run has taken (checked from
         :data:`sfa_cli.engine.optimize.PATIENCE_AFTER` seconds on, over at least ``window``
@@ -163,7 +163,7 @@ class StopRules(_Options):
     time_limit: float | None = None
     tol: float = 1e-5
     window: int = 50
-    patience: float = 0.005
+    patience: float = 0.001
 
     def __post_init__(self):
         _int_at_least("max_iter", self.max_iter, 1)
