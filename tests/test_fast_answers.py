@@ -157,3 +157,11 @@ def test_patience_never_judges_a_few_slow_iterations_or_the_start_plateau(monkey
             clock["t"] = step_seconds * k
             run.best_rel = e
             run.end_iteration()
+
+
+def test_the_patience_option_reaches_the_fit(run_cli, tmp_path):
+    report = tmp_path / "r.json"
+    result = run_cli("fit", "data/lesmis.mtx", "-o", tmp_path / "F.npz", "--patience", "0.5", "--report", report)
+    assert result.exit_code == 0, result.output
+    facts = json.loads(report.read_text())
+    assert facts["stopped_because"] == "patience" and facts["seconds"] < 10

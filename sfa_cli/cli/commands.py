@@ -292,9 +292,14 @@ optimizer_options = _stack(
     click.option("--max-iter", type=click.IntRange(min=1), default=None,
                  help="Optimiser iterations.  [default: 5000 up to N = 256, then 5000*256/N, at least 300]"),
     click.option("--time-limit", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
-                 help="Stop fitting after this many seconds (per fit)."),
+                 help="Seconds for the work on one matrix: sfa fit's fit, error and baseline together; "
+                      "in sfa compare, each method's."),
     click.option("--tol", type=click.FloatRange(min=0), default=_STOP.tol, show_default=True,
                  help=f"Stop when the error improved by less than this fraction over {_STOP.window} iterations."),
+    click.option("--patience", type=click.FloatRange(min=0), default=_STOP.patience, show_default=True,
+                 metavar="FRACTION",
+                 help="Stop when the error improved by less than this fraction of itself over the last quarter "
+                      "of the fit's seconds (from 2 s on); 0 turns the rule off."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial factors (and of randomized methods)."),
     click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True,
                  help="Where to fit: auto picks CUDA when available and N >= 512 (below, the CPU is faster)."),
@@ -435,8 +440,9 @@ def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
             raise click.UsageError("--budget chooses the Chord factor count and base; give --budget or --factors/--base")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not ctx.params["sampled"]:
             raise click.UsageError("runs under torchrun need --sampled (the full-batch fit runs in one process)")
-        if ctx.params["sampled"] and given & {"optimizer", "max_iter"}:
-            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter")
+        if ctx.params["sampled"] and given & {"optimizer", "max_iter", "patience"}:
+            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not "
+                                   "--optimizer/--max-iter/--patience")
         if ctx.params["sampled"] and ctx.params["start"] not in SAMPLED_STARTS + ("auto",):
             raise click.UsageError(f"--start {ctx.params['start']} applies to the full-batch fit; --sampled takes "
                                    f"{' or '.join(SAMPLED_STARTS)}")

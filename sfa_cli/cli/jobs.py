@@ -318,7 +318,7 @@ def _fit_sampled(A, pattern, pattern_options, fit_options, seed, schedule, basel
     rank, _world = init_distributed(fit_options.get("device", "auto"))
     if fit_options.get("optimizer", "lbfgs") != "lbfgs" or fit_options.get("max_iter") is not None:
         raise SfaError("the sampled fit uses Adam with its schedule: give epochs and lr, not optimizer/max_iter")
-    run = {k: v for k, v in fit_options.items() if k not in ("max_iter", "tol", "optimizer")
+    run = {k: v for k, v in fit_options.items() if k not in ("max_iter", "tol", "patience", "optimizer")
            and not (k == "start" and v == "auto")}  # the sampled fit's own default start
     result = fit_sampled.trusted(A, pattern=pattern, seed=seed, callback=callback, **schedule, **pattern_options, **run)
     approx = result.approximation

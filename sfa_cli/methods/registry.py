@@ -35,7 +35,7 @@ __all__ = ["MethodRecord", "MethodOption", "METHODS", "method_record", "check_me
            "VARIANT_OPTIONS", "PATTERN_OPTIONS", "SAMPLED_OPTIONS", "method_table"]
 
 #: The shared options of the gradient fits (sfa_cli.engine.options.StopRules, OptimizerSpec, Placement).
-FIT_OPTIONS = ("optimizer", "lr", "max_iter", "time_limit", "tol", "device", "dtype", "start")
+FIT_OPTIONS = ("optimizer", "lr", "max_iter", "time_limit", "tol", "patience", "device", "dtype", "start")
 #: Chord variants a method sized by chord_at_budget can take.
 VARIANT_OPTIONS = ("symmetric", "self_link")
 #: The pattern's own size options (the Chord fit of `sfa fit`; a budget replaces factors and base).

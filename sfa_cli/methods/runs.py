@@ -41,7 +41,7 @@ def chord_fit_key(pattern_options: dict, seed: int, options: dict) -> tuple:
 
 
 #: Options of the full-batch fit that the sampled fit does not take (it runs Adam on its own schedule).
-_FULL_FIT_ONLY = ("optimizer", "max_iter", "tol")
+_FULL_FIT_ONLY = ("optimizer", "max_iter", "tol", "patience")
 
 
 def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, scale: bool, schedule: dict | None):
