@@ -296,8 +296,7 @@ optimizer_options = _stack(
                       "in sfa compare, each method's."),
     click.option("--tol", type=click.FloatRange(min=0), default=_STOP.tol, show_default=True,
                  help=f"Stop when the error improved by less than this fraction over {_STOP.window} iterations."),
-    click.option("--patience", type=click.FloatRange(min=0), default=_STOP.patience, show_default=True,
-                 metavar="FRACTION",
+    click.option("--patience", type=click.FloatRange(min=0), default=_STOP.patience, show_default=True, metavar="FRACTION",
                  help="Stop when the error improved by less than this fraction of itself over the last quarter "
                       "of the fit's seconds (from 2 s on); 0 turns the rule off."),
     click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial factors (and of randomized methods)."),
@@ -441,8 +440,7 @@ def _check_fit_method_options(ctx: click.Context, method: str, budget) -> None:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not ctx.params["sampled"]:
             raise click.UsageError("runs under torchrun need --sampled (the full-batch fit runs in one process)")
         if ctx.params["sampled"] and given & {"optimizer", "max_iter", "patience"}:
-            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not "
-                                   "--optimizer/--max-iter/--patience")
+            raise click.UsageError("--sampled uses Adam with its schedule: give --epochs and --lr, not --optimizer/--max-iter/--patience")
         if ctx.params["sampled"] and ctx.params["start"] not in SAMPLED_STARTS + ("auto",):
             raise click.UsageError(f"--start {ctx.params['start']} applies to the full-batch fit; --sampled takes "
                                    f"{' or '.join(SAMPLED_STARTS)}")
