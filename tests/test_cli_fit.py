@@ -137,7 +137,7 @@ def test_sigint_writes_best_factors_and_exits_130(tmp_path):
     out, report = tmp_path / "F.npz", tmp_path / "fit.json"
     proc = subprocess.Popen(
         [sys.executable, "-m", "sfa_cli", "fit", str(tmp_path / "A.npy"), "-o", str(out), "--report", str(report),
-         "--max-iter", "100000", "--tol", "0", "--no-baseline", "--json"],
+         "--max-iter", "100000", "--tol", "0", "--patience", "0", "--no-baseline", "--json"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     started = proc.stderr.readline()  # the "fitting ..." line comes right before the fit starts

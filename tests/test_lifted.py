@@ -122,7 +122,7 @@ def test_sigint_in_the_lifted_start_keeps_its_factors_and_exits_130(tmp_path):
     )
     started = proc.stderr.readline()  # printed 2 s into the run (the start gives no evaluation before)
     assert started.startswith("fitting"), started
-    time.sleep(1)
+    time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr

@@ -74,6 +74,8 @@ SHORT_FIT_ITERATIONS = 10
 
 def short_fit_note(iterations: int, stopped_because: str) -> str:
     """What a table should say of a fit that made no step or only a few ('' otherwise)."""
+    if stopped_because in ("exact", "interrupted", "callback"):  # done, or stopped by the user: nothing to say
+        return ""
     if stopped_because == "time_limit_before_first_step":
         return "no step made (the time limit came before the first step): the unfitted start"
     if iterations < SHORT_FIT_ITERATIONS:
