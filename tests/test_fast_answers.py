@@ -165,3 +165,13 @@ def test_the_patience_option_reaches_the_fit(run_cli, tmp_path):
     assert result.exit_code == 0, result.output
     facts = json.loads(report.read_text())
     assert facts["stopped_because"] == "patience" and facts["seconds"] < 10
+
+
+def test_compare_reports_the_steps_of_its_long_methods():
+    from sfa_cli.io import load_matrix
+    from sfa_cli.methods.compare import compare
+
+    seen = {}
+    compare(load_matrix("data/lesmis.mtx"), methods=["chord", "tsvd", "chord+sparse"], fit_options={"max_iter": 5},
+            step_callback=lambda method, step: seen.setdefault(method, []).append(step.iteration))
+    assert set(seen) == {"chord", "chord+sparse"} and len(seen["chord"]) >= 5

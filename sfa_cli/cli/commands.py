@@ -464,22 +464,9 @@ def _check_outputs(output: str, report: str | None, force: bool, suffixes: tuple
 
     if report and Path(report).resolve() == Path(output).resolve():
         raise click.UsageError(f"--report {printable(report)} is the factor file -o; give two different paths")
-    checker = getattr(io, "check_output", None)
-    if checker is not None:
-        checker(output, suffixes=suffixes, force=force, others=(report,) if report else ())
-        if report:
-            checker(report, suffixes=(".json",), force=force, others=(output,))
-        return
-    name = Path(output).name.lower()
-    if not name.endswith(suffixes):
-        raise click.UsageError(f"-o {printable(output)}: the output must end in {', '.join(suffixes)}")
-    if not Path(output).parent.is_dir():
-        raise SfaError(f"{printable(output)}: the directory {printable(Path(output).parent)} does not exist")
-    io.check_writable(output, force)
+    io.check_output(output, suffixes=suffixes, force=force, others=(report,) if report else ())
     if report:
-        if not Path(report).parent.is_dir():
-            raise SfaError(f"{printable(report)}: the directory {printable(Path(report).parent)} does not exist")
-        io.check_writable(report, force)
+        io.check_output(report, suffixes=(".json",), force=force, others=(output,))
 
 
 @cli.command("fit", epilog=FIT_EXAMPLE)
@@ -525,13 +512,10 @@ def fit_command(matrix, output, report, method, budget, order, pattern, no_basel
     instead (e.g. sparse: factors whose supports are learned) and saves its
     approximation; sfa eval, apply and reconstruct read every one.
 
-    The fit stops at --max-iter, at --time-limit (which bounds the fit, the
-    error and the baseline together), by --tol, or when the best error improved
-    by less than 0.1% of itself over the last quarter of its seconds. From
-    N = 1024 on the CPU, compiled kernels (about 1.4x faster) are used only when
-    the fit is long enough to repay compiling them: 18-28 s the first time, ~7 s
-    from the cache in ~/.cache/sfa. SFA_COMPILE=0 never compiles, SFA_COMPILE=1
-    always does.
+    The fit stops at --max-iter, --time-limit (the fit, error and baseline together), --tol, or
+    --patience. From N = 1024 on the CPU it compiles faster kernels (1.4x) only when the fit is long
+    enough to repay compiling: 18-28 s the first time, ~7 s from the cache in ~/.cache/sfa.
+    SFA_COMPILE=0 never compiles, SFA_COMPILE=1 always does.
     """
     from sfa_cli.io import load_matrix
     from sfa_cli.cli.jobs import fit_matrix, uses_sampled_fit
@@ -846,8 +830,13 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
             started = {}
 
             def before(method, b, p=path):
-                started["t"] = time.perf_counter()
-                spinner.update(f"{p}: {method} (budget {b})")
+                started.update(t=time.perf_counter(), shown=0.0, line=f"{p}: {method} (budget {b})")
+                spinner.update(started["line"])
+
+            def step(method, s):  # the long methods' progress, four lines a second at most
+                if time.perf_counter() - started["shown"] >= 0.25:
+                    started["shown"] = time.perf_counter()
+                    spinner.update(f"{started['line']}: iteration {s.iteration}, error {s.best_rel_error:.4g}")
 
             def after(result, p=path):
                 error = f"{result.rel_error:.4g}" if result.rel_error is not None else result.status
@@ -862,7 +851,7 @@ def compare_command(ctx, matrices, methods, budget, sweep, order, as_json, csv_p
                     scale=at_scale,
                     sampled_options={"epochs": epochs, "batch_columns": batch_columns},
                     exact_error=True if exact_error else None, error_sample=error_sample,
-                    callback=before, result_callback=after,
+                    callback=before, result_callback=after, step_callback=step,
                 )
 
             comparison, problem = _per_file(ctx, path, work)

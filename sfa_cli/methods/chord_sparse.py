@@ -62,6 +62,7 @@ def chord_plus_sparse(
     splits=(0.5, 1.0),
     alternations: int = 2,
     chord_fits: dict | None = None,
+    callback=None,
 ) -> SumApproximation:
     """Chord factors on part of the budget plus the largest entries of the residual, the best of several splits.
 
@@ -94,6 +95,8 @@ def chord_plus_sparse(
         variant, as :func:`sfa_cli.approximations.patterns.chord_at_budget` gives them): a split
         whose pattern is there starts from them instead of fitting again (``compare`` passes its
         Chord row's fit).
+    callback : callable, optional
+        ``callback(step: FitStep)`` after every evaluation of the Chord fits (progress).
 
     ``fit_options["time_limit"]`` bounds the whole method: each fit gets an equal share of the
     seconds left, and splits not reached when they run out are skipped (``info["skipped"]``).
@@ -155,7 +158,7 @@ def chord_plus_sparse(
                 fits_left = int(alternations) - alternation + int(alternations) * (len(candidates) - i - 1)
                 rules = stop if left is None else StopRules(**{**stop.to_dict(), "time_limit": left / fits_left})
                 result = fit.trusted(target, pattern=PatternSpec("chord", **pattern_options, **variant), stop=rules,
-                                     optimizer=settings.optimizer, placement=placement, init=C)
+                                     optimizer=settings.optimizer, placement=placement, init=C, callback=callback)
                 if result.interrupted:
                     raise KeyboardInterrupt
                 C = result.approximation

@@ -31,7 +31,7 @@ from sfa_cli.errors import NotApplicable, SfaError
 from sfa_cli.metrics import never_worse_than_zero
 from sfa_cli.validation import count_nonzero, validates_matrix
 from sfa_cli.approximations.patterns import chord_at_budget, chord_budget, resolve_budget
-from sfa_cli.methods.runs import shared_fits
+from sfa_cli.methods.runs import reporting_steps, shared_fits
 from sfa_cli.methods.registry import METHODS as RECORDS
 from sfa_cli.methods.registry import check_methods, method_record
 from sfa_cli.engine.sampled import EXACT_ERROR_UP_TO, SAMPLED_DEFAULTS, error_report
@@ -208,6 +208,7 @@ def compare(
     keep: bool = False,
     callback=None,
     result_callback=None,
+    step_callback=None,
     method_options: dict | None = None,
     scale: bool | None = None,
     sampled_options: dict | None = None,
@@ -237,6 +238,9 @@ def compare(
         ``callback(method, budget)`` before each method runs.
     result_callback : callable, optional
         ``result_callback(result: MethodResult)`` after each method ran (progress: its error and time).
+    step_callback : callable, optional
+        ``step_callback(method, step: FitStep)`` after every evaluation of the long methods' fits
+        (chord, butterfly's polish, chord+sparse): progress while they run.
     method_options : dict, optional
         ``{method: {option: value}}``, options of one method (``MethodRecord.own`` in the registry),
         e.g. ``{"sparse": {"order": "hierarchical", "factors": 3}}``.
@@ -271,7 +275,7 @@ def compare(
     results = []
     with shared_fits():
         _run_all(A, budgets, methods, seed, fit_options, method_options, keep, scale, sampled_options, measure,
-                 callback, result_callback, results)
+                 callback, result_callback, step_callback, results)
     error = {"estimate": any(r.rel_error_is_estimate for r in results), "seed": int(seed)}
     if error["estimate"]:
         error.update(sample_columns=min(int(error_sample), n), confidence=confidence)
@@ -280,15 +284,17 @@ def compare(
 
 
 def _run_all(A, budgets, methods, seed, fit_options, method_options, keep, scale, sampled_options, measure, callback,
-             result_callback, results) -> None:
+             result_callback, step_callback, results) -> None:
     """Every method at every budget, in order, appended to ``results``."""
     for b in budgets:
         for name in methods:
             if callback is not None:
                 callback(name, b)
-            results.append(_run_method(A, name, b, seed, _options_for(RECORDS[name], fit_options,
-                                                                       method_options.get(name)),
-                                       keep, scale, sampled_options, measure))
+            steps = None if step_callback is None else (lambda step, name=name: step_callback(name, step))
+            with reporting_steps(steps):
+                results.append(_run_method(A, name, b, seed, _options_for(RECORDS[name], fit_options,
+                                                                           method_options.get(name)),
+                                           keep, scale, sampled_options, measure))
             if result_callback is not None:
                 result_callback(results[-1])
 

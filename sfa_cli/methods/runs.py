@@ -24,6 +24,21 @@ __all__ = ["chord", "butterfly", "tsvd", "rsvd", "topk", "monarch", "lowrank_plu
 _CHORD_FITS: contextvars.ContextVar = contextvars.ContextVar("sfa_chord_fits", default=None)
 
 
+#: Where the fits of the method in progress report their steps (``callback(FitStep)``), or None.
+_STEPS: contextvars.ContextVar = contextvars.ContextVar("sfa_fit_steps", default=None)
+
+
+@contextlib.contextmanager
+def reporting_steps(callback):
+    """Within this context the Chord, butterfly and Chord + sparse fits call ``callback(step)`` after
+    every evaluation (a long method's progress in ``compare``)."""
+    token = _STEPS.set(callback)
+    try:
+        yield
+    finally:
+        _STEPS.reset(token)
+
+
 @contextlib.contextmanager
 def shared_fits():
     """Within this context the methods share their Chord fits (one :func:`sfa_cli.methods.compare.compare`)."""
@@ -52,14 +67,15 @@ def _fit_at(A, pattern: str, sizes: dict, note: str, seed: int, options: dict, s
 
         run = {k: v for k, v in options.items() if k not in _FULL_FIT_ONLY
                and not (k == "start" and v == "auto")}  # the sampled fit's own default start
-        result = fit_sampled.trusted(A, pattern=pattern, seed=seed, **sizes, **run, **(schedule or {}))
+        result = fit_sampled.trusted(A, pattern=pattern, seed=seed, callback=_STEPS.get(), **sizes, **run,
+                                     **(schedule or {}))
         epochs = f"{result.epochs} epoch" + ("s" if result.epochs != 1 else "")
         done = f"sampled fit, {epochs} x {result.batch_columns} columns"
         note = f"{done}; {note}" if note else done
     else:
         from sfa_cli.engine.fit import fit
 
-        result = fit.trusted(A, pattern=pattern, seed=seed, **sizes, **options)
+        result = fit.trusted(A, pattern=pattern, seed=seed, callback=_STEPS.get(), **sizes, **options)
     if result.interrupted:
         raise KeyboardInterrupt
     short = short_fit_note(result.iterations, result.stopped_because)
@@ -109,7 +125,8 @@ def butterfly(A, budget, *, seed=0, options=None, scale=False, schedule=None):
 
     polish = options.get("max_iter") or default_max_iter(A.shape[0])
     approx = butterfly_closed_form.trusted(A, factors=sizes["factors"], polish_iter=polish,
-                                   time_limit=options.get("time_limit"), device=options.get("device", "auto"))
+                                           time_limit=options.get("time_limit"), device=options.get("device", "auto"),
+                                           callback=_STEPS.get())
     done = "closed form" + (f", polished ({approx.info['polish_iterations']} iterations)"
                             if approx.info.get("polish_iterations") else "")
     return approx, f"{done}; {note}" if note else done
@@ -208,5 +225,6 @@ def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=
         ours = dict(chord_fit_key({}, seed, options)[2])
         known = {key[0]: F for key, F in fits.items() if key[1] == seed  # options given to both agree
                  and all(ours[k] == v for k, v in key[2] if k in ours)}
-    approx = hybrid.trusted(A, budget, seed=seed, fit_options=_fit_options(options), chord_fits=known)
+    approx = hybrid.trusted(A, budget, seed=seed, fit_options=_fit_options(options), chord_fits=known,
+                            callback=_STEPS.get())
     return approx, approx.info.get("note", "")
