@@ -238,8 +238,9 @@ def _circulant_sampled(s: FactorStructure, G: torch.Tensor, X: torch.Tensor) -> 
 # compiling fails (no C++ compiler, say), sfa warns once and keeps the CSR path.
 COMPILE_MIN_N = 1024
 COMPILE_MAX_KEYS = 6
-#: Seconds one kernel set takes to compile the first time, and from the disk cache (measured at
-#: n = 1024-5300 on 2 cores, docs/performance.md); the fraction of an evaluation compiling saves.
+#: Seconds one kernel set takes to compile the first time, and from the disk cache (issue 27's
+#: figures at n = 1024-5300 on 2 cores; 27.9 s cold at n = 1024 in docs/performance.md), and the
+#: fraction of an evaluation compiling saves (bench_fit (a), compiled against CSR: 1.4-1.5x).
 COMPILE_COLD_SECONDS = 25.0
 COMPILE_WARM_SECONDS = 7.0
 COMPILE_SAVING = 0.3

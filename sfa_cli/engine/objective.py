@@ -53,6 +53,17 @@ class ColumnSource(Protocol):
         """T[:, cols] as an (n, |cols|) tensor on the fit's device and in its dtype."""
 
 
+def _add_gradients(values, grads, parts) -> None:
+    """Add each factor's gradient ``parts[i]`` into ``grads[i]``, or without ``grads`` into the values' ``.grad``."""
+    for i, (v, g) in enumerate(zip(values, parts)):
+        if grads is not None:
+            grads[i].add_(g)
+        elif v.grad is None:
+            v.grad = g
+        else:
+            v.grad.add_(g)
+
+
 class DenseColumns:
     """The :class:`ColumnSource` of a dense (n, n) tensor: its column slices, without copies."""
 
@@ -140,13 +151,7 @@ class BlockObjective:
                 sel, pos = column_entries(structs[-1], cols)  # W(M)'s gradient: G at its entries
                 block_grads.append(values[-1].new_zeros(values[-1].shape).index_add_(0, sel, G.view(-1)[pos]))
                 block_sums = [g if acc is None else acc.add_(g) for acc, g in zip(block_sums, block_grads)]
-        for i, (v, g) in enumerate(zip(values, block_sums)):
-            if grads is not None:
-                grads[i].add_(g)
-            elif v.grad is None:
-                v.grad = g
-            else:
-                v.grad.add_(g)
+        _add_gradients(values, grads, block_sums)
         return total
 
     def loss(self, values, check=None) -> float:
@@ -240,8 +245,8 @@ class DenseChainObjective:
     For small n a chain of sparse products is a few dozen tiny kernel calls whose fixed cost dwarfs
     their arithmetic; as dense matrices the same evaluation is 3 (M - 1) BLAS products of n x n
     (forward prefixes, then the residual carried back) and one scatter and one gather per factor.
-    Used by the full fit up to :data:`DENSE_CHAIN_MAX_N` (measured in docs/performance.md, "Small
-    n"); the values, the loss and the gradient are those of :class:`BlockObjective` (same order, same
+    Used by the full fit up to :data:`DENSE_CHAIN_MAX_N` (measured in docs/performance.md, "Dense
+    factor blocks at small n"); the values, the loss and the gradient are those of :class:`BlockObjective` (same order, same
     dtype), so the optimisers cannot tell them apart.
     """
 
@@ -284,13 +289,7 @@ class DenseChainObjective:
                 else:
                     out.append(Q.reshape(-1).index_select(0, self.index[0]))
             out.reverse()
-        for i, (v, g) in enumerate(zip(values, out)):
-            if grads is not None:
-                grads[i].add_(g)
-            elif v.grad is None:
-                v.grad = g
-            else:
-                v.grad.add_(g)
+        _add_gradients(values, grads, out)
         return loss
 
     def loss(self, values, check=None) -> float:  # noqa: ARG002

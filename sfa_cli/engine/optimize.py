@@ -319,7 +319,7 @@ class ScipyLBFGS:
 
     SciPy's compiled two-loop and Moré-Thuente line search cost microseconds per iteration where
     ``torch.optim.LBFGS`` spends about as long as a small fit's whole evaluation in Python; it also
-    keeps its curvature pairs in float64. Measured in docs/performance.md ("The CPU L-BFGS"). The
+    keeps its curvature pairs in float64. Measured in docs/performance.md ("Answers in seconds"). The
     leaf keeps its dtype: each evaluation copies the float64 point into it and the gradient back.
     Iterations are counted by SciPy's per-iteration callback (:meth:`Run.end_iteration`), so the
     run's rules end the loop by raising :class:`Stop` as with every other optimiser.

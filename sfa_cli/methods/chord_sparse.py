@@ -22,7 +22,7 @@ from sfa_cli.engine.options import PatternSpec, Placement, StopRules
 from sfa_cli.approximations.patterns import chord_at_budget
 from sfa_cli.validation import check_budget, validates_matrix
 from sfa_cli.methods.learned import _FitSettings
-from sfa_cli.methods.sparse import _largest, _minus_sparse, top_k
+from sfa_cli.methods.sparse import _minus_sparse, largest_by_columns, top_k
 
 __all__ = ["chord_plus_sparse"]
 
@@ -30,21 +30,7 @@ __all__ = ["chord_plus_sparse"]
 def _largest_of_residual(A, approx, k: int) -> tuple[sp.csr_matrix, float]:
     """The k largest-magnitude entries of A - approx as CSR, and the squared norm of the rest (column blocks)."""
     n = A.shape[0]
-    width = max(1, (1 << 22) // n)
-    keep = np.empty(0, dtype=np.int64)
-    vals = np.empty(0)
-    total = 0.0
-    for start in range(0, n, width):
-        cols = np.arange(start, min(n, start + width))
-        Dm = residual_columns(A, approx, cols)
-        total += float(np.sum(Dm * Dm))
-        flat = Dm.ravel()
-        top = _largest(flat, k)
-        r, c = np.divmod(top, len(cols))
-        keep = np.concatenate([keep, r * n + cols[c]])
-        vals = np.concatenate([vals, flat[top]])
-        sel = _largest(vals, k)
-        keep, vals = keep[sel], vals[sel]
+    keep, vals, total = largest_by_columns(n, k, lambda cols: residual_columns(A, approx, cols))
     nz = vals != 0
     keep, vals = keep[nz], vals[nz]
     rest = max(total - float(np.dot(vals, vals)), 0.0)

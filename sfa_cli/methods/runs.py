@@ -19,8 +19,8 @@ from sfa_cli.approximations.patterns import butterfly_at_budget, chord_at_budget
 __all__ = ["chord", "butterfly", "tsvd", "rsvd", "topk", "monarch", "lowrank_plus_sparse", "learned_sparse",
            "chord_plus_sparse"]
 
-#: The Chord fits of the comparison in progress (pattern key -> fitted SparseFactors), so that
-#: ``chord+sparse`` starts from the Chord row's fit where its split gives the same pattern.
+#: The Chord fits of the comparison in progress, (pattern, seed, options given, SparseFactors) each,
+#: so that ``chord+sparse`` starts from the Chord row's fit where its split gives the same pattern.
 _CHORD_FITS: contextvars.ContextVar = contextvars.ContextVar("sfa_chord_fits", default=None)
 
 
@@ -42,17 +42,16 @@ def reporting_steps(callback):
 @contextlib.contextmanager
 def shared_fits():
     """Within this context the methods share their Chord fits (one :func:`sfa_cli.methods.compare.compare`)."""
-    token = _CHORD_FITS.set({})
+    token = _CHORD_FITS.set([])
     try:
         yield
     finally:
         _CHORD_FITS.reset(token)
 
 
-def chord_fit_key(pattern_options: dict, seed: int, options: dict) -> tuple:
-    """What makes two Chord fits of one matrix the same: the pattern, the seed, the fit's options."""
-    shared = {k: v for k, v in options.items() if v is not None and k not in ("symmetric", "self_link")}
-    return tuple(sorted(pattern_options.items())), seed, tuple(sorted(shared.items()))
+def _given(options: dict) -> dict:
+    """The fit options given (the Chord variant is part of the pattern)."""
+    return {k: v for k, v in options.items() if v is not None and k not in ("symmetric", "self_link")}
 
 
 #: Options of the full-batch fit that the sampled fit does not take (it runs Adam on its own schedule).
@@ -107,7 +106,7 @@ def chord(A, budget, *, seed=0, options=None, scale=False, schedule=None):
     approx, note = _fit_at(A, "chord", sizes, note, seed, options, scale, schedule)
     fits = _CHORD_FITS.get()
     if fits is not None and not scale:
-        fits[chord_fit_key({**sizes, **variant}, seed, options)] = approx
+        fits.append((tuple(sorted({**sizes, **variant}.items())), seed, _given(options), approx))
     return approx, note
 
 
@@ -220,11 +219,9 @@ def chord_plus_sparse(A, budget, *, seed=0, options=None, scale=False, schedule=
 
     options = dict(options or {})
     fits = _CHORD_FITS.get()
-    known = None
-    if fits:
-        ours = dict(chord_fit_key({}, seed, options)[2])
-        known = {key[0]: F for key, F in fits.items() if key[1] == seed  # options given to both agree
-                 and all(ours[k] == v for k, v in key[2] if k in ours)}
+    ours = _given(options)
+    known = {pattern: F for pattern, s, given, F in fits or ()  # same seed; options given to both agree
+             if s == seed and all(ours[k] == v for k, v in given.items() if k in ours)}
     approx = hybrid.trusted(A, budget, seed=seed, fit_options=_fit_options(options), chord_fits=known,
                             callback=_STEPS.get())
     return approx, approx.info.get("note", "")

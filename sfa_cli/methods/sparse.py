@@ -200,6 +200,29 @@ def _minus_sparse(A, S: sp.csr_matrix):
 
 
 
+def largest_by_columns(n: int, k: int, block, dtype=np.float64) -> tuple[np.ndarray, np.ndarray, float]:
+    """The k largest-magnitude entries of an n x n matrix given by column blocks, ``block(cols)`` ->
+    (n, len(cols)) array: their flat indices (row * n + col), their values, and the matrix's squared
+    norm. Blocks of about :data:`_BLOCK_ENTRIES` entries, so the matrix is never formed whole; the
+    values are kept in ``dtype`` (or wider, as the blocks come)."""
+    width = max(1, _BLOCK_ENTRIES // n)
+    keep = np.empty(0, dtype=np.int64)
+    vals = np.empty(0, dtype=dtype)
+    total = 0.0
+    for start in range(0, n, width):
+        cols = np.arange(start, min(n, start + width))
+        D = block(cols)
+        total += float(np.sum(D * D))
+        flat = D.ravel()  # index row * len(cols) + c
+        top = _largest(flat, k)
+        rows, c = np.divmod(top, len(cols))
+        keep = np.concatenate([keep, rows * n + cols[c]])
+        vals = np.concatenate([vals, flat[top]])
+        sel = _largest(vals, k)
+        keep, vals = keep[sel], vals[sel]
+    return keep, vals, total
+
+
 def _largest_of_difference(A, left: np.ndarray, right: np.ndarray, k: int):
     """The k largest-magnitude entries of A - left @ right as CSR, and the squared norm of the rest."""
     n = A.shape[0]
@@ -228,21 +251,8 @@ def _largest_of_difference(A, left: np.ndarray, right: np.ndarray, k: int):
                 floor = float(np.abs(vals).min()) if k > 0 else math.inf
         rest = max(total - float(np.dot(vals, vals)), 0.0)
     else:  # column blocks, so that neither A - L nor a dense A is formed whole
-        width = max(1, _BLOCK_ENTRIES // n)
-        keep = np.empty(0, dtype=np.int64)
-        vals = np.empty(0, dtype=left.dtype)
-        total = 0.0
-        for start in range(0, n, width):
-            cols = np.arange(start, min(n, start + width))
-            D = column_block(A, cols) - left @ right[:, cols]
-            total += float(np.sum(D * D))
-            flat = D.ravel()  # index row * len(cols) + c
-            top = _largest(flat, k)
-            rows, c = np.divmod(top, len(cols))
-            keep = np.concatenate([keep, rows * n + cols[c]])
-            vals = np.concatenate([vals, flat[top]])
-            sel = _largest(vals, k)
-            keep, vals = keep[sel], vals[sel]
+        keep, vals, total = largest_by_columns(n, k, lambda cols: column_block(A, cols) - left @ right[:, cols],
+                                               left.dtype)
         rest = max(total - float(np.dot(vals, vals)), 0.0)
     rows, cols = np.divmod(keep, n)
     return sp.csr_matrix((vals, (rows, cols)), shape=(n, n)), rest
